@@ -1,0 +1,176 @@
+"""Routing a stored event to its handler, with the inbox bookkeeping around it.
+
+A handler is a plain function `handler(session, event)` registered for one or
+more event types. It runs in the same database transaction as the inbox status
+update, so an event is either fully applied and marked processed, or not at all.
+
+Lock order, shared by every writer (event handlers, the poller, completion and
+reconciliation), so concurrent work serializes without deadlocks:
+
+    1. the inbox row of the event (`stripe_events`, FOR UPDATE)
+    2. the `"Invoice"` row the event is about (FOR UPDATE)
+    3. that invoice's `marketplace.transactions` row
+    4. the worker's per-object rows (`stripe_object_versions`, refunds, disputes, ...)
+
+Work that has no event (the poller) starts at step 2.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import select, text, update
+from sqlalchemy.orm import Session
+
+from models import StripeEvent
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[Session, StripeEvent], None]
+HANDLERS: dict[str, Handler] = {}
+
+
+class NotYetKnown(Exception):
+    """The event refers to something the database does not hold yet (an invoice the app
+    has not committed): retried with backoff, then parked, never dropped."""
+
+
+class InvalidPayload(Exception):
+    """The event cannot be applied as it is: parked at once with this message."""
+
+
+def handles(*event_types: str) -> Callable[[Handler], Handler]:
+    def register(fn: Handler) -> Handler:
+        for event_type in event_types:
+            if event_type in HANDLERS:
+                raise RuntimeError(f"two handlers for {event_type}")
+            HANDLERS[event_type] = fn
+        return fn
+
+    return register
+
+
+def load_handlers() -> None:
+    """Import the modules that register handlers (they register on import)."""
+    import domain.handlers  # noqa: F401
+
+
+def process_event(session: Session, event_id: str) -> str:
+    """Apply one stored event; returns what happened (for logs and tests)."""
+    load_handlers()
+    event = session.execute(
+        select(StripeEvent).where(StripeEvent.id == event_id).with_for_update()
+    ).scalar_one_or_none()
+    if event is None:
+        return "unknown"
+    if event.status in ("processed", "ignored", "parked"):
+        return f"already {event.status}"
+    now = datetime.now(UTC)
+    handler = HANDLERS.get(event.type)
+    if handler is None:
+        event.status = "ignored"
+        event.last_error = "no handler for this event type"
+        event.processed_at = now
+        return "ignored"
+    handler(session, event)
+    event.status = "processed"
+    event.attempts += 1
+    event.last_error = None
+    event.next_attempt_at = None
+    event.processed_at = now
+    return "processed"
+
+
+@dataclass(frozen=True)
+class Failure:
+    attempts: int
+    parked: bool
+    retry_in: float
+
+
+def backoff_seconds(attempts: int, base: float = 2.0, cap: float = 600.0) -> float:
+    """Exponential backoff with full jitter: many workers retrying at once spread out."""
+    return random.uniform(base / 2, min(cap, base * 2 ** (attempts - 1)))
+
+
+def record_failure(
+    session: Session, event_id: str, error: BaseException, *, max_attempts: int, park_now: bool = False
+) -> Failure:
+    """Count a failed attempt in its own transaction; park the event after the last one."""
+    message = describe(error)
+    attempts = session.execute(
+        update(StripeEvent)
+        .where(StripeEvent.id == event_id, StripeEvent.status.in_(("received", "retrying")))
+        .values(attempts=StripeEvent.attempts + 1, last_error=message)
+        .returning(StripeEvent.attempts)
+    ).scalar_one_or_none()
+    if attempts is None:  # processed meanwhile by another worker, or already parked
+        return Failure(attempts=0, parked=False, retry_in=0)
+    parked = park_now or attempts >= max_attempts
+    delay = 0.0 if parked else backoff_seconds(attempts)
+    session.execute(
+        update(StripeEvent)
+        .where(StripeEvent.id == event_id)
+        .values(
+            status="parked" if parked else "retrying",
+            next_attempt_at=None if parked else datetime.now(UTC) + timedelta(seconds=delay),
+        )
+    )
+    return Failure(attempts=attempts, parked=parked, retry_in=delay)
+
+
+def describe(error: BaseException) -> str:
+    """One line for `last_error`: the kind of failure and its first line, never a payload."""
+    first = (str(error).strip().splitlines() or [""])[0][:500]
+    return f"{type(error).__name__}: {first}" if first else type(error).__name__
+
+
+def due_for_sweep(session: Session, threshold_seconds: int, limit: int = 1000) -> list[str]:
+    """Events whose task message was lost (broker restart, receiver could not enqueue, a
+    retry's countdown message gone with Redis): claim them for re-enqueueing.
+
+    Claiming pushes `next_attempt_at` forward, so a backlog is not re-enqueued every minute.
+    """
+    rows = session.execute(
+        text(
+            """
+            UPDATE marketplace_worker.stripe_events AS e
+            SET next_attempt_at = now()
+            WHERE e.id IN (
+                SELECT id FROM marketplace_worker.stripe_events
+                WHERE status IN ('received', 'retrying')
+                  AND coalesce(next_attempt_at, received_at) < now() - make_interval(secs => :threshold)
+                ORDER BY received_at
+                LIMIT :limit
+                FOR UPDATE SKIP LOCKED
+            )
+            RETURNING e.id
+            """
+        ),
+        {"threshold": threshold_seconds, "limit": limit},
+    )
+    return list(rows.scalars())
+
+
+def mark_for_replay(session: Session, event_id: str | None = None) -> list[str]:
+    """Put a parked event (or every parked one) back to `received`.
+
+    Replaying a processed event changes nothing: it is left as it is and the task
+    that runs for it finds it processed.
+    """
+    query = update(StripeEvent).values(status="received", attempts=0, next_attempt_at=None)
+    if event_id is None:
+        query = query.where(StripeEvent.status == "parked")
+    else:
+        query = query.where(StripeEvent.id == event_id, StripeEvent.status == "parked")
+    replayed = list(session.execute(query.returning(StripeEvent.id)).scalars())
+    if event_id is not None and not replayed:
+        exists = session.get(StripeEvent, event_id)
+        if exists is None:
+            raise LookupError(f"no event {event_id} in the inbox")
+        replayed = [event_id]
+    return replayed

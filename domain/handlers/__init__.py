@@ -1,0 +1,2 @@
+"""Event handlers, one module per kind of Stripe object; each registers its types with
+`domain.dispatch.handles` when imported here."""

@@ -1,0 +1,53 @@
+"""Engine and sessions. One engine per process: Celery's prefork children must not
+share the parent's connections, so the engine is created lazily after the fork."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from sqlalchemy import Engine, create_engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from config import get_settings
+
+_engines: dict[tuple[int, str], Engine] = {}
+
+
+def get_engine(url: str | None = None) -> Engine:
+    url = url or get_settings().database_url
+    key = (os.getpid(), url)
+    engine = _engines.get(key)
+    if engine is None:
+        engine = create_engine(
+            url,
+            pool_pre_ping=True,
+            pool_size=5,
+            max_overflow=5,
+            # Fail fast when Postgres is down, and never hang on a lock forever.
+            connect_args={"connect_timeout": 5, "options": "-c lock_timeout=10000"},
+        )
+        _engines[key] = engine
+    return engine
+
+
+def dispose_engines() -> None:
+    for engine in _engines.values():
+        engine.dispose(close=False)
+    _engines.clear()
+
+
+def make_session(url: str | None = None) -> Session:
+    return sessionmaker(get_engine(url), expire_on_commit=False)()
+
+
+@contextmanager
+def session_scope(url: str | None = None) -> Iterator[Session]:
+    """One database transaction: committed on success, rolled back on error."""
+    session = make_session(url)
+    try:
+        with session.begin():
+            yield session
+    finally:
+        session.close()

@@ -1,0 +1,43 @@
+"""Small pieces of state the worker's jobs keep between runs."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import BigInteger, DateTime, Text, func
+from sqlalchemy.orm import Mapped, mapped_column
+
+from models.base import WORKER_SCHEMA, Base
+
+
+class ObjectVersion(Base):
+    """High-water mark per Stripe object: the newest event applied to it.
+
+    Events are ordered by Stripe's `created`, then by event id, because several
+    events about one object often share a second.
+    """
+
+    __tablename__ = "stripe_object_versions"
+    __table_args__ = {"schema": WORKER_SCHEMA}
+
+    object_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    object_type: Mapped[str] = mapped_column(Text)
+    event_created: Mapped[int] = mapped_column(BigInteger)
+    event_id: Mapped[str] = mapped_column(Text)
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now()
+    )
+
+
+class Watermark(Base):
+    """Where an incremental job got to: a time and a key id for keyset paging."""
+
+    __tablename__ = "watermarks"
+    __table_args__ = {"schema": WORKER_SCHEMA}
+
+    name: Mapped[str] = mapped_column(Text, primary_key=True)
+    position_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=False))
+    position_id: Mapped[int | None] = mapped_column(BigInteger)
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now()
+    )

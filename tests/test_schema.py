@@ -1,0 +1,57 @@
+"""The models match the main app's schema.sql and the worker's migrations."""
+
+from pathlib import Path
+
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy import Column, MetaData, Table, Text
+
+import models
+from models.base import WORKER_SCHEMA
+from models.db import get_engine
+from models.migrate import include_name, include_object
+from tests.support.schema_check import model_mismatches
+
+PROJECT = Path(__file__).resolve().parents[1]
+SHARED_SCHEMA = PROJECT.parent / "shared" / "schema" / "schema.sql"
+
+
+def test_project_copy_of_schema_sql_is_current():
+    if not SHARED_SCHEMA.exists():
+        return  # a user's clone has no shared folder
+    assert (PROJECT / "models" / "schema.sql").read_text() == SHARED_SCHEMA.read_text()
+
+
+def test_every_mapped_table_and_column_exists_with_its_type_and_nullability(services):
+    assert model_mismatches(get_engine(), models.Base.metadata) == []
+
+
+def test_the_check_catches_a_misnamed_column(services):
+    broken = MetaData()
+    Table("Invoice", broken, Column("stripeInvoiceID", Text, primary_key=True), schema="public")
+    assert model_mismatches(get_engine(), broken) == [
+        "public.Invoice.stripeInvoiceID: column missing"
+    ]
+
+
+def test_the_check_catches_wrong_nullability(services):
+    broken = MetaData()
+    Table("Invoice", broken, Column("paidAt", models.app.TS, nullable=False), schema="public")
+    assert model_mismatches(get_engine(), broken) == [
+        "public.Invoice.paidAt: mapped nullable=False, is nullable=True"
+    ]
+
+
+def test_migrations_leave_nothing_for_autogenerate_in_the_worker_schema(services):
+    with get_engine().connect() as conn:
+        context = MigrationContext.configure(
+            conn,
+            opts={
+                "include_schemas": True,
+                "include_object": include_object,
+                "include_name": include_name,
+                "version_table_schema": WORKER_SCHEMA,
+                "compare_type": True,
+            },
+        )
+        assert compare_metadata(context, models.Base.metadata) == []
