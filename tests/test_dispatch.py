@@ -1,0 +1,180 @@
+"""Dispatch and inbox bookkeeping: processed once, ignored, retried, parked, replayed, swept."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from sqlalchemy import update
+
+from domain import dispatch
+from domain.inbox import INSERT_EVENTS_SQL, event_from_dict, insert_params
+from models import StripeEvent
+from models.db import session_scope
+from tests.support import stripe_events as se
+
+CALLS: list[str] = []
+
+
+@pytest.fixture
+def test_handlers():
+    """Handlers for made-up event types, registered in this process only."""
+    def ok(session, event):
+        CALLS.append(event.id)
+
+    def fails(session, event):
+        raise ConnectionError("stripe unreachable")
+
+    def not_yet(session, event):
+        raise dispatch.NotYetKnown("invoice in_123 not in the database yet")
+
+    def invalid(session, event):
+        raise dispatch.InvalidPayload("amount is not an integer")
+
+    dispatch.load_handlers()
+    added = {"test.ok": ok, "test.fails": fails, "test.not_yet": not_yet, "test.invalid": invalid}
+    dispatch.HANDLERS.update(added)
+    CALLS.clear()
+    yield
+    for name in added:
+        dispatch.HANDLERS.pop(name, None)
+
+
+def store(session, event_type: str, **kw) -> str:
+    event = se.event(event_type, {"id": se.new_id("obj"), "object": "thing"}, **kw)
+    incoming = event_from_dict(event, json.dumps(event), "platform", livemode=False)
+    session.connection().exec_driver_sql(INSERT_EVENTS_SQL, insert_params([incoming]))
+    session.commit()
+    return event["id"]
+
+
+def run(session, event_id: str, max_attempts: int = 3) -> str:
+    """What the task does, without Celery: process, or record the failure."""
+    session.rollback()
+    try:
+        with session_scope() as work:
+            return dispatch.process_event(work, event_id)
+    except Exception as error:
+        with session_scope() as work:
+            failure = dispatch.record_failure(
+                work, event_id, error, max_attempts=max_attempts,
+                park_now=isinstance(error, dispatch.InvalidPayload),
+            )
+        return "parked" if failure.parked else "retrying"
+
+
+def row(session, event_id: str) -> StripeEvent:
+    session.expire_all()
+    return session.get(StripeEvent, event_id)
+
+
+def test_a_handled_event_is_applied_once_and_marked_processed(db, test_handlers):
+    event_id = store(db, "test.ok")
+    assert run(db, event_id) == "processed"
+    assert run(db, event_id) == "already processed"
+    assert CALLS == [event_id]
+    stored = row(db, event_id)
+    assert (stored.status, stored.attempts, stored.last_error) == ("processed", 1, None)
+    assert stored.processed_at is not None
+
+
+def test_an_unknown_type_is_marked_ignored_and_never_applied(db, test_handlers):
+    event_id = store(db, "customer.created")
+    assert run(db, event_id) == "ignored"
+    assert row(db, event_id).status == "ignored"
+
+
+def test_a_failing_event_is_retried_then_parked_with_its_error(db, test_handlers):
+    event_id = store(db, "test.fails")
+    assert [run(db, event_id) for _ in range(3)] == ["retrying", "retrying", "parked"]
+    stored = row(db, event_id)
+    assert stored.status == "parked" and stored.attempts == 3
+    assert stored.last_error == "ConnectionError: stripe unreachable"
+    assert run(db, event_id) == "already parked"
+
+
+def test_an_event_about_something_not_yet_known_is_retried_not_dropped(db, test_handlers):
+    event_id = store(db, "test.not_yet")
+    assert run(db, event_id) == "retrying"
+    stored = row(db, event_id)
+    assert stored.status == "retrying" and stored.next_attempt_at is not None
+    assert "in_123" in stored.last_error
+
+
+def test_an_invalid_payload_is_parked_at_once(db, test_handlers):
+    event_id = store(db, "test.invalid")
+    assert run(db, event_id) == "parked"
+    assert row(db, event_id).last_error == "InvalidPayload: amount is not an integer"
+
+
+def test_a_handler_failure_rolls_back_everything_it_wrote(db, test_handlers):
+    def half_done(session, event):
+        session.execute(update(StripeEvent).where(StripeEvent.id == event.id).values(account="acct_written"))
+        raise RuntimeError("crashed midway")
+
+    dispatch.HANDLERS["test.half"] = half_done
+    try:
+        event_id = store(db, "test.half")
+        assert run(db, event_id) == "retrying"
+        assert row(db, event_id).account is None
+    finally:
+        dispatch.HANDLERS.pop("test.half")
+
+
+def test_replay_puts_parked_events_back_and_leaves_processed_ones(db, test_handlers):
+    parked = store(db, "test.invalid")
+    done = store(db, "test.ok")
+    run(db, parked)
+    run(db, done)
+    with session_scope() as work:
+        assert dispatch.mark_for_replay(work) == [parked]
+    assert row(db, parked).status == "received" and row(db, parked).attempts == 0
+    with session_scope() as work:
+        assert dispatch.mark_for_replay(work, done) == [done]
+    assert run(db, done) == "already processed"
+    assert CALLS == [done]
+    with session_scope() as work, pytest.raises(LookupError):
+        dispatch.mark_for_replay(work, "evt_not_there")
+
+
+def test_the_sweeper_claims_only_events_whose_message_looks_lost(db, test_handlers):
+    old, fresh, done, retry_due = (store(db, t) for t in ("test.ok", "test.ok", "test.ok", "test.ok"))
+    run(db, done)
+    db.rollback()
+    long_ago = datetime.now(UTC) - timedelta(minutes=10)
+    with session_scope() as work:
+        work.execute(update(StripeEvent).where(StripeEvent.id.in_([old, done, retry_due])).values(received_at=long_ago))
+        work.execute(update(StripeEvent).where(StripeEvent.id == retry_due).values(status="retrying", next_attempt_at=long_ago))
+    with session_scope() as work:
+        assert sorted(dispatch.due_for_sweep(work, threshold_seconds=60)) == sorted([old, retry_due])
+    with session_scope() as work:  # claimed: not re-enqueued again until another threshold has passed
+        assert dispatch.due_for_sweep(work, threshold_seconds=60) == []
+
+
+def test_backoff_grows_and_is_jittered():
+    samples = [dispatch.backoff_seconds(n) for n in range(1, 9) for _ in range(20)]
+    assert all(0.99 <= s <= 600 for s in samples)
+    assert max(dispatch.backoff_seconds(8) for _ in range(50)) > max(dispatch.backoff_seconds(1) for _ in range(50))
+    assert len({round(s, 6) for s in samples}) > 100
+
+
+def test_replay_and_events_commands(db, test_handlers, services):
+    parked = store(db, "test.invalid")
+    run(db, parked)
+    listing = subprocess.run(
+        [sys.executable, "-m", "worker.cli", "events", "--status", "parked"],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    assert parked in listing and "InvalidPayload: amount is not an integer" in listing
+    missing = subprocess.run(
+        [sys.executable, "-m", "worker.cli", "replay", "evt_missing"], capture_output=True, text=True
+    )
+    assert missing.returncode == 1 and missing.stderr.strip() == "marketplace-worker replay: no event evt_missing in the inbox"
+    replayed = subprocess.run(
+        [sys.executable, "-m", "worker.cli", "replay", "--parked"], capture_output=True, text=True, check=True
+    )
+    assert replayed.stdout.strip() == "re-enqueued 1 event(s)"
+    assert row(db, parked).status == "received"
