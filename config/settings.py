@@ -48,6 +48,8 @@ class Settings(BaseSettings):
     # An event still `received` this long after arrival lost its broker message.
     sweeper_threshold_seconds: int = Field(default=60, ge=1)
     event_max_attempts: int = Field(default=8, ge=1)
+    # First retry delay; each later one doubles (with jitter), capped at 10 minutes.
+    event_retry_base_seconds: float = Field(default=2.0, gt=0)
 
     flower_basic_auth: SecretStr | None = None
 

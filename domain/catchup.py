@@ -18,7 +18,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from config import get_settings
-from domain.dispatch import HANDLERS, load_handlers
+from domain.dispatch import EVENT_TYPES
 from domain.inbox import INSERT_EVENTS_SQL, IncomingEvent, event_from_dict, insert_params
 from domain.stripe_api import with_rate_limit_retry
 from models import Provider, StripeEvent
@@ -47,11 +47,6 @@ def window_start(session: Session, now: int | None = None) -> int:
     return max(oldest_allowed, newest - OVERLAP_SECONDS)
 
 
-def handled_types() -> list[str]:
-    load_handlers()
-    return sorted(HANDLERS)
-
-
 def connect_accounts(session: Session) -> list[str]:
     return list(
         session.execute(
@@ -63,7 +58,7 @@ def connect_accounts(session: Session) -> list[str]:
 
 
 def list_missed_events(client: stripe.StripeClient, since: int, account: str | None) -> list[dict]:
-    types = handled_types()
+    types = sorted(EVENT_TYPES)
     options = {"stripe_account": account} if account else {}
     events: list[dict] = []
     for start in range(0, len(types), TYPES_PER_CALL):

@@ -30,6 +30,17 @@ from models import StripeEvent
 
 log = logging.getLogger(__name__)
 
+# The event types the worker acts on (SPEC §2); every other type is stored and ignored.
+EVENT_TYPES = (
+    "invoice.finalized", "invoice.paid", "invoice.payment_succeeded", "invoice.payment_failed",
+    "invoice.voided", "invoice.marked_uncollectible", "invoice.updated",
+    "charge.refunded", "refund.created", "refund.updated",
+    "charge.dispute.created", "charge.dispute.closed",
+    "transfer.created", "transfer.reversed", "transfer.updated",
+    "payout.paid", "payout.failed", "payout.canceled", "payout.updated",
+    "account.updated", "account.application.deauthorized",
+)
+
 Handler = Callable[[Session, StripeEvent], None]
 HANDLERS: dict[str, Handler] = {}
 
@@ -98,7 +109,13 @@ def backoff_seconds(attempts: int, base: float = 2.0, cap: float = 600.0) -> flo
 
 
 def record_failure(
-    session: Session, event_id: str, error: BaseException, *, max_attempts: int, park_now: bool = False
+    session: Session,
+    event_id: str,
+    error: BaseException,
+    *,
+    max_attempts: int,
+    park_now: bool = False,
+    retry_base_seconds: float = 2.0,
 ) -> Failure:
     """Count a failed attempt in its own transaction; park the event after the last one."""
     message = describe(error)
@@ -111,7 +128,7 @@ def record_failure(
     if attempts is None:  # processed meanwhile by another worker, or already parked
         return Failure(attempts=0, parked=False, retry_in=0)
     parked = park_now or attempts >= max_attempts
-    delay = 0.0 if parked else backoff_seconds(attempts)
+    delay = 0.0 if parked else backoff_seconds(attempts, base=retry_base_seconds)
     session.execute(
         update(StripeEvent)
         .where(StripeEvent.id == event_id)

@@ -14,6 +14,7 @@ from models.app import (
 )
 from models.base import WORKER_SCHEMA, Base
 from models.inbox import StripeEvent
+from models.ledger import StripeCharge, StripeDispute, StripeRefund, TouchedProvider, TransactionRefund
 from models.state import ObjectVersion, Watermark
 
 __all__ = [
@@ -26,9 +27,14 @@ __all__ = [
     "Provider",
     "Review",
     "ServiceListing",
+    "StripeCharge",
+    "StripeDispute",
     "StripeEvent",
+    "StripeRefund",
     "Tenant",
+    "TouchedProvider",
     "Transaction",
+    "TransactionRefund",
     "User",
     "Watermark",
 ]

@@ -21,10 +21,12 @@ def process_event(self, event_id: str) -> str:
             outcome = dispatch.process_event(session, event_id)
     except Exception as error:  # every failure is counted; the last one parks the event
         permanent = isinstance(error, dispatch.InvalidPayload)
+        settings = get_settings()
         with session_scope() as session:
             failure = dispatch.record_failure(
                 session, event_id, error,
-                max_attempts=get_settings().event_max_attempts, park_now=permanent,
+                max_attempts=settings.event_max_attempts, park_now=permanent,
+                retry_base_seconds=settings.event_retry_base_seconds,
             )
         if failure.parked:
             log.error("event parked", extra={"event_id": event_id, "error": dispatch.describe(error)})

@@ -70,6 +70,9 @@ def services(work_dir: Path, stripe_api) -> Iterator[dict[str, str]]:
             "STRIPE_LIVEMODE": "false",
             "FLOWER_BASIC_AUTH": "ops:test-flower-password",
             "SWEEPER_THRESHOLD_SECONDS": "2",
+            # Retries and parking within seconds, so flow tests can watch them happen.
+            "EVENT_MAX_ATTEMPTS": "3",
+            "EVENT_RETRY_BASE_SECONDS": "0.2",
         }
         saved = {name: os.environ.get(name) for name in env}
         os.environ.update(env)

@@ -178,3 +178,8 @@ def test_replay_and_events_commands(db, test_handlers, services):
     )
     assert replayed.stdout.strip() == "re-enqueued 1 event(s)"
     assert row(db, parked).status == "received"
+
+
+def test_every_event_type_the_spec_names_has_a_handler():
+    dispatch.load_handlers()
+    assert sorted(set(dispatch.EVENT_TYPES) - set(dispatch.HANDLERS)) == []

@@ -1,0 +1,305 @@
+"""Provider stats (SPEC §4), recomputed in set-based SQL and written only where a value changed.
+
+For each provider:
+  totalListings      its listings with "deletedAt" null, any status
+  totalTransactions  its transactions in `paid` or `completed`
+  totalRevenueCents  the sum over those of "totalCents" minus their recorded partial refunds
+                     (`marketplace_worker.transaction_refunds`, no row = nothing refunded)
+  averageRating      mean rating of its reviews with "deletedAt" null, rounded half up to two
+                     places by Postgres on numeric (round() rounds half away from zero, which is
+                     half up for ratings); 0.00 when it has none
+
+Three ways in, one SQL aggregate:
+- `recompute_providers`: the providers named (the `stats --provider` command, and the core of
+  the incremental pass). Index lookups by provider id, so its cost follows the providers named.
+- `incremental_pass` (beat, every minute): the providers touched since the last pass.
+  The worker's own changes (transaction status, refunds) arrive as rows of
+  `marketplace_worker.touched_providers`, written in the same transaction as the change; the
+  pass claims them by deleting them in the transaction that writes the stats, so a crash puts
+  them back. The claim is a statement of its own, before the aggregate: a webhook transaction
+  holding a touched row makes the DELETE wait for its commit, and the aggregate's snapshot,
+  taken afterwards, then sees that change. The app's changes are found by time: listings by
+  "updatedAt", reviews by "createdAt"/"deletedAt" (reviews have no "updatedAt"; a soft delete
+  sets "deletedAt" only), after a watermark kept in `marketplace_worker.watermarks` and moved
+  in the same transaction, minus an overlap (STATS_CHANGE_OVERLAP_SECONDS) so that an app
+  transaction committing after the pass read the tables, or an app clock a little behind the
+  database's, is still seen.
+- `full_pass` (beat, nightly): every provider. Per-provider batches would read the
+  transactions table once per batch (a provider's transactions are spread over the whole
+  heap), so the pass aggregates every table once into a temporary table, without locking
+  anything, then applies it in keyset batches of provider ids, each a short transaction, so
+  Python memory and the time rows of `marketplace.providers` stay locked do not grow with the
+  tables.
+
+Concurrency. Every write of stats takes one transaction-scoped advisory lock, so passes run one
+at a time and each computes from a snapshot taken after the previous writer committed: a
+slower pass never overwrites a newer result. The full pass applies values computed at time T0,
+possibly minutes before a batch is applied. A provider recomputed by an incremental pass
+after T0 holds fresher values; every incremental and single-provider recompute stamps
+`marketplace_worker.provider_stats_recomputed`, and a batch leaves alone the providers stamped
+at or after T0. Any other change after T0 is still pending when the batch applies (its
+touched row is there, or it is after the watermark), so the next incremental pass corrects
+what the batch wrote.
+
+Not seen by the incremental pass (the nightly full pass corrects them): a review whose rating
+is edited in place and rows hard-deleted by the app, since neither leaves a timestamp; a
+listing moved to another provider is seen for its new provider only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from decimal import Decimal
+
+from sqlalchemy import Connection, select, text
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.orm import Session
+
+from domain.clock import utcnow
+from models import ProviderStatsRecomputed, Watermark
+
+# Arbitrary, unique among the worker's advisory locks: held by every writer of provider stats.
+STATS_LOCK_KEY = 5_202_604
+APP_CHANGES_WATERMARK = "provider_stats.app_changes"
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderStats:
+    total_listings: int
+    total_transactions: int
+    total_revenue_cents: int
+    average_rating: Decimal
+
+
+# Column on marketplace.providers for each ProviderStats field, in order.
+COLUMNS = ("totalListings", "totalTransactions", "totalRevenueCents", "averageRating")
+
+
+@dataclass(frozen=True, slots=True)
+class StatsChange:
+    provider_id: int
+    old: ProviderStats
+    new: ProviderStats
+
+    def describe(self) -> str:
+        """`provider 7: totalListings 2 → 3, averageRating 4.50 → 4.33`: the changed fields only."""
+        fields = [
+            f"{column} {before} → {after}"
+            for column, before, after in zip(COLUMNS, _values(self.old), _values(self.new), strict=True)
+            if before != after
+        ]
+        return f"provider {self.provider_id}: " + ", ".join(fields)
+
+
+@dataclass(frozen=True, slots=True)
+class PassResult:
+    recomputed: int
+    changes: list[StatsChange]
+
+
+@dataclass(frozen=True, slots=True)
+class FullPassResult:
+    providers: int
+    changed: int
+    batches: int
+
+
+def _fresh_sql(*, only_ids: bool) -> str:
+    """Fresh stats per provider as (provider_id, total_listings, total_transactions,
+    total_revenue_cents, average_rating); with `only_ids`, for the ids in :ids alone."""
+    only = 'AND x."providerId" = ANY(CAST(:ids AS integer[]))' if only_ids else ""
+    where = "WHERE p.id = ANY(CAST(:ids AS integer[]))" if only_ids else ""
+    return f"""
+SELECT p.id AS provider_id,
+       COALESCE(l.n, 0)::integer AS total_listings,
+       COALESCE(t.n, 0)::integer AS total_transactions,
+       COALESCE(t.cents, 0)::bigint AS total_revenue_cents,
+       COALESCE(rv.rating, 0)::numeric(3, 2) AS average_rating
+FROM marketplace.providers p
+LEFT JOIN (
+    SELECT x."providerId", count(*) AS n
+    FROM marketplace.service_listings x
+    WHERE x."deletedAt" IS NULL {only}
+    GROUP BY x."providerId"
+) l ON l."providerId" = p.id
+LEFT JOIN (
+    SELECT x."providerId", count(*) AS n,
+           sum(x."totalCents" - COALESCE(r.refunded_cents, 0)) AS cents
+    FROM marketplace.transactions x
+    LEFT JOIN marketplace_worker.transaction_refunds r ON r.transaction_id = x.id
+    WHERE x.status IN ('paid', 'completed') {only}
+    GROUP BY x."providerId"
+) t ON t."providerId" = p.id
+LEFT JOIN (
+    SELECT x."providerId", round(avg(x.rating), 2) AS rating
+    FROM marketplace.reviews x
+    WHERE x."deletedAt" IS NULL {only}
+    GROUP BY x."providerId"
+) rv ON rv."providerId" = p.id
+{where}
+"""
+
+
+def _apply_sql(source: str, *, extra_condition: str = "") -> str:
+    """UPDATE the providers whose stats differ from `source` (a relation with _fresh_sql's
+    columns), returning the old and new values. `o` is the row as the statement's snapshot
+    saw it; stats have one writer at a time (the advisory lock), so that is the old value."""
+    return f"""
+UPDATE marketplace.providers p
+SET "totalListings" = f.total_listings,
+    "totalTransactions" = f.total_transactions,
+    "totalRevenueCents" = f.total_revenue_cents,
+    "averageRating" = f.average_rating,
+    "updatedAt" = :now
+FROM {source} JOIN marketplace.providers o ON o.id = f.provider_id
+WHERE p.id = f.provider_id
+  AND (p."totalListings", p."totalTransactions", p."totalRevenueCents", p."averageRating")
+      IS DISTINCT FROM
+      (f.total_listings, f.total_transactions, f.total_revenue_cents, f.average_rating)
+  {extra_condition}
+RETURNING p.id,
+          o."totalListings", o."totalTransactions", o."totalRevenueCents", o."averageRating",
+          f.total_listings, f.total_transactions, f.total_revenue_cents, f.average_rating
+"""
+
+
+_RECOMPUTE_SQL = text(f"WITH fresh AS ({_fresh_sql(only_ids=True)})\n" + _apply_sql("fresh f"))
+
+_MARK_SQL = text("""
+INSERT INTO marketplace_worker.provider_stats_recomputed (provider_id, recomputed_at)
+SELECT unnest(CAST(:ids AS integer[])), clock_timestamp()
+ON CONFLICT (provider_id) DO UPDATE SET recomputed_at = EXCLUDED.recomputed_at
+""")
+
+_CLAIM_TOUCHED_SQL = text("DELETE FROM marketplace_worker.touched_providers RETURNING provider_id")
+
+# No index covers these columns on the app's tables, so this reads listings and reviews
+# sequentially; see the README's note on the indexes the app could add.
+_APP_CHANGES_SQL = text("""
+SELECT ARRAY(
+           SELECT x."providerId" FROM marketplace.service_listings x
+           WHERE x."updatedAt" > :since
+           UNION
+           SELECT x."providerId" FROM marketplace.reviews x
+           WHERE GREATEST(x."createdAt", x."deletedAt") > :since
+       ) AS provider_ids,
+       now() AT TIME ZONE 'UTC' AS pass_started_at
+""")
+
+_STAGED = "pg_temp.provider_stats_staged"
+
+# The staged values of one keyset batch, except for providers recomputed from data at least
+# as new as the staged values (stamped at or after :staged_at).
+_APPLY_STAGED_SQL = text(_apply_sql(
+    f"{_STAGED} f",
+    extra_condition="""AND f.provider_id > :after AND f.provider_id <= :upto
+  AND NOT EXISTS (
+      SELECT 1 FROM marketplace_worker.provider_stats_recomputed m
+      WHERE m.provider_id = f.provider_id AND m.recomputed_at >= :staged_at
+  )""",
+))
+
+_BATCH_END_SQL = text(f"""
+SELECT max(provider_id) FROM (
+    SELECT provider_id FROM {_STAGED} WHERE provider_id > :after ORDER BY provider_id LIMIT :n
+) batch
+""")
+
+
+def _values(stats: ProviderStats) -> tuple:
+    return (stats.total_listings, stats.total_transactions, stats.total_revenue_cents, stats.average_rating)
+
+
+def _changes(rows: Iterable[Sequence]) -> list[StatsChange]:
+    return sorted(
+        (StatsChange(row[0], ProviderStats(*row[1:5]), ProviderStats(*row[5:9])) for row in rows),
+        key=lambda change: change.provider_id,
+    )
+
+
+def _serialize_stats_writers(conn: Session | Connection) -> None:
+    conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": STATS_LOCK_KEY})
+
+
+def recompute_providers(session: Session, provider_ids: Iterable[int]) -> PassResult:
+    """Recompute the providers named (unknown ids are ignored) and write those that changed."""
+    ids = sorted(set(provider_ids))
+    _serialize_stats_writers(session)
+    return _recompute(session, ids)
+
+
+def _recompute(session: Session, ids: list[int]) -> PassResult:
+    if not ids:
+        return PassResult(recomputed=0, changes=[])
+    rows = session.execute(_RECOMPUTE_SQL, {"ids": ids, "now": utcnow()}).all()
+    session.execute(_MARK_SQL, {"ids": ids})
+    return PassResult(recomputed=len(ids), changes=_changes(rows))
+
+
+def incremental_pass(session: Session, *, overlap: timedelta) -> PassResult:
+    """Recompute the providers touched since the last pass, in the caller's transaction."""
+    _serialize_stats_writers(session)
+    touched = session.execute(_CLAIM_TOUCHED_SQL).scalars().all()
+    watermark = session.execute(
+        select(Watermark.position_at).where(Watermark.name == APP_CHANGES_WATERMARK)
+    ).scalar_one_or_none()
+    # The first pass has no watermark and looks at every listing and review once.
+    since = watermark - overlap if watermark is not None else datetime.min
+    app_ids, pass_started_at = session.execute(_APP_CHANGES_SQL, {"since": since}).one()
+    result = _recompute(session, sorted(set(touched) | set(app_ids)))
+    session.execute(
+        insert(Watermark)
+        .values(name=APP_CHANGES_WATERMARK, position_at=pass_started_at)
+        .on_conflict_do_update(
+            index_elements=[Watermark.name],
+            set_={"position_at": pass_started_at, "updated_at": text("now()")},
+        )
+    )
+    return result
+
+
+def full_pass(
+    connection: Connection,
+    *,
+    batch_size: int,
+    on_changes: Callable[[list[StatsChange]], None] | None = None,
+) -> FullPassResult:
+    """Recompute every provider: one aggregate into a temporary table, applied in keyset batches.
+
+    Runs its own transactions on `connection` (which must not be in one): the temporary
+    table lives as long as the connection, and each batch commits on its own.
+    """
+    with connection.begin():
+        connection.execute(text(f"DROP TABLE IF EXISTS {_STAGED}"))
+        # Taken before the aggregate's snapshot: a recompute stamped at or after it may have
+        # seen newer data than the staged values.
+        staged_at = connection.execute(text("SELECT clock_timestamp()")).scalar_one()
+        providers = connection.execute(
+            text(f"CREATE TEMPORARY TABLE provider_stats_staged AS {_fresh_sql(only_ids=False)}")
+        ).rowcount
+        connection.execute(text(f"ALTER TABLE {_STAGED} ADD PRIMARY KEY (provider_id)"))
+        connection.execute(text(f"ANALYZE {_STAGED}"))
+
+    after, changed, batches = 0, 0, 0
+    while True:
+        with connection.begin():
+            upto = connection.execute(_BATCH_END_SQL, {"after": after, "n": batch_size}).scalar_one()
+            if upto is None:
+                break
+            _serialize_stats_writers(connection)
+            rows = connection.execute(
+                _APPLY_STAGED_SQL,
+                {"after": after, "upto": upto, "staged_at": staged_at, "now": utcnow()},
+            ).all()
+        batches += 1
+        changes = _changes(rows)
+        changed += len(changes)
+        if on_changes is not None and changes:
+            on_changes(changes)
+        after = upto
+
+    with connection.begin():
+        connection.execute(text(f"DROP TABLE {_STAGED}"))
+    return FullPassResult(providers=providers, changed=changed, batches=batches)
