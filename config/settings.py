@@ -5,8 +5,10 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Annotated
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import BeforeValidator, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from config.cadence import Cadence, parse_cadence
 
 
 class ConfigError(Exception):
@@ -20,6 +22,15 @@ def _comma_list(value: object) -> object:
 
 
 SecretList = Annotated[list[SecretStr], NoDecode]
+CadenceSetting = Annotated[Cadence, NoDecode, BeforeValidator(parse_cadence)]
+
+
+def sqlalchemy_url(value: str) -> str:
+    """Accept the usual `postgresql://` form and use psycopg 3 for it."""
+    for prefix in ("postgresql+psycopg://", "postgresql://", "postgres://"):
+        if value.startswith(prefix):
+            return "postgresql+psycopg://" + value[len(prefix):]
+    raise ValueError("must be a postgresql:// URL")
 
 
 class Settings(BaseSettings):
@@ -38,9 +49,31 @@ class Settings(BaseSettings):
     stripe_max_network_retries: int = Field(default=3, ge=0, le=10)
     # Shared by every worker process (Redis token bucket); Stripe's sandbox allows 25/s.
     stripe_rate_limit_per_s: float = Field(default=20.0, gt=0)
+    # Seconds before the first retry of a 429; doubles each attempt, with jitter.
+    stripe_rate_limit_backoff_seconds: float = Field(default=0.5, gt=0, le=60)
+
+    # Connect reconciliation: a paid transaction with no transfer this long after payment is
+    # reported as `missing_transfer` (before that it is only awaiting its transfer).
+    reconcile_transfer_grace_hours: int = Field(default=48, ge=0)
+    # Stripe lists one reconciliation run reads at a time (pages of one list are sequential);
+    # the shared rate cap bounds the total.
+    reconcile_stripe_concurrency: int = Field(default=4, ge=1, le=32)
 
     platform_fee_bps: int = Field(default=500, ge=0, le=10_000)
     completion_hold_days: int = Field(default=7, ge=0)
+
+    # Invoice polling. Each run re-reads this far behind its watermark on "Invoice"."updatedAt":
+    # the app's transaction may commit after the poll read the table, its clock may lag ours.
+    poll_overlap_seconds: int = Field(default=120, ge=0)
+    poll_batch_size: int = Field(default=500, ge=1, le=10_000)
+    # Changed invoices one run looks at; the next run carries on from the watermark.
+    poll_max_invoices_per_run: int = Field(default=50_000, ge=1)
+    # A Stripe-backed invoice still draft/open with no event (or API read) for this long is
+    # re-read from Stripe; one open past its due date after poll_recheck_seconds.
+    poll_stale_after_seconds: int = Field(default=6 * 3600, ge=60)
+    poll_recheck_seconds: int = Field(default=900, ge=60)
+    # Stripe API reads per poll run, to stay far inside Stripe's rate limits.
+    poll_stripe_reads_per_run: int = Field(default=50, ge=0, le=1000)
 
     webhook_tolerance_seconds: int = Field(default=300, ge=1)
     webhook_max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
@@ -48,10 +81,39 @@ class Settings(BaseSettings):
     # An event still `received` this long after arrival lost its broker message.
     sweeper_threshold_seconds: int = Field(default=60, ge=1)
     event_max_attempts: int = Field(default=8, ge=1)
+
+    # Provider stats. The incremental pass re-reads the app's listing/review changes this far
+    # behind its watermark: an app transaction can commit after the pass read the tables, and
+    # an app server's clock can lag the database's.
+    stats_change_overlap_seconds: int = Field(default=300, ge=0)
+    # Providers per transaction of the nightly full pass.
+    stats_full_batch_size: int = Field(default=1000, ge=1, le=100_000)
     # First retry delay; each later one doubles (with jitter), capped at 10 minutes.
     event_retry_base_seconds: float = Field(default=2.0, gt=0)
 
     flower_basic_auth: SecretStr | None = None
+    # Local development only: `celery -A worker flower` then starts without FLOWER_BASIC_AUTH,
+    # on 127.0.0.1 only.
+    flower_unauthenticated: bool = False
+
+    # Beat cadences: seconds on a UTC grid, or a daily UTC time HH:MM (worker/schedule.py).
+    schedule_sweep_inbox: CadenceSetting = Cadence(60)
+    schedule_catch_up_events: CadenceSetting = Cadence(600)
+    schedule_incremental_stats: CadenceSetting = Cadence(60)
+    schedule_poll_invoices: CadenceSetting = Cadence(300)
+    schedule_complete_transactions: CadenceSetting = Cadence(3600)
+    schedule_full_stats: CadenceSetting = Cadence(86_400, 2 * 3600)
+    schedule_reconcile_all: CadenceSetting = Cadence(86_400, 3 * 3600)
+    # Accounts named by transfer/payout events since their last reconciliation.
+    schedule_reconcile_dirty: CadenceSetting = Cadence(600)
+    schedule_purge_inbox: CadenceSetting = Cadence(86_400, 4 * 3600)
+
+    # Processed and ignored inbox events older than this are deleted nightly. Longer than the
+    # 30 days of event history Stripe keeps, so a catch-up can never meet a purged id as new.
+    inbox_retention_days: int = Field(default=90, ge=31)
+    job_runs_retention_days: int = Field(default=30, ge=1)
+    # Rows per delete transaction: short transactions, no long lock, vacuum keeps up.
+    retention_batch_size: int = Field(default=1000, ge=1, le=50_000)
 
     log_level: str = "INFO"
     log_json: bool = False
@@ -61,14 +123,27 @@ class Settings(BaseSettings):
     def _split_secrets(cls, value: object) -> object:
         return _comma_list(value)
 
+    @field_validator("log_level")
+    @classmethod
+    def _log_level(cls, value: str) -> str:
+        if value.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            raise ValueError("must be DEBUG, INFO, WARNING, ERROR or CRITICAL")
+        return value.upper()
+
+    @field_validator("flower_basic_auth")
+    @classmethod
+    def _user_password_pairs(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            for pair in value.get_secret_value().split(","):
+                user, _, password = pair.partition(":")
+                if not user.strip() or not password:
+                    raise ValueError("must be user:password (several comma-separated)")
+        return value
+
     @field_validator("database_url")
     @classmethod
     def _sqlalchemy_url(cls, value: str) -> str:
-        """Accept the usual `postgresql://` form and use psycopg 3 for it."""
-        for prefix in ("postgresql+psycopg://", "postgresql://", "postgres://"):
-            if value.startswith(prefix):
-                return "postgresql+psycopg://" + value[len(prefix):]
-        raise ValueError("must be a postgresql:// URL")
+        return sqlalchemy_url(value)
 
     @field_validator("redis_url", "celery_broker_url", "celery_result_backend")
     @classmethod

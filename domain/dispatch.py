@@ -11,8 +11,11 @@ reconciliation), so concurrent work serializes without deadlocks:
     2. the `"Invoice"` row the event is about (FOR UPDATE)
     3. that invoice's `marketplace.transactions` row
     4. the worker's per-object rows (`stripe_object_versions`, refunds, disputes, ...)
+       and the per-payment advisory lock (domain/transactions.py explains it)
+    5. `touched_providers` rows, last, in provider id order
 
-Work that has no event (the poller) starts at step 2.
+Work that has no event (the poller) starts at step 2; several invoice rows are locked in
+id order. A charge, refund or dispute that matches no invoice skips steps 2-3.
 """
 
 from __future__ import annotations
@@ -54,6 +57,17 @@ class InvalidPayload(Exception):
     """The event cannot be applied as it is: parked at once with this message."""
 
 
+def is_permanent(error: BaseException) -> bool:
+    """Failures that no retry can fix: park the event at once with its message.
+
+    A payload whose fields have the wrong shape, or a value the database refuses (a number
+    beyond bigint), fails the same way every time.
+    """
+    from sqlalchemy.exc import DataError
+
+    return isinstance(error, (InvalidPayload, DataError, KeyError, TypeError, AttributeError))
+
+
 def handles(*event_types: str) -> Callable[[Handler], Handler]:
     def register(fn: Handler) -> Handler:
         for event_type in event_types:
@@ -73,6 +87,10 @@ def load_handlers() -> None:
 def process_event(session: Session, event_id: str) -> str:
     """Apply one stored event; returns what happened (for logs and tests)."""
     load_handlers()
+    # The event's effects and its `processed` mark commit together, so a commit lost in a
+    # server crash loses both: the event is still `received` and the sweeper re-enqueues it.
+    # Waiting for the WAL flush would buy nothing here (the receiver's commit stays synchronous).
+    session.execute(text("SET LOCAL synchronous_commit = off"))
     event = session.execute(
         select(StripeEvent).where(StripeEvent.id == event_id).with_for_update()
     ).scalar_one_or_none()

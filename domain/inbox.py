@@ -52,12 +52,16 @@ def parse_event(body: str, endpoint: str, *, livemode: bool) -> IncomingEvent:
 
     Raises ValueError when the body is not JSON and InvalidEvent when it is not an event.
     """
-    data = json.loads(body)
+    data = json.loads(body, parse_constant=_no_constants)
     if "\\u0000" in body:
         # JSON allows NUL in strings, Postgres's jsonb does not: store U+FFFD instead.
         data = _without_nul(data)
         body = json.dumps(data)
     return event_from_dict(data, body, endpoint, livemode=livemode)
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")  # Python accepts NaN/Infinity, Postgres's jsonb does not
 
 
 def _without_nul(value: Any) -> Any:

@@ -13,18 +13,42 @@ from models.app import (
     User,
 )
 from models.base import WORKER_SCHEMA, Base
+from models.connect import (
+    ConnectAccount,
+    ConnectPayout,
+    ConnectPayoutItem,
+    ConnectTransfer,
+    ReconcileDiscrepancy,
+)
 from models.inbox import StripeEvent
-from models.ledger import StripeCharge, StripeDispute, StripeRefund, TouchedProvider, TransactionRefund
+from models.jobs import JobRun
+from models.ledger import (
+    InvoiceTransaction,
+    StripeCharge,
+    StripeDispute,
+    StripeRefund,
+    TouchedProvider,
+    TransactionRefund,
+)
 from models.state import ObjectVersion, Watermark
+from models.stats import ProviderStatsRecomputed
 
 __all__ = [
     "WORKER_SCHEMA",
     "Base",
+    "ConnectAccount",
+    "ConnectPayout",
+    "ConnectPayoutItem",
+    "ConnectTransfer",
     "Invoice",
+    "InvoiceTransaction",
+    "JobRun",
     "Message",
     "MessageThread",
     "ObjectVersion",
     "Provider",
+    "ProviderStatsRecomputed",
+    "ReconcileDiscrepancy",
     "Review",
     "ServiceListing",
     "StripeCharge",

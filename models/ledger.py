@@ -1,6 +1,7 @@
 """What the worker records of the money moving around a marketplace transaction: Stripe's
 charges, refunds and disputes as last seen (newest event wins, see domain/versions.py), the
-refunded amount per transaction, and the providers whose stats need recomputing.
+invoice -> transaction key, the refunded amount per transaction, and the providers whose
+stats need recomputing.
 
 Charges, refunds and disputes are keyed by Stripe id and joined to an invoice through
 `"Invoice"."stripeChargeId"` / `"stripePaymentIntentId"`, so a fact that arrives before the
@@ -12,8 +13,9 @@ from __future__ import annotations
 from datetime import datetime
 
 from sqlalchemy import BigInteger, Boolean, DateTime, Index, Integer, Text, func
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy.orm import Mapped, foreign, mapped_column, relationship
 
+from models.app import Transaction
 from models.base import WORKER_SCHEMA, Base
 
 
@@ -69,6 +71,22 @@ class StripeDispute(Base):
     amount: Mapped[int] = mapped_column(BigInteger)
     status: Mapped[str] = mapped_column(Text)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class InvoiceTransaction(Base):
+    """The worker's key from an invoice to its one transaction: `marketplace.transactions` has
+    no unique key (nor any index) on "invoiceId", and its DDL is Prisma's, so the uniqueness
+    and the fast lookup live here. Rows created by the app are adopted on first sight."""
+
+    __tablename__ = "invoice_transactions"
+    __table_args__ = {"schema": WORKER_SCHEMA}
+
+    invoice_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    transaction_id: Mapped[int] = mapped_column(BigInteger, unique=True)
+    # Lets a new transaction and its key be inserted in one flush, each kind in one batch.
+    transaction: Mapped[Transaction] = relationship(
+        Transaction, primaryjoin=lambda: foreign(InvoiceTransaction.transaction_id) == Transaction.id
+    )
 
 
 class TransactionRefund(Base):

@@ -9,6 +9,7 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import create_engine, text
 
+from config.settings import sqlalchemy_url
 from models.base import WORKER_SCHEMA
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
@@ -30,7 +31,7 @@ def include_name(name, type_, parent_names):
 def alembic_config(database_url: str) -> Config:
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
-    cfg.set_main_option("sqlalchemy.url", database_url.replace("%", "%%"))
+    cfg.set_main_option("sqlalchemy.url", sqlalchemy_url(database_url).replace("%", "%%"))
     return cfg
 
 
@@ -48,7 +49,7 @@ def create_app_tables_if_absent(database_url: str) -> bool:
     Only for the dev stack and tests: in production the main app's own Prisma
     migrations own these tables. Returns whether they were created.
     """
-    engine = create_engine(database_url)
+    engine = create_engine(sqlalchemy_url(database_url))
     try:
         with engine.begin() as conn:
             present = conn.execute(text("SELECT to_regclass('public.\"Invoice\"')")).scalar()

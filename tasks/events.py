@@ -6,6 +6,7 @@ import logging
 
 from config import get_settings
 from domain import dispatch
+from domain.jobs import run_once
 from models.db import session_scope
 from worker import app
 
@@ -20,7 +21,7 @@ def process_event(self, event_id: str) -> str:
         with session_scope() as session:
             outcome = dispatch.process_event(session, event_id)
     except Exception as error:  # every failure is counted; the last one parks the event
-        permanent = isinstance(error, dispatch.InvalidPayload)
+        permanent = dispatch.is_permanent(error)
         settings = get_settings()
         with session_scope() as session:
             failure = dispatch.record_failure(
@@ -51,11 +52,13 @@ def enqueue_events(event_ids: list[str]) -> None:
 
 @app.task(name="tasks.events.sweep_inbox")
 def sweep_inbox() -> int:
-    with session_scope() as session:
-        due = dispatch.due_for_sweep(session, get_settings().sweeper_threshold_seconds)
-    if due:
-        log.warning("re-enqueueing %d events whose messages were lost", len(due))
-        enqueue_events(due)
+    with run_once("sweep_inbox") as run:
+        with session_scope() as session:
+            due = dispatch.due_for_sweep(session, get_settings().sweeper_threshold_seconds)
+        if due:
+            log.warning("re-enqueueing %d events whose messages were lost", len(due))
+            enqueue_events(due)
+        run.counts = {"enqueued": len(due)}
     return len(due)
 
 

@@ -55,12 +55,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--full", action="store_true", help="every provider, not just touched ones")
     p.add_argument("--provider", type=int, help="one provider id")
 
-    p = sub.add_parser("reconcile", help="reconcile Stripe Connect transfers and payouts")
+    p = sub.add_parser(
+        "reconcile", help="reconcile Stripe Connect transfers and payouts; exits 3 while discrepancies are open"
+    )
     p.add_argument("--account", help="one connected account (acct_...)")
     p.add_argument("--since", help="start of the window, YYYY-MM-DD (UTC)")
 
     p = sub.add_parser("jobs", help="recent scheduled job runs")
     p.add_argument("--limit", type=int, default=30)
+    p.add_argument("--job", help="one job, e.g. poll_invoices")
     return parser
 
 
@@ -121,6 +124,160 @@ def _replay(args: argparse.Namespace) -> int:
     return 0
 
 
+@command("stats")
+def _stats(args: argparse.Namespace) -> int:
+    from datetime import timedelta
+
+    from config import get_settings
+    from domain import stats
+    from domain.jobs import run_once
+    from models import Provider
+    from models.db import get_engine, session_scope
+
+    if args.full and args.provider is not None:
+        print("marketplace-worker stats: --full and --provider cannot be combined", file=sys.stderr)
+        return 2
+    settings = get_settings()
+
+    def show(changes: list[stats.StatsChange]) -> None:
+        for change in changes:
+            print(change.describe())
+
+    if args.full:
+        with run_once("full_stats", slot=None) as run, get_engine().connect() as connection:
+            full = stats.full_pass(connection, batch_size=settings.stats_full_batch_size, on_changes=show)
+            run.counts = {"providers": full.providers, "batches": full.batches, "changed": full.changed}
+        print(f"{full.changed} of {full.providers} provider(s) changed")
+        return 0
+    if args.provider is not None:
+        with session_scope() as session:
+            if session.get(Provider, args.provider) is None:
+                print(f"marketplace-worker stats: no provider {args.provider}", file=sys.stderr)
+                return 1
+            result = stats.recompute_providers(session, [args.provider])
+    else:
+        overlap = timedelta(seconds=settings.stats_change_overlap_seconds)
+        with run_once("incremental_stats", slot=None) as run:
+            with session_scope() as session:
+                result = stats.incremental_pass(session, overlap=overlap)
+            run.counts = {"recomputed": result.recomputed, "changed": len(result.changes)}
+    show(result.changes)
+    print(f"{len(result.changes)} of {result.recomputed} provider(s) changed")
+    return 0
+
+
+@command("jobs")
+def _jobs(args: argparse.Namespace) -> int:
+    import json
+    from datetime import UTC
+
+    from domain.jobs import recent_runs
+    from models.db import session_scope
+
+    def moment(value) -> str:
+        return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S") if value else "-"
+
+    with session_scope() as session:
+        runs = recent_runs(session, limit=args.limit, job=args.job)
+    print(f"{'JOB':<22} {'SLOT (UTC)':<19}  {'STARTED (UTC)':<19}  {'TOOK':>8}  {'OUTCOME':<8} DETAIL")
+    for run in runs:
+        took = f"{(run.finished_at - run.started_at).total_seconds():.1f}s" if run.finished_at else "-"
+        detail = run.error or run.reason or (json.dumps(run.counts) if run.counts is not None else "")
+        print(f"{run.job:<22} {moment(run.slot):<19}  {moment(run.started_at):<19}  {took:>8}  {run.outcome:<8} {detail}")
+    return 0
+
+
+@command("poll")
+def _poll(args: argparse.Namespace) -> int:
+    from domain.jobs import run_once
+    from domain.polling import poll_invoices
+    from models.db import session_scope
+    from tasks.polling import stripe_client_or_none
+
+    with run_once("poll_invoices", slot=None) as run:
+        result = poll_invoices(session_scope, stripe_client_or_none())
+        run.counts = result.as_dict()
+    skipped = ", ".join(f"{reason} {count}" for reason, count in sorted(result.skipped.items()))
+    print(
+        f"created {result.created}, advanced {result.advanced}, "
+        f"refreshed from Stripe {result.refreshed_from_stripe}, skipped {sum(result.skipped.values())}"
+        + (f" ({skipped})" if skipped else "")
+    )
+    return 0
+
+
+@command("reconcile")
+def _reconcile(args: argparse.Namespace) -> int:
+    """Exit 0: no open discrepancy (in the account, with --account); 3: some are open."""
+    from collections import Counter
+    from datetime import UTC, datetime, timedelta
+
+    from config import get_settings
+    from domain import reconcile
+    from domain.jobs import run_once
+    from domain.stripe_api import get_client
+    from models.db import get_engine, session_scope
+
+    since = None
+    if args.since:
+        try:
+            since = int(datetime.strptime(args.since, "%Y-%m-%d").replace(tzinfo=UTC).timestamp())
+        except ValueError:
+            print("marketplace-worker reconcile: --since must be a date, YYYY-MM-DD", file=sys.stderr)
+            return 2
+    settings = get_settings()
+    reader = reconcile.StripeReader(get_client(settings), settings.stripe_rate_limit_backoff_seconds,
+                                    settings.reconcile_stripe_concurrency)
+    grace = timedelta(hours=settings.reconcile_transfer_grace_hours)
+
+    def run(accounts: list[str]) -> list[reconcile.AccountResult]:
+        return [reconcile.reconcile_account(session_scope, get_engine(), reader, account, grace=grace, since=since)
+                for account in accounts]
+
+    if args.account:
+        results = run([args.account])
+        if results[0].skipped == "no_provider":
+            print(f"marketplace-worker reconcile: no stripe_connect provider has {args.account}", file=sys.stderr)
+            return 1
+    else:
+        with run_once("reconcile_all", slot=None) as job:
+            with session_scope() as session:
+                accounts = reconcile.active_accounts(session)
+                unknown, _ = reconcile.report_unknown_destinations(session)
+            results = run(accounts)
+            job.counts = {"accounts": len(accounts), "unknown_destination": unknown}
+    for result in results:
+        if args.account or result.skipped or result.completed or result.opened or result.resolved:
+            print(result.describe())
+    totals: Counter = Counter()
+    for result in results:
+        totals.update(result.outcomes)
+    outcomes = ", ".join(f"{kind} {n}" for kind, n in sorted(totals.items())) or "nothing to reconcile"
+    print(f"reconciled {len(results)} account(s) with {reader.calls} Stripe call(s): {outcomes}; "
+          f"completed {sum(len(r.completed) for r in results)}")
+
+    with session_scope() as session:
+        discrepancies = reconcile.open_discrepancies(session, args.account)
+    if not discrepancies:
+        print("no open discrepancies")
+        return 0
+    by_kind = Counter(d.kind for d in discrepancies)
+    print(f"{len(discrepancies)} open discrepancies: " + ", ".join(f"{k} {n}" for k, n in sorted(by_kind.items())))
+    print(f"{'KIND':<19} {'SUBJECT':<28} {'ACCOUNT':<22} {'EXPECTED':>12} {'SEEN':>12}  {'FIRST SEEN (UTC)':<16}  DETAIL")
+    for d in discrepancies:
+        first_seen = d.first_seen_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M")
+        print(f"{d.kind:<19} {d.subject:<28} {d.account:<22} {_money(d.expected_cents):>12} "
+              f"{_money(d.seen_cents):>12}  {first_seen:<16}  {d.detail}")
+    return 3
+
+
+def _money(cents: int | None) -> str:
+    if cents is None:
+        return "-"
+    sign, cents = ("-" if cents < 0 else ""), abs(cents)
+    return f"{sign}{cents // 100}.{cents % 100:02d}"
+
+
 @command("dev")
 def _dev(args: argparse.Namespace) -> int:
     from worker.dev import run_dev_stack
@@ -130,7 +287,10 @@ def _dev(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    from worker.logging_setup import configure_logging
+
+    if not logging.getLogger().handlers:  # like basicConfig: a host program's logging stays
+        configure_logging()
     handler = COMMANDS.get(args.command)
     if handler is None:
         print(f"marketplace-worker: {args.command} is not available yet", file=sys.stderr)

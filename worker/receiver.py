@@ -41,6 +41,10 @@ class BodyTooLarge(Exception):
     pass
 
 
+class UnstorablePayload(Exception):
+    """Authentic JSON that Postgres's jsonb refuses (e.g. a lone UTF-16 surrogate)."""
+
+
 class InboxWriter:
     """One connection, one INSERT and one commit per batch of concurrent requests."""
 
@@ -63,6 +67,13 @@ class InboxWriter:
                 batch.append(self.queue.get_nowait())
             try:
                 inserted = await self._insert([event for event, _ in batch])
+            except psycopg.errors.DataError:
+                # A value the database refuses (jsonb's unicode rules): store the batch row by
+                # row so only the offending event is refused, not its neighbours.
+                await self._drop_connection()
+                inserted = await self._insert_one_by_one(batch)
+                if inserted is None:
+                    continue
             except Exception as error:  # any database failure: Stripe gets 503 and retries
                 log.error("inbox unavailable: %s", type(error).__name__)
                 await self._drop_connection()
@@ -82,6 +93,22 @@ class InboxWriter:
         async with self.conn.transaction():
             cursor = await self.conn.execute(INSERT_EVENTS_SQL, insert_params(events))
             return {row[0] for row in await cursor.fetchall()}
+
+    async def _insert_one_by_one(self, batch) -> set[str] | None:
+        inserted: set[str] = set()
+        for event, future in batch:
+            try:
+                inserted |= await self._insert([event])
+            except psycopg.errors.DataError:
+                await self._drop_connection()
+                future.set_exception(UnstorablePayload())
+            except Exception:
+                await self._drop_connection()
+                for _, pending in batch:
+                    if not pending.done():
+                        pending.set_exception(StorageUnavailable())
+                return None
+        return inserted
 
     async def _drop_connection(self) -> None:
         if self.conn is not None:
@@ -136,6 +163,9 @@ class Metrics:
         self.enqueued = Counter("webhook_events_enqueued", "Task messages published", registry=r)
         self.enqueue_failed = Counter("webhook_events_enqueue_failed", "Stored events whose message could not be published", registry=r)
         self.backlog = Gauge("inbox_events", "Inbox events by status", ["status"], registry=r)
+        self.job_last_ok = Gauge(
+            "job_last_success_timestamp_seconds", "When each scheduled job last finished ok", ["job"], registry=r
+        )
 
 
 METRICS = Metrics()
@@ -202,6 +232,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
             return _reject(endpoint, "body is not JSON")
         try:
             stored = await state["writer"].store(event)
+        except UnstorablePayload:
+            return _reject(endpoint, "body is not storable JSON")
         except StorageUnavailable:
             METRICS.rejected.labels(endpoint, "database unavailable").inc()
             return JSONResponse({"error": "temporarily unavailable"}, status_code=503)
@@ -280,6 +312,8 @@ def _readiness(settings: Settings) -> dict[str, bool]:
 
 
 def _refresh_backlog(settings: Settings) -> None:
+    from worker.schedule import JOBS
+
     try:
         with psycopg.connect(settings.libpq_database_url, connect_timeout=3) as conn:
             rows = conn.execute(
@@ -287,11 +321,21 @@ def _refresh_backlog(settings: Settings) -> None:
                 "SELECT status, count(*) FROM marketplace_worker.stripe_events"
                 " WHERE status IN ('received', 'retrying', 'parked') GROUP BY status"
             ).fetchall()
+            # Newest ok run per job, read backwards on (job, started_at): a few rows per job.
+            last_ok = conn.execute(
+                "SELECT job, (SELECT extract(epoch FROM finished_at) FROM marketplace_worker.job_runs r"
+                "             WHERE r.job = j.job AND outcome = 'ok' ORDER BY started_at DESC LIMIT 1)"
+                " FROM unnest(%s::text[]) AS j(job)",
+                ([job.name for job in JOBS],),
+            ).fetchall()
     except Exception:
         return
     counts = dict(rows)
     for status in ("received", "retrying", "parked"):
         METRICS.backlog.labels(status).set(counts.get(status, 0))
+    for job, finished in last_ok:
+        if finished is not None:
+            METRICS.job_last_ok.labels(job).set(float(finished))
 
 
 def serve(host: str, port: int) -> None:
@@ -302,4 +346,5 @@ def serve(host: str, port: int) -> None:
         from config import ConfigError
 
         raise ConfigError("configuration error: STRIPE_WEBHOOK_SECRETS is not set")
-    uvicorn.run(create_app(settings), host=host, port=port, log_level="warning", access_log=False)
+    # log_config=None: uvicorn's records go through the process's handler (worker/logging_setup.py).
+    uvicorn.run(create_app(settings), host=host, port=port, log_level="warning", access_log=False, log_config=None)

@@ -1,0 +1,385 @@
+"""Connect payouts reconciliation at scale: Stripe calls, wall time against the rate cap, memory.
+
+    DATABASE_URL=postgresql://postgres@127.0.0.1:5432/postgres \\
+        python -m benchmarks.reconcile_bench [--accounts 2000] [--transfers 50000] [--payouts 6000] \\
+        [--latency-ms 20] [--rate 40] [--workers 2]
+
+Uses the Postgres and Redis named by DATABASE_URL / REDIS_URL (a scratch database is created
+and dropped), else embedded ones.
+
+The data: `--accounts` stripe_connect providers with skewed sizes (a few have several hundred
+transfers, so their lists take several pages), one paid transaction per platform transfer
+(`--transfers`), `--payouts` automatic payouts spread evenly over the accounts, each carrying
+a slice of its account's transfers (the newest slice of every account is not paid out yet):
+mostly paid, some in transit, some failed. 1% of the transfers are short, 0.5% partly
+reversed, and 1% of the accounts have a paid transaction with no transfer at all.
+
+The fake Stripe API (tests/support/stripe_server.py) runs in a process of its own (so it does
+not share a GIL with the workers), seeded with the same data, `--latency-ms` added to every
+request and its own 429 limit at 1.1x the worker's cap. The reconciliation runs in `--workers`
+real Celery worker processes (`celery -A worker worker -Q reconciliation -c 1` each) sharing
+the Redis token bucket at STRIPE_RATE_LIMIT_PER_S = `--rate`; the clock runs from sending
+`tasks.reconciliation.reconcile_all` until every account is reconciled.
+
+Prints:
+- Stripe calls made (counted by the fake) next to the minimum the data allows: per account
+  ceil(n/100) pages (at least one) of its transfers, of its payouts, and of the balance
+  transactions of each of its finished payouts; and the 429s the fake answered;
+- wall time next to calls / rate cap, the least time that many calls can take;
+- peak RSS of each worker's pool process (VmHWM);
+- a check of the outcome against what the generated data implies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DAY = 86_400
+FEE_BPS = 500
+
+
+@dataclass
+class Account:
+    id: str
+    provider_id: int
+    transfers: list[dict] = field(default_factory=list)
+    payouts: list[tuple[dict, list[dict]]] = field(default_factory=list)  # (payout, its balance transactions)
+    unpaid: list[tuple[int, int, int]] = field(default_factory=list)  # transactions with no transfer
+
+
+@dataclass
+class Dataset:
+    accounts: list[Account]
+    transactions: list[tuple[int, int, int, int]]  # (id, provider id, total cents, paid at)
+    expected: Counter  # outcome -> transactions
+
+
+def generate(accounts: int, transfers: int, payouts: int, now: int, seed: int = 7) -> Dataset:
+    """The same data in every process that calls it with the same arguments."""
+    from tests.support import stripe_events as se
+
+    rng = random.Random(seed)
+    weights = [rng.paretovariate(1.2) for _ in range(accounts)]
+    scale = (transfers - accounts) / sum(weights)
+    counts = [1 + int(w * scale) for w in weights]
+    for n in range(transfers - sum(counts)):  # rounding leftovers, one each
+        counts[n % accounts] += 1
+    payouts_of = [payouts // accounts + (1 if n < payouts % accounts else 0) for n in range(accounts)]
+
+    data = Dataset([], [], Counter())
+    txn_id = 0
+    for a in range(accounts):
+        account = Account(f"acct_bench{a:06d}", a + 1)
+        created = sorted(now - 20 * DAY + rng.randrange(18 * DAY) for _ in range(counts[a]))
+        for at in created:
+            txn_id += 1
+            total = 1_000 + (txn_id * 37) % 90_000
+            amount, reversed_ = _payout_cents(total), 0
+            roll = rng.random()
+            if roll < 0.01:
+                amount -= 100
+            elif roll < 0.015:
+                reversed_ = 500
+            data.transactions.append((txn_id, account.provider_id, total, at - 60))
+            account.transfers.append(se.transfer(
+                id=f"tr_bench{txn_id:07d}", amount=amount, amount_reversed=reversed_, destination=account.id,
+                destination_payment=f"py_bench{txn_id:07d}", created=at,
+                metadata={"marketplace_transaction_id": str(txn_id)}))
+        # Payout k carries the k-th slice of the transfers; the last slice waits for the next one.
+        slices = payouts_of[a] + 1
+        bounds = [len(created) * k // slices for k in range(slices + 1)]
+        paid_out_in: dict[str, str] = {}
+        for k in range(payouts_of[a]):
+            carried = account.transfers[bounds[k]:bounds[k + 1]]
+            roll = rng.random() if k == payouts_of[a] - 1 else 1.0
+            status = "in_transit" if roll < 0.10 else "failed" if roll < 0.15 else "paid"
+            at = (carried[-1]["created"] if carried else now - 10 * DAY) + 3_600
+            payout = se.payout(id=f"po_bench{a:06d}_{k}", amount=sum(t["amount"] for t in carried), status=status,
+                               created=at, arrival_date=at + 2 * DAY)
+            bts = [se.balance_transaction(id=f"txn_bench{a:06d}_{k}", amount=-payout["amount"], type="payout",
+                                          source=payout["id"], fee=0, created=at)]
+            bts += [se.balance_transaction(id=f"txn_{t['destination_payment']}", amount=t["amount"], type="payment",
+                                           source=t["destination_payment"], fee=0, created=at) for t in carried]
+            account.payouts.append((payout, bts))
+            paid_out_in.update((t["id"], status) for t in carried)
+        for t in account.transfers:
+            total = data.transactions[int(t["metadata"]["marketplace_transaction_id"]) - 1][2]
+            if t["amount_reversed"]:
+                data.expected["transfer_reversed"] += 1
+            elif t["amount"] != _payout_cents(total):
+                data.expected["amount_mismatch"] += 1
+            else:
+                data.expected[{"paid": "paid_out", "failed": "payout_failed"}.get(paid_out_in.get(t["id"]),
+                                                                                  "awaiting_payout")] += 1
+        data.accounts.append(account)
+    for account in data.accounts:
+        if rng.random() < 0.01:
+            txn_id += 1
+            data.transactions.append((txn_id, account.provider_id, 5_000, now - 5 * DAY))
+            data.expected["missing_transfer"] += 1
+    return data
+
+
+def _payout_cents(total: int) -> int:
+    return total - (total * FEE_BPS + 5_000) // 10_000
+
+
+def minimum_calls(data: Dataset) -> int:
+    """Pages the data takes at 100 per page; an empty list still takes one call."""
+    pages = 0
+    for account in data.accounts:
+        pages += max(1, math.ceil(len(account.transfers) / 100)) + max(1, math.ceil(len(account.payouts) / 100))
+        pages += sum(max(1, math.ceil(len(bts) / 100)) for payout, bts in account.payouts
+                     if payout["status"] in ("paid", "failed", "canceled"))
+    return pages
+
+
+# --- the fake Stripe server, in its own process ----------------------------------------------
+
+
+def serve(args: argparse.Namespace) -> None:
+    import uvicorn
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse
+    from starlette.routing import Mount, Route
+
+    from tests.support.stripe_server import FakeStripe, make_app
+
+    data = generate(args.accounts, args.transfers, args.payouts, args.now)
+    fake = FakeStripe()
+    for account in data.accounts:
+        fake.add("account", {"id": account.id, "object": "account", "created": args.now - 30 * DAY})
+        for transfer in account.transfers:
+            fake.add("transfer", transfer)
+        for payout, bts in account.payouts:
+            fake.add("payout", payout, account=account.id)
+            for bt in bts:
+                fake.add("balance_transaction", bt, account=account.id, payout=payout["id"])
+    fake.latency_s = args.latency_ms / 1000
+    fake.rate_limit_per_s = args.rate_limit
+
+    async def calls(request):
+        statuses = Counter(c.status for c in fake.calls)
+        paths = Counter(c.path for c in fake.calls if c.status == 200)
+        return JSONResponse({"total": len(fake.calls), "statuses": statuses, "paths": paths})
+
+    app = Starlette(routes=[Route("/_bench/calls", calls), Mount("/", make_app(fake))])
+    print("seeded", flush=True)
+    uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning", access_log=False)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def bench_calls(base: str) -> dict:
+    with urllib.request.urlopen(base + "/_bench/calls", timeout=30) as response:
+        return json.load(response)
+
+
+# --- the database --------------------------------------------------------------------------
+
+
+def load_database(database_url: str, data: Dataset) -> None:
+    import psycopg
+
+    url = database_url.replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(url) as conn, conn.cursor() as cur:
+        cur.execute("SET session_replication_role = replica")  # FK triggers: the rows satisfy them
+        with cur.copy('COPY "User" (id, email, "createdAt", "updatedAt") FROM STDIN') as copy:
+            copy.write_row(("bclient", "client@bench.test", "now", "now"))
+            for account in data.accounts:
+                copy.write_row((f"bu{account.provider_id}", f"bu{account.provider_id}@bench.test", "now", "now"))
+        with cur.copy('COPY marketplace.providers (id, "userId", "providerType", "businessName", '
+                      '"stripeConnectAccountId", "stripeConnectOnboardingComplete", "stripeConnectPayoutsEnabled", '
+                      '"paymentMode", "updatedAt") FROM STDIN') as copy:
+            for account in data.accounts:
+                copy.write_row((account.provider_id, f"bu{account.provider_id}", "service_provider",
+                                f"Provider {account.provider_id}", account.id, True, True, "stripe_connect", "now"))
+        with cur.copy('COPY "Invoice" (id, "invoiceNumber", status, "amountCents", "amountPaidCents", '
+                      '"isMarketplaceInvoice", "clientUserId", "marketplaceProviderId", "updatedAt") '
+                      'FROM STDIN') as copy:
+            for txn_id, provider_id, total, _ in data.transactions:
+                copy.write_row((txn_id, f"B-{txn_id}", "paid", total, total, True, "bclient", provider_id, "now"))
+        with cur.copy('COPY marketplace.transactions (id, "clientUserId", "providerId", "invoiceType", '
+                      '"invoiceId", "serviceDescription", "totalCents", "platformFeeCents", "providerPayoutCents", '
+                      'status, "createdAt", "invoicedAt", "paidAt") FROM STDIN') as copy:
+            for txn_id, provider_id, total, paid_at in data.transactions:
+                paid = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(paid_at))
+                copy.write_row((txn_id, "bclient", provider_id, "service", txn_id, "Full groom", total,
+                                total - _payout_cents(total), _payout_cents(total), "paid", paid, paid, paid))
+        for table in ('"Invoice"', "marketplace.transactions", "marketplace.providers"):
+            cur.execute(f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), (SELECT max(id) FROM {table}))")
+        cur.execute("ANALYZE")
+
+
+def outcome(database_url: str) -> tuple[Counter, Counter, int]:
+    import psycopg
+
+    url = database_url.replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(url) as conn:
+        statuses = Counter(dict(conn.execute(
+            "SELECT status, count(*) FROM marketplace.transactions GROUP BY 1").fetchall()))
+        kinds = Counter(dict(conn.execute(
+            "SELECT kind, count(*) FROM marketplace_worker.reconcile_discrepancies WHERE resolved_at IS NULL "
+            "GROUP BY 1").fetchall()))
+        reconciled = conn.execute(
+            "SELECT count(*) FROM marketplace_worker.connect_accounts WHERE last_reconciled_at IS NOT NULL"
+        ).fetchone()[0]
+    return statuses, kinds, reconciled
+
+
+# --- peak memory -----------------------------------------------------------------------------
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def _vm_hwm_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return 0
+
+
+# --- the run ---------------------------------------------------------------------------------
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="mode")
+    parser.add_argument("--accounts", type=int, default=2_000)
+    parser.add_argument("--transfers", type=int, default=50_000)
+    parser.add_argument("--payouts", type=int, default=6_000)
+    parser.add_argument("--latency-ms", type=float, default=20.0)
+    parser.add_argument("--rate", type=float, default=40.0, help="STRIPE_RATE_LIMIT_PER_S for the workers")
+    parser.add_argument("--workers", type=int, default=2)
+    server = sub.add_parser("serve", help="(internal) the fake Stripe server process")
+    server.add_argument("--port", type=int, required=True)
+    server.add_argument("--now", type=int, required=True)
+    server.add_argument("--rate-limit", type=float, default=None)
+    args = parser.parse_args()
+    if args.mode == "serve":
+        serve(args)
+        return 0
+
+    from models.migrate import create_app_tables_if_absent, upgrade
+    from tests.support.services import test_services
+
+    now = int(time.time())
+    t = time.monotonic()
+    data = generate(args.accounts, args.transfers, args.payouts, now)
+    print(f"data: {len(data.accounts)} accounts, {sum(len(a.transfers) for a in data.accounts)} transfers, "
+          f"{sum(len(a.payouts) for a in data.accounts)} payouts, "
+          f"{sum(len(b) for a in data.accounts for _, b in a.payouts)} payout balance transactions, "
+          f"{len(data.transactions)} paid transactions; largest account "
+          f"{max(len(a.transfers) for a in data.accounts)} transfers ({time.monotonic() - t:.1f}s)")
+
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    stripe_proc = subprocess.Popen(
+        [sys.executable, "-m", "benchmarks.reconcile_bench", "--accounts", str(args.accounts), "--transfers",
+         str(args.transfers), "--payouts", str(args.payouts), "--latency-ms", str(args.latency_ms),
+         "serve", "--port", str(port), "--now", str(now), "--rate-limit", str(args.rate * 1.1)],
+        stdout=subprocess.PIPE, text=True)
+    workers: list[subprocess.Popen] = []
+    with tempfile.TemporaryDirectory(prefix="mw-reconcile-bench-") as work, \
+            test_services(Path(work)) as (database_url, redis_url):
+        try:
+            create_app_tables_if_absent(database_url)
+            upgrade(database_url)
+            load_database(database_url, data)
+            assert stripe_proc.stdout.readline().strip() == "seeded", "fake Stripe did not start"
+            _wait_for_port(port)
+            env = {**os.environ, "DATABASE_URL": database_url, "REDIS_URL": redis_url,
+                   "STRIPE_API_KEY": "sk_test_bench", "STRIPE_API_BASE": base,
+                   "STRIPE_RATE_LIMIT_PER_S": str(args.rate), "LOG_LEVEL": "WARNING"}
+            os.environ.update(env)
+            for n in range(args.workers):
+                workers.append(subprocess.Popen(
+                    [sys.executable, "-m", "celery", "-A", "worker", "worker", "-Q", "reconciliation", "-c", "1",
+                     "-l", "WARNING", "--without-gossip", "--without-mingle", "--without-heartbeat",
+                     "-n", f"bench{n}-{os.getpid()}@%h"],
+                    env=env, stdout=open(Path(work) / f"worker{n}.log", "wb"), stderr=subprocess.STDOUT))
+            from worker import app
+
+            deadline = time.monotonic() + 60
+            while len(app.control.ping(timeout=1)) < args.workers:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("workers did not start: " + (Path(work) / "worker0.log").read_text()[-2000:])
+            before = bench_calls(base)["total"]
+
+            start = time.monotonic()
+            app.send_task("tasks.reconciliation.reconcile_all")
+            while True:
+                time.sleep(0.5)
+                statuses, kinds, reconciled = outcome(database_url)
+                if reconciled >= len(data.accounts):
+                    break
+                if any(w.poll() is not None for w in workers):
+                    raise RuntimeError("a worker died")
+            wall = time.monotonic() - start
+            pool_rss = [max((_vm_hwm_kib(c) for c in _children(w.pid)), default=0) for w in workers]
+            main_rss = [_vm_hwm_kib(w.pid) for w in workers]
+            counted = bench_calls(base)
+        finally:
+            for w in workers:
+                w.terminate()
+            for w in workers:
+                w.wait(30)
+            stripe_proc.terminate()
+            stripe_proc.wait(30)
+
+    calls = counted["total"] - before
+    minimum = minimum_calls(data)
+    bound = calls / args.rate
+    print(f"Stripe calls: {calls} made, minimum the data allows {minimum}: ratio {calls / minimum:.3f} (goal <= 1.1)")
+    print(f"  by endpoint: " + ", ".join(f"{p} {n}" for p, n in sorted(counted["paths"].items())))
+    print(f"  answers: " + ", ".join(f"{s} x{n}" for s, n in sorted(counted["statuses"].items())))
+    print(f"wall time: {wall:.1f}s with {args.workers} Celery worker processes, rate cap {args.rate:g}/s "
+          f"(latency {args.latency_ms:g} ms): calls / rate = {bound:.1f}s, ratio {wall / bound:.3f} (goal <= 1.2)")
+    print(f"peak RSS (VmHWM): pool processes {', '.join(f'{k / 1024:.0f} MiB' for k in pool_rss)}; "
+          f"worker main processes {', '.join(f'{k / 1024:.0f} MiB' for k in main_rss)}")
+    completed = statuses.get("completed", 0)
+    expected = data.expected
+    found = {"paid_out (completed)": completed, **{k: kinds.get(k, 0) for k in sorted(expected) if k != "paid_out"}}
+    wanted = {"paid_out (completed)": expected["paid_out"],
+              **{k: expected[k] for k in sorted(expected) if k != "paid_out"}}
+    wanted["awaiting_payout"] = 0  # not a discrepancy
+    found["awaiting_payout"] = 0
+    print(f"outcome: {found}; expected {wanted}: {'OK' if found == wanted else 'MISMATCH'}")
+    return 0 if found == wanted else 1
+
+
+def _wait_for_port(port: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError("fake Stripe did not listen")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""Stripe Connect events: connected accounts' status, the platform's transfers to them and
+their payouts. Transfers and payouts are mirrored (newest snapshot wins) and their account
+is marked for the next reconciliation pass, which does the matching (domain/reconcile.py)."""
+
+from __future__ import annotations
+
+import logging
+
+from sqlalchemy.orm import Session
+
+from domain import reconcile
+from domain.dispatch import InvalidPayload, handles
+from models import StripeEvent
+
+log = logging.getLogger(__name__)
+
+
+def _object(event: StripeEvent, kind: str) -> dict:
+    obj = event.payload["data"]["object"]
+    if obj.get("object") != kind:
+        raise InvalidPayload(f"{event.type} carries a {obj.get('object')!r}, not a {kind}")
+    return obj
+
+
+@handles("account.updated")
+def account_updated(session: Session, event: StripeEvent) -> None:
+    obj = _object(event, "account")
+    account = obj.get("id") or event.account
+    if not isinstance(account, str) or not account:
+        raise InvalidPayload("account.updated without an account id")
+    reconcile.sync_account(
+        session, account,
+        onboarding_complete=obj.get("details_submitted") is True and obj.get("charges_enabled") is True,
+        payouts_enabled=obj.get("payouts_enabled") is True,
+        created=event.created, event_id=event.id,
+    )
+
+
+@handles("account.application.deauthorized")
+def account_deauthorized(session: Session, event: StripeEvent) -> None:
+    # data.object is the platform's application; the account is the event's.
+    if not event.account:
+        raise InvalidPayload("account.application.deauthorized without an account")
+    reconcile.sync_account(
+        session, event.account, onboarding_complete=False, payouts_enabled=False,
+        created=event.created, event_id=event.id,
+    )
+
+
+@handles("transfer.created", "transfer.updated", "transfer.reversed")
+def transfer_event(session: Session, event: StripeEvent) -> None:
+    if event.account:
+        # A connected account's own transfer (Connect endpoint): not money the platform sent.
+        log.info("%s of connected account %s ignored", event.type, event.account, extra={"event_id": event.id})
+        return
+    reconcile.record_transfers(session, [reconcile.transfer_row(_object(event, "transfer"), event.created, event.id)])
+
+
+@handles("payout.paid", "payout.failed", "payout.canceled", "payout.updated", "payout.reconciliation_completed")
+def payout_event(session: Session, event: StripeEvent) -> None:
+    if not event.account:
+        # The platform's own payout to its bank: nothing a provider is owed.
+        log.info("%s of the platform ignored", event.type, extra={"event_id": event.id})
+        return
+    reconcile.record_payouts(
+        session, [reconcile.payout_row(event.account, _object(event, "payout"), event.created, event.id)]
+    )

@@ -1,0 +1,651 @@
+"""Marketplace transactions: created once per marketplace invoice, advanced from what Stripe
+and the app say about the invoice and its payment (SPEC §3).
+
+Every writer here follows the lock order documented in domain/dispatch.py: the `"Invoice"`
+row first (FOR UPDATE), then its transaction row, then the worker's per-object rows. Under
+the invoice lock, a transaction is looked up and created only when absent, which is what
+keeps it to one row per invoice; the transactions table has no unique key (nor index) on
+"invoiceId", so the worker keeps its own in `invoice_transactions` (models/ledger.py).
+
+Charges, refunds and disputes are recorded as facts keyed by Stripe id even when no invoice
+is linked to their payment yet; whoever links an invoice to a charge or PaymentIntent later
+recomputes its refunds. A per-payment advisory lock closes the race between the two:
+
+    linker:   invoice lock -> sets stripeChargeId/PaymentIntentId -> payment lock -> reads facts
+    recorder: finds no invoice -> payment lock -> looks again -> records the fact
+
+so either the recorder sees the committed link, or the linker reads the committed fact.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import or_, select, text
+from sqlalchemy.orm import Session
+
+from config import get_settings
+from domain import lifecycle, versions
+from domain.clock import from_unix, utcnow
+from domain.dispatch import InvalidPayload, NotYetKnown
+from domain.stats_touch import touch_providers
+from models import Invoice, InvoiceTransaction, ServiceListing, StripeCharge, Transaction
+
+log = logging.getLogger(__name__)
+
+# Dispute statuses after which the money is settled in the provider's favour; any other
+# status (open, or `lost`: the payment was taken back) keeps the transaction from completing.
+DISPUTE_SETTLED = ("won", "warning_closed", "prevented")
+DISPUTE_CLOSED = ("won", "lost", "warning_closed", "prevented")
+
+
+@dataclass(frozen=True)
+class InvoiceFacts:
+    """What one look at an invoice (a Stripe snapshot, or the app's row) says."""
+
+    target: str
+    invoiced_at: datetime | None
+    paid_at: datetime | None
+    at: datetime  # when this was true: the event's time, else now; the fallback timestamp
+
+
+@dataclass
+class Outcome:
+    created: bool = False
+    advanced: bool = False
+    refunds_changed: bool = False
+    skipped: str | None = None
+    provider_id: int | None = None
+
+    @property
+    def touched(self) -> bool:
+        return self.created or self.advanced or self.refunds_changed
+
+
+# --- creation ----------------------------------------------------------------------------
+
+
+def platform_fee_cents(total_cents: int, fee_bps: int) -> int:
+    """`total * bps / 10000` rounded half up (half away from zero), in integers only."""
+    magnitude = (abs(total_cents) * fee_bps + 5_000) // 10_000
+    return magnitude if total_cents >= 0 else -magnitude
+
+
+def skip_reason(invoice: Invoice) -> str | None:
+    """Why an invoice gets no transaction, or None when it gets one."""
+    if not invoice.isMarketplaceInvoice:
+        return "not_marketplace"
+    if invoice.deletedAt is not None:
+        return "deleted"
+    if invoice.clientUserId is None:
+        return "missing_client"
+    if invoice.marketplaceProviderId is None:
+        return "missing_provider"
+    return None
+
+
+def transaction_for(session: Session, invoice: Invoice) -> Transaction | None:
+    """The invoice's transaction, locked. Call with the invoice row locked.
+
+    By the worker's own key first; a row the app created is found through the app's
+    ("tenantId", "invoiceId") index and adopted."""
+    row = session.execute(
+        select(Transaction)
+        .join(InvoiceTransaction, InvoiceTransaction.transaction_id == Transaction.id)
+        .where(InvoiceTransaction.invoice_id == invoice.id)
+        .with_for_update(of=Transaction)
+    ).scalar_one_or_none()
+    if row is not None:
+        return row
+    row = session.execute(
+        select(Transaction)
+        .where(
+            Transaction.invoiceId == invoice.id,
+            or_(Transaction.tenantId == invoice.tenantId, Transaction.tenantId.is_(None)),
+        )
+        .order_by(Transaction.id)
+        .limit(1)
+        .with_for_update()
+    ).scalar_one_or_none()
+    if row is not None:
+        session.add(InvoiceTransaction(invoice_id=invoice.id, transaction_id=row.id))
+    return row
+
+
+def transactions_for(session: Session, invoices: list[Invoice]) -> dict[int, Transaction]:
+    """`transaction_for` for a batch of locked invoices, in two statements."""
+    by_key = dict(session.execute(
+        select(InvoiceTransaction.invoice_id, Transaction)
+        .join(Transaction, InvoiceTransaction.transaction_id == Transaction.id)
+        .where(InvoiceTransaction.invoice_id.in_([i.id for i in invoices]))
+        .order_by(Transaction.id)
+        .with_for_update(of=Transaction)
+    ).tuples().all())
+    missing = {i.id: i for i in invoices if i.id not in by_key}
+    if missing:
+        tenants = {i.tenantId for i in missing.values() if i.tenantId is not None}
+        for row in session.execute(
+            select(Transaction)
+            .where(
+                Transaction.invoiceId.in_(list(missing)),
+                or_(Transaction.tenantId.in_(tenants), Transaction.tenantId.is_(None)),
+            )
+            .order_by(Transaction.id)
+            .with_for_update()
+        ).scalars():
+            invoice = missing[row.invoiceId]
+            if row.invoiceId not in by_key and row.tenantId in (None, invoice.tenantId):
+                by_key[row.invoiceId] = row
+                session.add(InvoiceTransaction(invoice_id=row.invoiceId, transaction_id=row.id))
+    return by_key
+
+
+def _create(session: Session, invoice: Invoice) -> Transaction:
+    total = invoice.amountCents
+    fee = platform_fee_cents(total, get_settings().platform_fee_bps)
+    row = Transaction(
+        clientUserId=invoice.clientUserId,
+        providerId=invoice.marketplaceProviderId,
+        listingId=invoice.marketplaceListingId,
+        invoiceType=invoice.marketplaceInvoiceType or "service",
+        tenantId=invoice.tenantId,
+        invoiceId=invoice.id,
+        serviceDescription=invoice.description or _listing_title(session, invoice)
+        or f"Invoice {invoice.invoiceNumber}",
+        totalCents=total,
+        platformFeeCents=fee,
+        providerPayoutCents=total - fee,
+        status=lifecycle.PENDING_INVOICE,
+        createdAt=utcnow(),
+    )
+    session.add(InvoiceTransaction(invoice_id=invoice.id, transaction=row))
+    log.info("transaction created for invoice %s", invoice.id, extra={"invoice_id": invoice.id})
+    return row
+
+
+def _listing_title(session: Session, invoice: Invoice) -> str | None:
+    if invoice.marketplaceListingId is None:
+        return None
+    return session.execute(
+        select(ServiceListing.title).where(ServiceListing.id == invoice.marketplaceListingId)
+    ).scalar_one_or_none()
+
+
+# --- advancing ---------------------------------------------------------------------------
+
+
+def sync_invoice(
+    session: Session,
+    invoice: Invoice,
+    facts: InvoiceFacts,
+    *,
+    refresh_refunds: bool,
+    known: dict[int, Transaction] | None = None,
+) -> Outcome:
+    """Create the invoice's transaction if it has none and may have one, then merge `facts`
+    into it. The caller holds the invoice row lock; `known`, the result of `transactions_for`
+    when the caller already looked its invoices' transactions up, spares the lookup."""
+    outcome = Outcome()
+    row = transaction_for(session, invoice) if known is None else known.get(invoice.id)
+    if row is None:
+        reason = skip_reason(invoice)
+        if reason is not None:
+            log.warning(
+                "invoice %s gets no transaction: %s", invoice.id, reason,
+                extra={"invoice_id": invoice.id, "reason": reason},
+            )
+            outcome.skipped = reason
+            return outcome
+        row = _create(session, invoice)
+        outcome.created = True
+    outcome.provider_id = row.providerId
+    outcome.advanced = _merge(row, facts, invoice.id)
+    if outcome.created or refresh_refunds or (outcome.advanced and row.status in lifecycle.PAID_STATES):
+        outcome.refunds_changed = _apply_refunds(session, invoice, row)
+    return outcome
+
+
+def _merge(row: Transaction, facts: InvoiceFacts, invoice_id: int) -> bool:
+    before = row.status
+    row.status = lifecycle.merge(before, facts.target)
+    if row.status == before and facts.target != before:
+        if before == lifecycle.CANCELLED and facts.target == lifecycle.PAID:
+            log.warning(
+                "invoice %s shows a payment but its transaction is cancelled; left cancelled", invoice_id,
+                extra={"invoice_id": invoice_id},
+            )
+        elif facts.target == lifecycle.CANCELLED and before in lifecycle.PAID_STATES:
+            log.warning(
+                "invoice %s was voided or marked uncollectible after payment; transaction left %s",
+                invoice_id, before, extra={"invoice_id": invoice_id},
+            )
+        else:
+            log.debug("invoice %s: %s after %s changes nothing", invoice_id, facts.target, before)
+    # Set once: later facts never rewrite when it was invoiced or paid.
+    if row.invoicedAt is None and (row.status in lifecycle.INVOICED_STATES or facts.invoiced_at):
+        row.invoicedAt = facts.invoiced_at or facts.at
+    if row.paidAt is None and row.status in lifecycle.PAID_STATES:
+        row.paidAt = facts.paid_at or facts.at
+    return row.status != before
+
+
+# Refunded cents of an invoice's payment: per charge, the cumulative `amount_refunded` of its
+# newest snapshot when one was seen, else the sum of its counted refunds.
+_REFUNDED_SQL = text(
+    """
+    WITH charges AS (
+        SELECT charge_id, amount_refunded, refunded FROM marketplace_worker.stripe_charges
+        WHERE charge_id = :charge_id OR payment_intent_id = :payment_intent_id
+    ), refunds AS (
+        SELECT coalesce(charge_id, payment_intent_id) AS charge_key,
+               coalesce(sum(amount) FILTER (WHERE status IN ('succeeded', 'pending')), 0) AS counted
+        FROM marketplace_worker.stripe_refunds
+        WHERE charge_id = :charge_id OR payment_intent_id = :payment_intent_id
+        GROUP BY 1
+    )
+    SELECT coalesce(sum(coalesce(c.amount_refunded, r.counted)), 0) AS refunded_cents,
+           coalesce(bool_or(c.refunded), false) AS fully_refunded
+    FROM charges c FULL JOIN refunds r ON r.charge_key = c.charge_id
+    """
+)
+
+_SET_REFUND = text(
+    """
+    INSERT INTO marketplace_worker.transaction_refunds AS t (transaction_id, refunded_cents, updated_at)
+    VALUES (:transaction_id, :refunded_cents, now())
+    ON CONFLICT (transaction_id) DO UPDATE
+        SET refunded_cents = excluded.refunded_cents, updated_at = now()
+        WHERE t.refunded_cents <> excluded.refunded_cents
+    RETURNING 1
+    """
+)
+
+_CLEAR_REFUND = text(
+    "DELETE FROM marketplace_worker.transaction_refunds WHERE transaction_id = :transaction_id RETURNING 1"
+)
+
+
+def _apply_refunds(session: Session, invoice: Invoice, row: Transaction) -> bool:
+    """Bring the transaction's refunded cents (and a full refund's status) up to date."""
+    if invoice.stripeChargeId is None and invoice.stripePaymentIntentId is None:
+        return False  # no payment linked, so no refund either (links are never removed)
+    if row.id is None:
+        session.flush([row])
+    refunded, fully = session.execute(
+        _REFUNDED_SQL,
+        {"charge_id": invoice.stripeChargeId, "payment_intent_id": invoice.stripePaymentIntentId},
+    ).one()
+    params = {"transaction_id": row.id, "refunded_cents": refunded}
+    changed = session.execute(_SET_REFUND if refunded else _CLEAR_REFUND, params).first() is not None
+    if refunded > 0 and (fully or refunded >= row.totalCents):
+        before = row.status
+        row.status = lifecycle.merge(before, lifecycle.REFUNDED)
+        changed = changed or row.status != before
+    return changed
+
+
+def touch(session: Session, outcomes: list[Outcome]) -> None:
+    touch_providers(session, [o.provider_id for o in outcomes if o.touched])
+
+
+# --- Stripe invoices -----------------------------------------------------------------------
+
+
+def facts_from_stripe(obj: dict[str, Any], created: int) -> InvoiceFacts:
+    transitions = obj.get("status_transitions") or {}
+    if not isinstance(transitions, dict):
+        raise InvalidPayload("invoice status_transitions is not an object")
+    times = {name: _unix(transitions.get(name), f"status_transitions.{name}") for name in
+             ("finalized_at", "paid_at", "voided_at", "marked_uncollectible_at")}
+    return InvoiceFacts(
+        target=lifecycle.target_from_invoice(
+            obj.get("status"),
+            finalized_at=times["finalized_at"],
+            paid_at=times["paid_at"],
+            voided_at=times["voided_at"],
+            uncollectible_at=times["marked_uncollectible_at"],
+        ),
+        invoiced_at=from_unix(times["finalized_at"]),
+        paid_at=from_unix(times["paid_at"]),
+        at=from_unix(created),
+    )
+
+
+def facts_from_app(invoice: Invoice, now: datetime) -> InvoiceFacts:
+    """What the app's own invoice row says (manual payments: the app marks it paid)."""
+    return InvoiceFacts(
+        target=lifecycle.target_from_invoice(
+            invoice.status, finalized_at=invoice.issuedAt, paid_at=invoice.paidAt, voided_at=invoice.voidedAt
+        ),
+        invoiced_at=invoice.issuedAt,
+        paid_at=invoice.paidAt,
+        at=now,
+    )
+
+
+def apply_invoice_snapshot(session: Session, obj: dict[str, Any], created: int, event_id: str) -> Outcome:
+    """Apply one Stripe invoice snapshot (a webhook's, or one read from the API): mirror it
+    onto the app's invoice if it is the newest seen, and advance the transaction."""
+    stripe_id = obj.get("id")
+    if not isinstance(stripe_id, str) or not stripe_id:
+        raise InvalidPayload("invoice without an id")
+    facts = facts_from_stripe(obj, created)
+    invoice = _lock_invoice_for_snapshot(session, stripe_id, obj)
+    if invoice is None:
+        log.info("Stripe invoice %s is not one of the app's invoices; ignored", stripe_id)
+        return Outcome(skipped="unknown_invoice")
+    if not invoice.isMarketplaceInvoice:
+        return Outcome(skipped="not_marketplace")
+    linked = _mirror(session, invoice, obj, created, event_id)
+    outcome = sync_invoice(session, invoice, facts, refresh_refunds=linked)
+    touch(session, [outcome])
+    return outcome
+
+
+def _lock_invoice_for_snapshot(session: Session, stripe_id: str, obj: dict[str, Any]) -> Invoice | None:
+    invoice = _lock_one(session, Invoice.stripeInvoiceId == stripe_id)
+    if invoice is not None:
+        return invoice
+    metadata = obj.get("metadata") or {}
+    app_id = metadata.get("invoiceId") if isinstance(metadata, dict) else None
+    if app_id is None:
+        # The app puts its invoice id in the metadata of every invoice it creates in Stripe:
+        # without it and without a known stripeInvoiceId, the invoice is not the app's.
+        return None
+    try:
+        invoice_id = int(app_id)
+    except (TypeError, ValueError):
+        raise InvalidPayload(f"invoice {stripe_id} metadata.invoiceId is not an id: {app_id!r}") from None
+    invoice = _lock_one(session, Invoice.id == invoice_id)
+    if invoice is None:
+        raise NotYetKnown(f"app invoice {invoice_id} (Stripe {stripe_id}) is not in the database yet")
+    if invoice.stripeInvoiceId is not None and invoice.stripeInvoiceId != stripe_id:
+        raise InvalidPayload(
+            f"app invoice {invoice_id} is linked to {invoice.stripeInvoiceId}, not {stripe_id}"
+        )
+    return invoice
+
+
+def _lock_one(session: Session, *where) -> Invoice | None:
+    return session.execute(
+        select(Invoice).where(*where).order_by(Invoice.id).limit(1).with_for_update()
+    ).scalar_one_or_none()
+
+
+def _mirror(session: Session, invoice: Invoice, obj: dict[str, Any], created: int, event_id: str) -> bool:
+    """Copy Stripe's invoice onto the app's row when this snapshot is the newest seen; fill
+    the payment ids. Returns whether the invoice got linked to a new charge or PaymentIntent."""
+    stripe_id = obj["id"]
+    values: dict[str, Any] = {}
+    if invoice.stripeInvoiceId is None:
+        values["stripeInvoiceId"] = stripe_id
+    if versions.advance(session, stripe_id, "invoice", created, event_id):
+        transitions = obj.get("status_transitions") or {}
+        status, amount_paid = obj.get("status"), obj.get("amount_paid")
+        if not isinstance(status, str) or isinstance(amount_paid, bool) or not isinstance(amount_paid, int):
+            raise InvalidPayload(f"invoice {stripe_id} lacks status or amount_paid")
+        values |= {
+            "status": status,
+            "amountPaidCents": amount_paid,
+            "paidAt": from_unix(transitions.get("paid_at")),
+            "voidedAt": from_unix(transitions.get("voided_at")),
+        }
+    charge_id, payment_intent_id = payment_of_invoice(obj)
+    new_links = []
+    # Each link follows the newest snapshot that names one (a retried payment changes the charge).
+    for column, value in (("stripeChargeId", charge_id), ("stripePaymentIntentId", payment_intent_id)):
+        if value and versions.advance(session, f"{stripe_id}#{column}", "invoice_link", created, event_id):
+            values[column] = value
+            if getattr(invoice, column) != value:
+                new_links.append(value)
+    changed = {name: value for name, value in values.items() if getattr(invoice, name) != value}
+    if changed:
+        for name, value in changed.items():
+            setattr(invoice, name, value)
+        invoice.updatedAt = utcnow()
+    if new_links:
+        lock_payments(session, new_links)
+        if invoice.stripeChargeId is None and invoice.stripePaymentIntentId is not None:
+            _charge_from_facts(session, invoice)
+    return bool(new_links)
+
+
+def _charge_from_facts(session: Session, invoice: Invoice) -> None:
+    """A basil invoice names its PaymentIntent, not the charge; a charge of that
+    PaymentIntent recorded earlier fills it, as the charge's event would had it come later."""
+    charge_id = session.execute(
+        select(StripeCharge.charge_id)
+        .where(StripeCharge.payment_intent_id == invoice.stripePaymentIntentId)
+        .order_by(StripeCharge.charge_id)
+        .limit(1)
+    ).scalar_one_or_none()
+    if charge_id is not None:
+        invoice.stripeChargeId = charge_id
+
+
+def payment_of_invoice(obj: dict[str, Any]) -> tuple[str | None, str | None]:
+    """(charge id, PaymentIntent id) of an invoice in either shape: top-level `charge` /
+    `payment_intent` before 2025-03-31.basil, `payments.data[].payment` after (only present
+    when expanded). A paid payment wins over an open or canceled one."""
+    charge_id, payment_intent_id = _ref(obj.get("charge")), _ref(obj.get("payment_intent"))
+    payments = obj.get("payments")
+    if isinstance(payments, dict) and isinstance(payments.get("data"), list):
+        ranked = sorted(
+            (p for p in payments["data"] if isinstance(p, dict)),
+            key=lambda p: (p.get("status") != "paid", not p.get("is_default")),
+        )
+        for item in ranked:
+            payment = item.get("payment") or {}
+            charge_id = charge_id or _ref(payment.get("charge"))
+            payment_intent_id = payment_intent_id or _ref(payment.get("payment_intent"))
+    return charge_id, payment_intent_id
+
+
+# --- charges, refunds, disputes --------------------------------------------------------------
+
+
+_LOCK_PAYMENT = text("SELECT pg_advisory_xact_lock(hashtextextended(:key, 0))")
+
+
+def lock_payments(session: Session, payment_ids: list[str]) -> None:
+    """Serialize the recording of a payment's facts with the linking of an invoice to it."""
+    for payment_id in sorted(set(payment_ids)):
+        session.execute(_LOCK_PAYMENT, {"key": f"stripe-payment:{payment_id}"})
+
+
+def _lock_invoice_for_payment(
+    session: Session, charge_id: str | None, payment_intent_id: str | None, *,
+    stripe_invoice_id: str | None = None, app_invoice_id: Any = None,
+) -> Invoice | None:
+    """The invoice a charge, refund or dispute belongs to, locked; None when none is linked.
+
+    Looks by the invoice's charge, then its PaymentIntent, then what the charge itself names
+    (its `invoice` before basil, `metadata.invoiceId`). When nothing is linked, it takes the
+    payment lock and looks again, so a link committed meanwhile is not missed."""
+
+    def find() -> Invoice | None:
+        by_payment = [c for c in (
+            Invoice.stripeChargeId == charge_id if charge_id else None,
+            Invoice.stripePaymentIntentId == payment_intent_id if payment_intent_id else None,
+        ) if c is not None]
+        if by_payment:
+            found = session.execute(
+                select(Invoice).where(or_(*by_payment))
+                .order_by((Invoice.stripeChargeId == charge_id).desc().nulls_last(), Invoice.id)
+                .limit(1).with_for_update()
+            ).scalar_one_or_none()
+            if found is not None:
+                return found
+        if stripe_invoice_id:
+            found = _lock_one(session, Invoice.stripeInvoiceId == stripe_invoice_id)
+            if found is not None:
+                return found
+        if isinstance(app_invoice_id, str) and app_invoice_id.isdigit():
+            return _lock_one(session, Invoice.id == int(app_invoice_id))
+        return None
+
+    invoice = find()
+    if invoice is None:
+        lock_payments(session, [p for p in (charge_id, payment_intent_id) if p])
+        invoice = find()
+    return invoice
+
+
+def _link_payment(session: Session, invoice: Invoice, charge_id: str | None, payment_intent_id: str | None) -> None:
+    """Fill the invoice's missing payment ids from a charge that names the invoice."""
+    filled = []
+    for column, value in (("stripeChargeId", charge_id), ("stripePaymentIntentId", payment_intent_id)):
+        if value and getattr(invoice, column) is None:
+            setattr(invoice, column, value)
+            filled.append(value)
+    if filled:
+        invoice.updatedAt = utcnow()
+        lock_payments(session, filled)
+
+
+def _after_payment_fact(session: Session, invoice: Invoice | None, what: str) -> Outcome:
+    if invoice is None:
+        log.info("%s matches no invoice yet; recorded until an invoice is linked to its payment", what)
+        return Outcome(skipped="unlinked_payment")
+    row = transaction_for(session, invoice)
+    if row is None:
+        return Outcome(skipped="no_transaction")
+    outcome = Outcome(provider_id=row.providerId, refunds_changed=_apply_refunds(session, invoice, row))
+    touch(session, [outcome])
+    return outcome
+
+
+_UPSERT_CHARGE = text(
+    """
+    INSERT INTO marketplace_worker.stripe_charges AS c
+        (charge_id, payment_intent_id, amount, amount_refunded, refunded, updated_at)
+    VALUES (:id, :payment_intent_id, :amount, :amount_refunded, :refunded, now())
+    ON CONFLICT (charge_id) DO UPDATE SET
+        payment_intent_id = excluded.payment_intent_id, amount = excluded.amount,
+        amount_refunded = excluded.amount_refunded, refunded = excluded.refunded, updated_at = now()
+    """
+)
+
+
+def apply_charge(session: Session, obj: dict[str, Any], created: int, event_id: str) -> Outcome:
+    """A charge snapshot (charge.refunded): its cumulative refunds, newest snapshot wins."""
+    charge_id = _required_id(obj, "charge")
+    payment_intent_id = _ref(obj.get("payment_intent"))
+    metadata = obj.get("metadata") if isinstance(obj.get("metadata"), dict) else {}
+    invoice = _lock_invoice_for_payment(
+        session, charge_id, payment_intent_id,
+        stripe_invoice_id=_ref(obj.get("invoice")), app_invoice_id=metadata.get("invoiceId"),
+    )
+    if invoice is not None and not invoice.isMarketplaceInvoice:
+        return Outcome(skipped="not_marketplace")
+    if invoice is not None:
+        _link_payment(session, invoice, charge_id, payment_intent_id)
+    if versions.advance(session, charge_id, "charge", created, event_id):
+        session.execute(_UPSERT_CHARGE, {
+            "id": charge_id, "payment_intent_id": payment_intent_id,
+            "amount": _cents(obj, "amount"), "amount_refunded": _cents(obj, "amount_refunded"),
+            "refunded": obj.get("refunded") is True,
+        })
+    return _after_payment_fact(session, invoice, f"charge {charge_id}")
+
+
+_UPSERT_REFUND = text(
+    """
+    INSERT INTO marketplace_worker.stripe_refunds AS r
+        (refund_id, charge_id, payment_intent_id, amount, status, updated_at)
+    VALUES (:id, :charge_id, :payment_intent_id, :amount, :status, now())
+    ON CONFLICT (refund_id) DO UPDATE SET
+        charge_id = excluded.charge_id, payment_intent_id = excluded.payment_intent_id,
+        amount = excluded.amount, status = excluded.status, updated_at = now()
+    """
+)
+
+
+def apply_refund(session: Session, obj: dict[str, Any], created: int, event_id: str) -> Outcome:
+    """A refund snapshot (refund.created / refund.updated / ...): amount and status, newest wins."""
+    refund_id = _required_id(obj, "refund")
+    charge_id, payment_intent_id = _ref(obj.get("charge")), _ref(obj.get("payment_intent"))
+    if charge_id is None and payment_intent_id is None:
+        raise InvalidPayload(f"refund {refund_id} names neither a charge nor a PaymentIntent")
+    status = obj.get("status")
+    if not isinstance(status, str):
+        raise InvalidPayload(f"refund {refund_id} has no status")
+    invoice = _lock_invoice_for_payment(session, charge_id, payment_intent_id)
+    if invoice is not None and not invoice.isMarketplaceInvoice:
+        return Outcome(skipped="not_marketplace")
+    if versions.advance(session, refund_id, "refund", created, event_id):
+        session.execute(_UPSERT_REFUND, {
+            "id": refund_id, "charge_id": charge_id, "payment_intent_id": payment_intent_id,
+            "amount": _cents(obj, "amount"), "status": status,
+        })
+    return _after_payment_fact(session, invoice, f"refund {refund_id}")
+
+
+_UPSERT_DISPUTE = text(
+    """
+    INSERT INTO marketplace_worker.stripe_disputes AS d
+        (dispute_id, charge_id, payment_intent_id, amount, status, updated_at)
+    VALUES (:id, :charge_id, :payment_intent_id, :amount, :status, now())
+    ON CONFLICT (dispute_id) DO UPDATE SET
+        charge_id = excluded.charge_id, payment_intent_id = excluded.payment_intent_id,
+        amount = excluded.amount, status = excluded.status, updated_at = now()
+    """
+)
+
+
+def apply_dispute(session: Session, obj: dict[str, Any], created: int, event_id: str) -> Outcome:
+    """A dispute snapshot: its newest status decides whether it holds back completion."""
+    dispute_id = _required_id(obj, "dispute")
+    charge_id, payment_intent_id = _ref(obj.get("charge")), _ref(obj.get("payment_intent"))
+    status = obj.get("status")
+    if not isinstance(status, str) or (charge_id is None and payment_intent_id is None):
+        raise InvalidPayload(f"dispute {dispute_id} lacks a status or a charge")
+    invoice = _lock_invoice_for_payment(session, charge_id, payment_intent_id)
+    if invoice is not None and not invoice.isMarketplaceInvoice:
+        return Outcome(skipped="not_marketplace")
+    if versions.advance(session, dispute_id, "dispute", created, event_id):
+        session.execute(_UPSERT_DISPUTE, {
+            "id": dispute_id, "charge_id": charge_id, "payment_intent_id": payment_intent_id,
+            "amount": _cents(obj, "amount"), "status": status,
+        })
+        if status not in DISPUTE_CLOSED:
+            log.warning("dispute %s on charge %s is open (%s)", dispute_id, charge_id, status)
+    if invoice is None:
+        log.info("dispute %s matches no invoice yet; recorded", dispute_id)
+        return Outcome(skipped="unlinked_payment")
+    return Outcome()
+
+
+# --- payload helpers -----------------------------------------------------------------------
+
+
+def _ref(value: Any) -> str | None:
+    """An id field, whether Stripe sent the id or the expanded object."""
+    if isinstance(value, dict):
+        value = value.get("id")
+    return value if isinstance(value, str) and value else None
+
+
+def _required_id(obj: dict[str, Any], kind: str) -> str:
+    object_id = obj.get("id")
+    if not isinstance(object_id, str) or not object_id:
+        raise InvalidPayload(f"{kind} without an id")
+    return object_id
+
+
+def _cents(obj: dict[str, Any], name: str) -> int:
+    value = obj.get(name)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidPayload(f"{obj.get('object', 'object')} {obj.get('id')} {name} is not an integer")
+    return value
+
+
+def _unix(value: Any, name: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidPayload(f"{name} is not a unix timestamp")
+    return value

@@ -1,0 +1,136 @@
+"""What the worker knows of Stripe Connect money movements, for payouts reconciliation (SPEC §5).
+
+Transfers and payouts are mirrored from two sources: webhook events and the reconciliation's
+own API listings. Each row keeps the version it was written from, `(as_of, as_of_id)`: an
+event's `(created, event id)`, or a listing's `(listing time, "~api")`. A write lands only when
+it is not older, so the row holds the newest snapshot whatever order the sources arrive in.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import ARRAY, BigInteger, Boolean, DateTime, Index, Text, UniqueConstraint, func
+from sqlalchemy.orm import Mapped, mapped_column
+
+from models.base import WORKER_SCHEMA, Base
+
+
+class ConnectAccount(Base):
+    """Reconciliation state of one connected account."""
+
+    __tablename__ = "connect_accounts"
+    __table_args__ = {"schema": WORKER_SCHEMA}
+
+    account: Mapped[str] = mapped_column(Text, primary_key=True)
+    # Set by a transfer or payout event: the account is reconciled on the next pass.
+    dirty_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Unix seconds: transfers and payouts created before this were listed from the API.
+    listed_until: Mapped[int | None] = mapped_column(BigInteger)
+    last_reconciled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class ConnectTransfer(Base):
+    """A platform transfer to a connected account, newest snapshot."""
+
+    __tablename__ = "connect_transfers"
+    __table_args__ = (
+        Index("ix_connect_transfers_destination_created", "destination", "created"),
+        Index("ix_connect_transfers_destination_payment", "destination_payment"),
+        {"schema": WORKER_SCHEMA},
+    )
+
+    id: Mapped[str] = mapped_column(Text, primary_key=True)
+    destination: Mapped[str] = mapped_column(Text)
+    amount: Mapped[int] = mapped_column(BigInteger)
+    amount_reversed: Mapped[int] = mapped_column(BigInteger)
+    currency: Mapped[str] = mapped_column(Text)
+    # The `py_...` charge the transfer created on the connected account.
+    destination_payment: Mapped[str | None] = mapped_column(Text)
+    source_transaction: Mapped[str | None] = mapped_column(Text)
+    transfer_group: Mapped[str | None] = mapped_column(Text)
+    # metadata.marketplace_transaction_id, as Stripe holds it (a string).
+    marketplace_transaction_id: Mapped[str | None] = mapped_column(Text)
+    created: Mapped[int] = mapped_column(BigInteger)
+    as_of: Mapped[int] = mapped_column(BigInteger)
+    as_of_id: Mapped[str] = mapped_column(Text)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class ConnectPayout(Base):
+    """A connected account's payout to its bank, newest snapshot."""
+
+    __tablename__ = "connect_payouts"
+    __table_args__ = (
+        Index("ix_connect_payouts_account_created", "account", "created"),
+        {"schema": WORKER_SCHEMA},
+    )
+
+    id: Mapped[str] = mapped_column(Text, primary_key=True)
+    account: Mapped[str] = mapped_column(Text)
+    amount: Mapped[int] = mapped_column(BigInteger)
+    currency: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(Text)
+    # Stripe lists the balance transactions of automatic payouts only.
+    automatic: Mapped[bool] = mapped_column(Boolean)
+    reconciliation_status: Mapped[str | None] = mapped_column(Text)
+    arrival_date: Mapped[int | None] = mapped_column(BigInteger)
+    failure_code: Mapped[str | None] = mapped_column(Text)
+    created: Mapped[int] = mapped_column(BigInteger)
+    # When its balance transactions were stored: a payout's contents never change, so they
+    # are listed once.
+    items_listed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    as_of: Mapped[int] = mapped_column(BigInteger)
+    as_of_id: Mapped[str] = mapped_column(Text)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class ConnectPayoutItem(Base):
+    """A balance transaction a payout carried (`GET /v1/balance_transactions?payout=`)."""
+
+    __tablename__ = "connect_payout_items"
+    __table_args__ = (
+        Index("ix_connect_payout_items_payout_id", "payout_id"),
+        Index("ix_connect_payout_items_account_source", "account", "source"),
+        {"schema": WORKER_SCHEMA},
+    )
+
+    balance_transaction_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    account: Mapped[str] = mapped_column(Text)
+    payout_id: Mapped[str] = mapped_column(Text)
+    # A transfer's `py_...` payment, or for `payout_failure` / `payout_cancel` the payout
+    # whose money came back and was paid out again in this one.
+    source: Mapped[str | None] = mapped_column(Text)
+    type: Mapped[str] = mapped_column(Text)
+    amount: Mapped[int] = mapped_column(BigInteger)
+
+
+class ReconcileDiscrepancy(Base):
+    """Something reconciliation found wrong, kept open until a run that covers it no longer
+    sees it. One row per (kind, subject): a rerun updates `last_seen_at`, never duplicates."""
+
+    __tablename__ = "reconcile_discrepancies"
+    __table_args__ = (
+        UniqueConstraint("kind", "subject"),
+        Index("ix_reconcile_discrepancies_account", "account"),
+        Index("ix_reconcile_discrepancies_resolved_at", "resolved_at"),
+        {"schema": WORKER_SCHEMA},
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    kind: Mapped[str] = mapped_column(Text)
+    # The transaction id for transaction kinds, the transfer id for transfer kinds.
+    subject: Mapped[str] = mapped_column(Text)
+    account: Mapped[str] = mapped_column(Text)
+    # No foreign key: the transactions table is the main app's.
+    transaction_id: Mapped[int | None] = mapped_column(BigInteger)
+    expected_cents: Mapped[int | None] = mapped_column(BigInteger)
+    seen_cents: Mapped[int | None] = mapped_column(BigInteger)
+    currency: Mapped[str | None] = mapped_column(Text)
+    transfer_ids: Mapped[list[str] | None] = mapped_column(ARRAY(Text))
+    payout_id: Mapped[str | None] = mapped_column(Text)
+    detail: Mapped[str] = mapped_column(Text)
+    first_seen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    last_seen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    resolved_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

@@ -1,0 +1,89 @@
+"""Stripe Connect payouts reconciliation (queue `reconciliation`); thin wrappers over
+domain/reconcile.py.
+
+`reconcile_all` (beat, nightly) and `reconcile_dirty` (beat, every few minutes: the accounts
+named by transfer/payout events since) fan out one `reconcile_account` message per account,
+so every worker consuming the queue takes a share. `reconcile_account` only reads from
+Stripe and is idempotent; while another worker holds the same account it retries later.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+from functools import lru_cache
+
+import stripe
+
+from config import get_settings
+from domain import reconcile
+from domain.jobs import run_once
+from domain.stripe_api import get_client
+from models.db import get_engine, session_scope
+from worker import app
+
+log = logging.getLogger(__name__)
+
+# A worker already reconciling the account will be done by then.
+BUSY_RETRY_SECONDS = 60
+
+
+@lru_cache(maxsize=1)
+def _reader() -> reconcile.StripeReader:
+    # One per worker process, made after the fork: its HTTP sessions keep connections to
+    # Stripe alive from one account to the next.
+    settings = get_settings()
+    return reconcile.StripeReader(get_client(settings), settings.stripe_rate_limit_backoff_seconds,
+                                  settings.reconcile_stripe_concurrency)
+
+
+@app.task(
+    name="tasks.reconciliation.reconcile_account",
+    bind=True,
+    autoretry_for=(stripe.APIConnectionError, stripe.APIError, stripe.RateLimitError),
+    retry_backoff=30,
+    retry_jitter=True,
+    max_retries=5,
+    soft_time_limit=1800,
+    time_limit=1900,
+)
+def reconcile_account(self, account: str, since: int | None = None) -> dict:
+    """Reconcile one connected account; `since` (unix seconds) overrides its listing window."""
+    settings = get_settings()
+    result = reconcile.reconcile_account(
+        session_scope, get_engine(), _reader(), account,
+        grace=timedelta(hours=settings.reconcile_transfer_grace_hours), since=since,
+    )
+    if result.skipped == "busy":
+        raise self.retry(countdown=BUSY_RETRY_SECONDS)
+    return {"skipped": result.skipped, "calls": result.calls, "completed": len(result.completed),
+            "outcomes": dict(result.outcomes)}
+
+
+def enqueue_accounts(accounts: list[str], since: int | None = None) -> None:
+    with app.producer_or_acquire() as producer:
+        for account in accounts:
+            reconcile_account.apply_async((account, since), producer=producer)
+
+
+@app.task(name="tasks.reconciliation.reconcile_all")
+def reconcile_all(since: int | None = None) -> dict:
+    """Every account with activity, and transfers to accounts no provider has."""
+    with run_once("reconcile_all") as run:
+        with session_scope() as session:
+            accounts = reconcile.active_accounts(session)
+            unknown, _ = reconcile.report_unknown_destinations(session)
+        enqueue_accounts(accounts, since)
+        run.counts = {"accounts": len(accounts), "unknown_destination": unknown}
+    return run.counts
+
+
+@app.task(name="tasks.reconciliation.reconcile_dirty")
+def reconcile_dirty() -> dict:
+    """The accounts transfer and payout events named since they were last reconciled."""
+    with run_once("reconcile_dirty") as run:
+        with session_scope() as session:
+            accounts = reconcile.dirty_accounts(session)
+        enqueue_accounts(accounts)
+        run.counts = {"accounts": len(accounts)}
+    return run.counts

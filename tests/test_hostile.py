@@ -1,0 +1,135 @@
+"""Hostile input: random, huge, mistyped, unicode and deeply nested bodies get a defined
+answer from the receiver, and never crash event processing."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+from sqlalchemy import text
+from starlette.testclient import TestClient
+
+from config import get_settings
+from domain import dispatch
+from domain.inbox import INSERT_EVENTS_SQL, insert_params, parse_event
+from models.db import session_scope
+from tests.conftest import WEBHOOK_SECRET
+from tests.support import stripe_events as se
+from worker.receiver import create_app
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=30),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4),
+    max_leaves=25,
+)
+
+FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@pytest.fixture(scope="module")
+def client(services):
+    with TestClient(create_app(get_settings())) as test_client:
+        yield test_client
+
+
+def envelope(obj, event_type: str, **overrides) -> dict:
+    event = se.event(event_type, {})
+    event["data"]["object"] = obj
+    event.update(overrides)
+    return event
+
+
+@FUZZ
+@given(body=json_values)
+def test_any_signed_json_gets_a_4xx_or_is_stored(client, db, body):
+    raw = json.dumps(body)
+    answer = client.post("/webhooks/stripe", content=raw, headers={"Stripe-Signature": se.sign(raw, WEBHOOK_SECRET)})
+    assert answer.status_code in (200, 400)
+    assert "Traceback" not in answer.text
+
+
+@FUZZ
+@given(raw=st.binary(max_size=300), signed=st.booleans())
+def test_any_bytes_get_a_defined_answer(client, db, raw, signed):
+    headers = {"Stripe-Signature": se.sign(raw.decode("utf-8", "replace"), WEBHOOK_SECRET)} if signed else {}
+    answer = client.post("/webhooks/stripe", content=raw, headers=headers)
+    assert answer.status_code == 400
+
+
+@FUZZ
+@given(
+    event_type=st.sampled_from(dispatch.EVENT_TYPES),
+    obj=st.dictionaries(
+        st.sampled_from(["id", "object", "status", "amount", "amount_refunded", "charge", "payment_intent",
+                         "metadata", "status_transitions", "created", "invoice", "destination", "payments",
+                         "amount_paid", "livemode", "refunded", "arrival_date", "details_submitted"]),
+        json_values, max_size=10,
+    ),
+    created=st.integers(min_value=1, max_value=2**40 - 1),
+)
+def test_no_payload_crashes_processing_and_every_parked_event_says_why(services, event_type, obj, created):
+    """Whatever an authentic event carries, processing ends in a recorded state."""
+    event = envelope(obj, event_type, created=created)
+    raw = json.dumps(event)
+    incoming = parse_event(raw, "platform", livemode=False)
+    with session_scope() as session:
+        session.connection().exec_driver_sql(INSERT_EVENTS_SQL, insert_params([incoming]))
+    for _ in range(get_settings().event_max_attempts):
+        try:
+            with session_scope() as session:
+                dispatch.process_event(session, event["id"])
+        except Exception as error:
+            with session_scope() as session:
+                dispatch.record_failure(session, event["id"], error, max_attempts=get_settings().event_max_attempts,
+                                        park_now=dispatch.is_permanent(error))
+    with session_scope() as session:
+        status, error = session.execute(
+            text("SELECT status, last_error FROM marketplace_worker.stripe_events WHERE id = :id"),
+            {"id": event["id"]},
+        ).one()
+    assert status in ("processed", "ignored", "parked")
+    if status == "parked":
+        assert error and len(error) < 600 and "Traceback" not in error
+
+
+def test_huge_and_deep_bodies_are_refused_without_harm(client, db):
+    deep = "[" * 100_000 + "]" * 100_000
+    answer = client.post("/webhooks/stripe", content=deep, headers={"Stripe-Signature": se.sign(deep, WEBHOOK_SECRET)})
+    assert answer.status_code in (400, 413)
+    nul = json.dumps(se.event("customer.created", {"id": "cus_1", "object": "customer", "name": "a\u0000b"}))
+    answer = client.post("/webhooks/stripe", content=nul, headers={"Stripe-Signature": se.sign(nul, WEBHOOK_SECRET)})
+    assert answer.status_code == 200 and answer.json()["status"] == "stored"
+
+
+@pytest.mark.parametrize("poison", ['"\\ud800"', "Infinity", "NaN", '"\\u0000"'])
+def test_a_value_jsonb_refuses_is_answered_alone_and_its_neighbours_are_stored(client, db, poison):
+    from concurrent.futures import ThreadPoolExecutor
+
+    good = [json.dumps(se.event("customer.created", {"id": f"cus_{i}", "object": "customer"})) for i in range(8)]
+    bad = json.dumps(se.event("customer.created", {"id": "cus_bad", "object": "customer", "name": "X"}))
+    bad = bad.replace('"X"', poison)
+    bodies = good + [bad]
+
+    def post(raw):
+        return client.post("/webhooks/stripe", content=raw, headers={"Stripe-Signature": se.sign(raw, WEBHOOK_SECRET)})
+
+    with ThreadPoolExecutor(9) as pool:
+        answers = list(pool.map(post, bodies))
+    assert [a.status_code for a in answers[:8]] == [200] * 8
+    if poison == '"\\u0000"':  # stored, with U+FFFD in place of NUL
+        assert answers[8].status_code == 200
+    else:
+        assert answers[8].status_code == 400
+        assert answers[8].json()["error"] in ("body is not JSON", "body is not storable JSON")
+
+
+def test_a_forged_signature_never_reaches_the_inbox_whatever_the_body(client, db):
+    event = se.event("invoice.paid", se.invoice(shape="basil", amount=100))
+    raw = json.dumps(event)
+    for header in (f"t={int(time.time())},v1={'0' * 64}", f"t={int(time.time())},v0=abc", "t=,v1=", "v1=" + "a" * 64):
+        assert client.post("/webhooks/stripe", content=raw, headers={"Stripe-Signature": header}).status_code == 400
+    with session_scope() as session:
+        assert session.execute(text("SELECT count(*) FROM marketplace_worker.stripe_events")).scalar() == 0

@@ -1,0 +1,379 @@
+"""Invoice polling, completion, one transaction per invoice under concurrency, and flows
+through the real worker (SPEC §3)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import select, text
+from sqlalchemy.exc import IntegrityError
+
+from config import get_settings
+from domain import completion, polling
+from domain.clock import from_unix, utcnow
+from domain.lifecycle import CANCELLED, COMPLETED, INVOICED, PAID, PENDING_INVOICE, REFUNDED
+from domain.stripe_api import get_client
+from models import Invoice, Transaction
+from models.db import session_scope
+from tests.support import factories
+from tests.support import stripe_events as se
+from tests.support.flow import wait_for
+from tests.support.lifecycle import deliver, event_status, ledger_state, run, store
+
+HOUR, DAY = 3600, 86_400
+
+
+def poll(stripe: bool = True, **overrides) -> polling.PollResult:
+    settings = get_settings().model_copy(update=overrides)
+    return polling.poll_invoices(session_scope, get_client(settings) if stripe else None, settings)
+
+
+def transactions_of(db, invoice: Invoice) -> list[Transaction]:
+    db.expire_all()
+    return list(db.execute(select(Transaction).where(Transaction.invoiceId == invoice.id)).scalars())
+
+
+def manual_invoice(db, **fields) -> Invoice:
+    provider = fields.pop("provider", None) or factories.provider(db, payment_mode="manual")
+    row = factories.invoice(db, provider, stripe=False, **fields)
+    db.commit()
+    return row
+
+
+# --- changed invoices -------------------------------------------------------------------------
+
+
+def test_the_poller_creates_missing_transactions_and_reports_what_it_skipped(db):
+    draft = manual_invoice(db, status="draft", amount_cents=2_990)
+    sent = manual_invoice(db, status="open", description="Obedience class")
+    manual_invoice(db, clientUserId=None)
+    manual_invoice(db, marketplaceProviderId=None)
+    manual_invoice(db, deletedAt=utcnow())
+    manual_invoice(db, isMarketplaceInvoice=False)
+
+    result = poll(stripe=False)
+    assert result.as_dict() == {
+        "created": 2, "advanced": 1, "refreshed_from_stripe": 0,
+        "skipped": {"deleted": 1, "missing_client": 1, "missing_provider": 1},
+    }
+    [pending] = transactions_of(db, draft)
+    assert (pending.status, pending.totalCents, pending.platformFeeCents, pending.providerPayoutCents) == (
+        PENDING_INVOICE, 2_990, 150, 2_840)  # 149.5 -> 150
+    [invoiced] = transactions_of(db, sent)
+    assert (invoiced.status, invoiced.serviceDescription, invoiced.invoicedAt) == (
+        INVOICED, "Obedience class", sent.issuedAt)
+
+    again = poll(stripe=False)
+    assert (again.created, again.advanced) == (0, 0)
+    assert len(transactions_of(db, draft)) == len(transactions_of(db, sent)) == 1
+
+
+def test_a_manual_payment_is_advanced_by_the_poller_alone(db):
+    invoice = manual_invoice(db, status="open")
+    poll(stripe=False)
+    paid_at = (utcnow() - timedelta(hours=3)).replace(microsecond=0)
+    invoice.status, invoice.paidAt, invoice.amountPaidCents, invoice.updatedAt = "paid", paid_at, 10_000, utcnow()
+    db.commit()
+
+    assert poll(stripe=False).advanced == 1
+    [row] = transactions_of(db, invoice)
+    assert (row.status, row.paidAt) == (PAID, paid_at)
+    touched = db.execute(text("SELECT provider_id FROM marketplace_worker.touched_providers")).scalars().all()
+    assert touched == [invoice.marketplaceProviderId]
+
+
+def test_a_manual_invoice_voided_in_the_app_cancels_and_a_paid_one_never_goes_back(db):
+    voided = manual_invoice(db, status="open")
+    paid = manual_invoice(db, status="paid", paidAt=utcnow())
+    poll(stripe=False)
+    for row, status in ((voided, "void"), (paid, "void")):
+        row.status, row.voidedAt, row.updatedAt = status, utcnow(), utcnow()
+    db.commit()
+    poll(stripe=False)
+    assert transactions_of(db, voided)[0].status == CANCELLED
+    assert transactions_of(db, paid)[0].status == PAID
+
+
+def test_an_invoice_unchanged_since_the_last_run_is_not_read_again(db):
+    manual_invoice(db, status="open")
+    poll(stripe=False)  # sets the watermark of open invoices
+    old = manual_invoice(db, status="open", updatedAt=utcnow() - timedelta(days=2))
+    new = manual_invoice(db, status="open")
+    assert poll(stripe=False).created == 1
+    assert transactions_of(db, old) == []
+    assert len(transactions_of(db, new)) == 1
+
+
+def test_a_change_committed_late_inside_the_overlap_window_is_still_seen(db):
+    manual_invoice(db, status="open")
+    poll(stripe=False)
+    # An app transaction that stamped updatedAt a minute ago and committed only now.
+    late = manual_invoice(db, status="open", updatedAt=utcnow() - timedelta(seconds=60))
+    assert poll(stripe=False, poll_overlap_seconds=0).created == 0
+    assert poll(stripe=False, poll_overlap_seconds=120).created == 1
+    assert len(transactions_of(db, late)) == 1
+
+
+def test_a_run_is_bounded_and_the_next_one_carries_on(db):
+    invoices = [manual_invoice(db, status="open") for _ in range(5)]
+    assert poll(stripe=False, poll_batch_size=2, poll_max_invoices_per_run=3).created == 3
+    assert poll(stripe=False, poll_batch_size=2, poll_max_invoices_per_run=3).created == 2
+    assert all(len(transactions_of(db, i)) == 1 for i in invoices)
+
+
+def test_the_page_query_reads_the_status_updated_at_index(db):
+    db.execute(text(
+        """
+        INSERT INTO "Invoice" ("invoiceNumber", status, "amountCents", "isMarketplaceInvoice", "updatedAt")
+        SELECT 'BULK-' || g, (ARRAY['draft', 'open', 'paid', 'void'])[1 + g % 4], 1000, g % 3 <> 0,
+               now() - make_interval(mins => g)
+        FROM generate_series(1, 20000) AS g
+        """
+    ))
+    db.execute(text('ANALYZE "Invoice"'))
+    plan = "\n".join(db.execute(
+        text("EXPLAIN " + polling._PAGE_SQL.text),
+        {"status": "paid", "after_at": utcnow() - timedelta(minutes=5), "after_id": 0, "until": utcnow(),
+         "limit": 500},
+    ).scalars())
+    db.rollback()
+    assert "Invoice_isMarketplaceInvoice_status_updatedAt_idx" in plan, plan
+    assert "Seq Scan" not in plan, plan
+
+
+# --- stuck Stripe invoices --------------------------------------------------------------------
+
+
+def stripe_invoice_row(db, *, status="open", updated_hours_ago=7.0, **fields) -> Invoice:
+    provider = factories.provider(db, payment_mode="stripe")
+    row = factories.invoice(db, provider, status=status, updatedAt=utcnow() - timedelta(hours=updated_hours_ago),
+                            **fields)
+    db.commit()
+    return row
+
+
+def test_a_missed_invoice_paid_webhook_is_recovered_from_stripe(db, stripe_api):
+    invoice = stripe_invoice_row(db)
+    factories.transaction(db, invoice, status=INVOICED)
+    db.commit()
+    paid_at = 1_790_003_600
+    stripe_api.add("invoices", se.invoice(
+        id=invoice.stripeInvoiceId, app_invoice_id=str(invoice.id), amount=10_000, status="paid", created=paid_at,
+        payment_intent="pi_recovered001",
+        status_transitions={"finalized_at": paid_at - HOUR, "paid_at": paid_at, "voided_at": None,
+                            "marked_uncollectible_at": None}))
+
+    result = poll(poll_overlap_seconds=0)
+    assert (result.refreshed_from_stripe, result.advanced) == (1, 1)
+    [row] = transactions_of(db, invoice)
+    assert (row.status, row.paidAt) == (PAID, from_unix(paid_at))
+    db.refresh(invoice)
+    assert (invoice.status, invoice.amountPaidCents, invoice.paidAt, invoice.stripePaymentIntentId) == (
+        "paid", 10_000, from_unix(paid_at), "pi_recovered001")
+    [call] = [c for c in stripe_api.calls if c.path.startswith("/v1/invoices/")]
+    assert call.params.get("expand") == ["payments"]
+
+    assert poll().refreshed_from_stripe == 0  # paid now: nothing looks stuck
+
+
+def test_stuck_reads_are_bounded_and_a_recent_sighting_is_not_read_again(db, stripe_api):
+    stale = [stripe_invoice_row(db) for _ in range(3)]
+    fresh = stripe_invoice_row(db, updated_hours_ago=1)  # changed an hour ago, not stale yet
+    for row in [*stale, fresh]:
+        stripe_api.add("invoices", se.invoice(id=row.stripeInvoiceId, app_invoice_id=str(row.id), status="open"))
+
+    assert poll(poll_stripe_reads_per_run=2).refreshed_from_stripe == 2
+    assert poll(poll_stripe_reads_per_run=2).refreshed_from_stripe == 1  # the third; the first two were just seen
+    assert poll(poll_stripe_reads_per_run=2).refreshed_from_stripe == 0
+    assert stripe_api.call_count("/v1/invoices/") == 3
+
+
+def test_an_open_invoice_past_due_is_rechecked_sooner(db, stripe_api):
+    overdue = stripe_invoice_row(db, updated_hours_ago=1, dueAt=utcnow() - timedelta(days=1))
+    stripe_api.add("invoices", se.invoice(id=overdue.stripeInvoiceId, app_invoice_id=str(overdue.id),
+                                          status="uncollectible"))
+    result = poll()
+    assert result.refreshed_from_stripe == 1
+    assert transactions_of(db, overdue)[0].status == CANCELLED
+    assert poll().refreshed_from_stripe == 0  # just seen: not before POLL_RECHECK_SECONDS
+
+
+def test_stripe_errors_are_counted_and_do_not_stop_the_poll(db, stripe_api):
+    gone = stripe_invoice_row(db)
+    manual = manual_invoice(db, status="open")
+    result = poll()
+    assert result.skipped["stripe_not_found"] == 1
+    assert len(transactions_of(db, manual)) == 1
+    db.refresh(gone)
+    assert gone.status == "open"
+
+
+def test_a_basil_payment_missing_from_webhooks_is_linked_from_stripe_and_its_refund_applied(db, stripe_api):
+    provider = factories.provider(db, payment_mode="stripe")
+    invoice = factories.invoice(db, provider, stripe=False, status="draft")
+    db.commit()
+    timeline = se.invoice_lifecycle(str(invoice.id), 10_000, shape="basil", start=1_790_000_000,
+                                    outcome="paid_full_refund", include_payments=False)
+    deliver(db, *timeline)
+    assert ledger_state(db, invoice.id)["transactions"][0][::7] == (PAID, None)  # refund not linked yet
+    se.publish(stripe_api, timeline)
+
+    result = poll()
+    assert result.refreshed_from_stripe == 1
+    state = ledger_state(db, invoice.id)
+    assert state["transactions"][0][::7] == (REFUNDED, 10_000)
+    assert state["invoice"][0][-1] == timeline.payment_intent_id
+
+
+# --- completion -------------------------------------------------------------------------------
+
+
+def paid_transaction(db, *, mode="manual", days_ago=8.0, **invoice_fields) -> Transaction:
+    provider = factories.provider(db, payment_mode=mode)
+    invoice = factories.invoice(db, provider, status="paid", **invoice_fields)
+    row = factories.transaction(db, invoice, status=PAID, paidAt=utcnow() - timedelta(days=days_ago))
+    db.commit()
+    return row
+
+
+def status_of(db, row: Transaction) -> str:
+    db.expire_all()
+    return db.get(Transaction, row.id).status
+
+
+def test_completion_after_the_hold_for_manual_and_stripe_providers_only(db):
+    due_manual = paid_transaction(db, mode="manual", days_ago=7.01)
+    due_stripe = paid_transaction(db, mode="stripe", days_ago=30)
+    too_recent = paid_transaction(db, mode="manual", days_ago=6.99)
+    connect = paid_transaction(db, mode="stripe_connect", days_ago=30)
+
+    assert completion.complete_transactions(session_scope, hold_days=7) == 2
+    assert [status_of(db, r) for r in (due_manual, due_stripe, too_recent, connect)] == [
+        COMPLETED, COMPLETED, PAID, PAID]
+    assert db.get(Transaction, due_manual.id).completedAt is not None
+    assert completion.complete_transactions(session_scope, hold_days=7) == 0
+
+
+def test_a_refund_or_an_open_or_lost_dispute_holds_completion(db):
+    refunded = paid_transaction(db)
+    db.execute(text("INSERT INTO marketplace_worker.transaction_refunds (transaction_id, refunded_cents)"
+                    " VALUES (:id, 100)"), {"id": refunded.id})
+    db.commit()
+    holds = {}
+    for status in ("needs_response", "under_review", "lost", "won", "warning_closed"):
+        row = paid_transaction(db, stripeChargeId=f"ch_dp_{status}")
+        deliver(db, se.event("charge.dispute.created",
+                             se.dispute(charge=f"ch_dp_{status}", amount=10_000, status=status)))
+        holds[status] = row
+    completion.complete_transactions(session_scope, hold_days=7)
+    assert status_of(db, refunded) == PAID
+    assert {s: status_of(db, r) for s, r in holds.items()} == {
+        "needs_response": PAID, "under_review": PAID, "lost": PAID, "won": COMPLETED, "warning_closed": COMPLETED}
+
+
+def test_a_dispute_opened_then_won_releases_the_transaction(db):
+    row = paid_transaction(db, stripeChargeId="ch_dispute_won1")
+    dispute = se.dispute(id="dp_won00000001", charge="ch_dispute_won1", amount=10_000)
+    deliver(db, se.event("charge.dispute.created", dispute, created=1_790_000_000))
+    completion.complete_transactions(session_scope, hold_days=7)
+    assert status_of(db, row) == PAID
+    deliver(db, se.event("charge.dispute.closed", dict(dispute, status="won"), created=1_790_000_000 + 60 * DAY))
+    completion.complete_transactions(session_scope, hold_days=7)
+    assert status_of(db, row) == COMPLETED
+
+
+# --- one transaction per invoice, under concurrency -------------------------------------------
+
+
+def test_webhooks_and_the_poller_racing_on_one_invoice_create_one_transaction(db):
+    settings = get_settings().model_copy(update={"poll_overlap_seconds": 0})
+    provider = factories.provider(db, payment_mode="stripe")
+    db.commit()
+    rounds = 40
+    for n in range(rounds):
+        invoice = factories.invoice(db, provider, status="open", stripeInvoiceId=f"in_race{n:06d}")
+        db.commit()
+        ids = {"id": invoice.stripeInvoiceId, "app_invoice_id": str(invoice.id), "created": 1_790_000_000}
+        events = [se.event("invoice.finalized", se.invoice(status="open", **ids), created=1_790_000_000),
+                  se.event("invoice.paid", se.invoice(status="paid", **ids), created=1_790_000_100)]
+        store(db, *events)
+        barrier = threading.Barrier(3)
+        errors = []
+
+        def go(fn):
+            try:
+                barrier.wait()
+                fn()
+            except Exception as error:  # surfaced below
+                errors.append(error)
+
+        threads = [threading.Thread(target=go, args=(lambda e=e: run(e["id"]),)) for e in events]
+        threads.append(threading.Thread(target=go, args=(
+            lambda: polling.sync_changed_invoices(session_scope, settings, polling.PollResult()),)))
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
+        assert [event_status(db, e["id"])[0] for e in events] == ["processed", "processed"]
+    counts = db.execute(text(
+        'SELECT count(*) FROM marketplace.transactions GROUP BY "invoiceId"')).scalars().all()
+    assert counts == [1] * rounds
+    statuses = db.execute(text("SELECT DISTINCT status FROM marketplace.transactions")).scalars().all()
+    assert statuses == [PAID]
+
+
+# --- through the real worker ------------------------------------------------------------------
+
+
+@pytest.mark.flow
+def test_stripe_events_processed_by_the_worker_create_and_pay_the_transaction(celery_worker, db):
+    from tasks.events import process_event
+
+    provider = factories.provider(db, payment_mode="stripe")
+    invoice = factories.invoice(db, provider, stripe=False, status="draft", amount_cents=12_345)
+    db.commit()
+    timeline = se.invoice_lifecycle(str(invoice.id), 12_345, shape="legacy", outcome="paid_partial_refund")
+    for event_id in store(db, *timeline):
+        process_event.delay(event_id)
+
+    def settled():
+        state = ledger_state(db, invoice.id)
+        return state if state["transactions"] and state["transactions"][0][7] == 6_172 else None
+
+    state = wait_for(settled, message="partial refund recorded")
+    assert state["transactions"][0][:4] == (PAID, 12_345, 617, 11_728)
+    assert state["invoice"][0][0] == "paid"
+
+
+@pytest.mark.flow
+def test_the_poll_task_runs_on_the_worker(celery_worker, db):
+    from tasks.polling import poll_invoices
+
+    invoice = manual_invoice(db, status="paid", paidAt=utcnow())
+    poll_invoices.delay()
+    rows = wait_for(lambda: transactions_of(db, invoice), message="transaction created by the poll task")
+    assert rows[0].status == PAID
+
+
+def test_the_poll_command_prints_its_counts(db):
+    manual_invoice(db, status="open")
+    manual_invoice(db, clientUserId=None)
+    done = subprocess.run([sys.executable, "-m", "worker.cli", "poll"], capture_output=True, text=True,
+                          timeout=120, env=os.environ)
+    assert done.returncode == 0, done.stderr
+    assert "created 1, advanced 1, refreshed from Stripe 0, skipped 1 (missing_client 1)" in done.stdout
+
+
+def test_the_invoice_to_transaction_key_is_unique_in_the_database(db):
+    invoice = manual_invoice(db, status="open")
+    poll(stripe=False)
+    [row] = transactions_of(db, invoice)
+    with pytest.raises(IntegrityError, match="pk_invoice_transactions"):
+        db.execute(text("INSERT INTO marketplace_worker.invoice_transactions VALUES (:i, :t)"),
+                   {"i": invoice.id, "t": row.id + 1000})

@@ -1,0 +1,562 @@
+"""Stripe Connect: account sync, the transfer/payout mirror and payouts reconciliation, against
+the fake Stripe API through the real SDK (SPEC §5)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import select, text
+
+from domain import dispatch, reconcile
+from domain.clock import from_unix
+from domain.inbox import INSERT_EVENTS_SQL, event_from_dict, insert_params
+from domain.stripe_api import get_client
+from models import ConnectAccount, ConnectTransfer, Provider, ReconcileDiscrepancy, Transaction
+from models.db import get_engine, session_scope
+from tests.support import factories
+from tests.support import stripe_events as se
+from tests.support.flow import wait_for
+
+DAY = 86_400
+GRACE = timedelta(hours=48)
+
+
+# --- helpers -------------------------------------------------------------------------------
+
+
+def connect_provider(db) -> Provider:
+    provider = factories.provider(db, payment_mode="stripe_connect")
+    db.commit()
+    return provider
+
+
+def paid_transaction(db, provider: Provider, *, paid_days_ago: float = 3, amount: int = 10_000, **invoice_fields):
+    invoice = factories.invoice(db, provider, amount_cents=amount, status="paid", **invoice_fields)
+    row = factories.transaction(db, invoice, status="paid", paidAt=factories.at(paid_days_ago))
+    db.commit()
+    return row
+
+
+def send_transfer(fake, account: str, txn: Transaction | None, *, amount: int | None = None, key: str = "metadata",
+                  created: int | None = None, **fields) -> dict:
+    """A platform transfer to `account` for `txn`, tied to it by `key` (metadata | group | none)."""
+    named = {"metadata": {"metadata": {"marketplace_transaction_id": str(txn.id)}} if txn else {},
+             "group": {"transfer_group": f"mtx_{txn.id}"} if txn else {}, "none": {}}[key]
+    transfer = se.transfer(amount=txn.providerPayoutCents if amount is None else amount, destination=account,
+                           created=created or int(time.time()) - 3 * DAY, **named, **fields)
+    fake.add("transfer", transfer)
+    return transfer
+
+
+def pay_out(fake, account: str, transfers: list[dict], *, status: str = "paid", created: int | None = None,
+            **fields) -> dict:
+    """An automatic payout of `account` carrying the transfers' `py_...` payments."""
+    created = created or int(time.time()) - 2 * DAY
+    payout = se.payout(amount=sum(t["amount"] - t["amount_reversed"] for t in transfers), status=status,
+                       created=created, **fields)
+    fake.add("payout", payout, account=account)
+    fake.add("balance_transaction", se.balance_transaction(amount=-payout["amount"], type="payout",
+                                                           source=payout["id"], fee=0, created=created),
+             account=account, payout=payout["id"])
+    for transfer in transfers:
+        fake.add("balance_transaction",
+                 se.balance_transaction(amount=transfer["amount"], type="payment", fee=0, created=created,
+                                        source=transfer["destination_payment"]),
+                 account=account, payout=payout["id"])
+    return payout
+
+
+def reader(retry_base: float = 0.01) -> reconcile.StripeReader:
+    return reconcile.StripeReader(get_client(), retry_base_seconds=retry_base)
+
+
+def run(account: str, **kw) -> reconcile.AccountResult:
+    kw.setdefault("grace", GRACE)
+    return reconcile.reconcile_account(session_scope, get_engine(), kw.pop("reader", None) or reader(), account, **kw)
+
+
+def transaction(db, txn_id: int) -> Transaction:
+    db.expire_all()
+    return db.get(Transaction, txn_id)
+
+
+def discrepancies(db, **where) -> list[ReconcileDiscrepancy]:
+    db.expire_all()
+    query = select(ReconcileDiscrepancy).order_by(ReconcileDiscrepancy.id)
+    for name, value in where.items():
+        query = query.where(getattr(ReconcileDiscrepancy, name) == value)
+    return list(db.execute(query).scalars())
+
+
+def open_kinds(db, account: str | None = None) -> list[tuple[str, str]]:
+    return sorted((d.kind, d.subject) for d in discrepancies(db) if d.resolved_at is None
+                  and (account is None or d.account == account))
+
+
+def deliver(db, event: dict, endpoint: str = "connect") -> str:
+    """Store an event in the inbox and process it as the event task does."""
+    incoming = event_from_dict(event, json.dumps(event), endpoint, livemode=False)
+    db.connection().exec_driver_sql(INSERT_EVENTS_SQL, insert_params([incoming]))
+    db.commit()
+    with session_scope() as session:
+        return dispatch.process_event(session, event["id"])
+
+
+# --- classification ------------------------------------------------------------------------
+
+
+def test_a_transfer_inside_a_paid_payout_completes_the_transaction_at_the_arrival_date(db, stripe_api):
+    provider = connect_provider(db)
+    account = provider.stripeConnectAccountId
+    txn = paid_transaction(db, provider)
+    payout = pay_out(stripe_api, account, [send_transfer(stripe_api, account, txn)])
+
+    result = run(account)
+
+    assert dict(result.outcomes) == {"paid_out": 1}
+    assert result.completed == [txn.id]
+    row = transaction(db, txn.id)
+    assert (row.status, row.completedAt) == ("completed", from_unix(payout["arrival_date"]))
+    assert discrepancies(db) == []
+    # Transfers, payouts, and the one payout's balance transactions: nothing per transaction.
+    assert result.calls == 3
+    payouts_call = next(c for c in stripe_api.calls if c.path == "/v1/payouts")
+    assert payouts_call.stripe_account == account and payouts_call.params["limit"] == "100"
+
+
+def test_completed_only_once_the_payout_is_paid(db, stripe_api):
+    provider = connect_provider(db)
+    account = provider.stripeConnectAccountId
+    txn = paid_transaction(db, provider)
+    payout = pay_out(stripe_api, account, [send_transfer(stripe_api, account, txn)], status="in_transit")
+
+    assert dict(run(account).outcomes) == {"awaiting_payout": 1}
+    assert transaction(db, txn.id).status == "paid"
+
+    paid = {**payout, "status": "paid", "reconciliation_status": "completed"}
+    stripe_api.add("payout", paid, account=account)
+    assert deliver(db, se.event("payout.paid", paid, account=account)) == "processed"
+    assert reconcile.dirty_accounts(db) == [account]
+
+    result = run(account)
+    assert result.completed == [txn.id]
+    assert transaction(db, txn.id).status == "completed"
+    db.expire_all()
+    assert db.get(ConnectAccount, account).dirty_at is None
+
+
+def test_missing_transfer_only_after_the_grace_period(db, stripe_api):
+    provider = connect_provider(db)
+    account = provider.stripeConnectAccountId
+    late = paid_transaction(db, provider, paid_days_ago=3)
+    recent = paid_transaction(db, provider, paid_days_ago=0.5)
+
+    result = run(account)
+
+    assert dict(result.outcomes) == {"missing_transfer": 1, "awaiting_transfer": 1}
+    [found] = discrepancies(db)
+    assert (found.kind, found.transaction_id, found.account) == ("missing_transfer", late.id, account)
+    assert (found.expected_cents, found.seen_cents) == (9_500, 0)
+    assert transaction(db, recent.id).status == "paid"
+
+
+def test_amount_mismatch(db, stripe_api):
+    provider = connect_provider(db)
+    account = provider.stripeConnectAccountId
+    txn = paid_transaction(db, provider)
+    transfer = send_transfer(stripe_api, account, txn, amount=9_000)
+    pay_out(stripe_api, account, [transfer])
+
+    assert dict(run(account).outcomes) == {"amount_mismatch": 1}
+    [found] = discrepancies(db)
+    assert (found.kind, found.expected_cents, found.seen_cents) == ("amount_mismatch", 9_500, 9_000)
+    assert found.transfer_ids == [transfer["id"]]
+    assert transaction(db, txn.id).status == "paid"  # paid out, but not what the provider is owed
+
+
+def test_partial_and_full_reversals(db, stripe_api):
+    provider = connect_provider(db)
+    account = provider.stripeConnectAccountId
+    partly, fully = paid_transaction(db, provider), paid_transaction(db, provider)
+    start = int(time.time()) - 3 * DAY
+    for txn, reversals in ((partly, [2_000]), (fully, [5_000, 4_500])):
+        se.publish(stripe_api, se.transfer_history(account, 9_500, start=start, transfer_group=f"mtx_{txn.id}",
+                                                   reversal_amounts=reversals))
+
+    assert dict(run(account).outcomes) == {"transfer_reversed": 2}
+    found = {d.transaction_id: d for d in discrepancies(db)}
+    assert (found[partly.id].kind, found[partly.id].seen_cents) == ("transfer_reversed", 7_500)
+    assert (found[fully.id].kind, found[fully.id].seen_cents) == ("transfer_reversed", 0)
+    assert "2000 cents reversed" in found[partly.id].detail
+
+
+def test_a_transfer_reversed_long_after_completion_is_reported_and_the_status_kept(db, stripe_api):
+    provider = connect_provider(db)
+    account = provider.stripeConnectAccountId
+    txn = paid_transaction(db, provider, paid_days_ago=40)
+    now = int(time.time())
+    transfer = send_transfer(stripe_api, account, txn, created=now - 40 * DAY)
+    pay_out(stripe_api, account, [transfer], created=now - 38 * DAY)
+    assert run(account).completed == [txn.id]
+
+    reversed_ = {**transfer, "amount_reversed": 9_500, "reversed": True}
+    stripe_api.add("transfer", reversed_)
+    assert deliver(db, se.event("transfer.reversed", reversed_), endpoint="platform") == "processed"
+    assert dict(run(account).outcomes) == {"transfer_reversed": 1}
+    assert transaction(db, txn.id).status == "completed"
+    assert open_kinds(db) == [("transfer_reversed", str(txn.id))]
+
+
+def test_a_transfer_is_matched_by_the_invoices_charge_when_it_names_no_transaction(db, stripe_api):
+    provider = connect_provider(db)
+    account = provider.stripeConnectAccountId
+    txn = paid_transaction(db, provider, stripeChargeId="ch_funding0001")
+    pay_out(stripe_api, account, [send_transfer(stripe_api, account, txn, key="none",
+                                                source_transaction="ch_funding0001")])
+
+    assert run(account).completed == [txn.id]
+
+
+def test_payout_failed_after_paid_keeps_completed_then_resolves_when_paid_again(db, stripe_api):
+    provider = connect_provider(db)
+    account = provider.stripeConnectAccountId
+    txn = paid_transaction(db, provider, paid_days_ago=12)
+    now = int(time.time())
+    transfer = send_transfer(stripe_api, account, txn, created=now - 12 * DAY)
+    first = pay_out(stripe_api, account, [transfer], created=now - 10 * DAY)
+    assert run(account).completed == [txn.id]
+
+    # Days later the bank returns the money: the payout turns failed and its payout_failure
+    # balance transaction puts the money back on the account's balance.
+    failed = {**first, "status": "failed", "failure_code": "account_closed"}
+    stripe_api.add("payout", failed, account=account)
+    assert deliver(db, se.event("payout.failed", failed, account=account)) == "processed"
+    result = run(account)
+    assert dict(result.outcomes) == {"payout_failed": 1}
+    row = transaction(db, txn.id)
+    assert row.status == "completed"
+    [found] = discrepancies(db)
+    assert (found.kind, found.payout_id, found.resolved_at) == ("payout_failed", first["id"], None)
+    assert "account_closed" in found.detail and "already completed" in found.detail
+
+    # The next payout carries the returned money out again.
+    again = se.payout(amount=first["amount"], created=now - 60, arrival_date=now)
+    stripe_api.add("payout", again, account=account)
+    stripe_api.add("balance_transaction", se.balance_transaction(amount=first["amount"], type="payout_failure",
+                                                                 source=first["id"], fee=0, created=now - 60),
+                   account=account, payout=again["id"])
+    assert dict(run(account).outcomes) == {"paid_out": 1}
+    [found] = discrepancies(db)
+    assert found.resolved_at is not None
+    assert transaction(db, txn.id).completedAt == row.completedAt  # set once
+
+
+def test_a_payout_that_failed_before_completion_is_reported_and_nothing_completes(db, stripe_api):
+    provider = connect_provider(db)
+    account = provider.stripeConnectAccountId
+    txn = paid_transaction(db, provider)
+    pay_out(stripe_api, account, [send_transfer(stripe_api, account, txn)], status="failed")
+
+    assert dict(run(account).outcomes) == {"payout_failed": 1}
+    assert transaction(db, txn.id).status == "paid"
+    assert open_kinds(db) == [("payout_failed", str(txn.id))]
+
+
+def test_orphan_transfers_and_transfers_to_unknown_accounts_are_reported(db, stripe_api):
+    provider = connect_provider(db)
+    other = connect_provider(db)
+    account = provider.stripeConnectAccountId
+    others_txn = paid_transaction(db, other)
+    stray = send_transfer(stripe_api, account, None, amount=1_234, key="none")
+    misdirected = send_transfer(stripe_api, account, others_txn)  # names another provider's transaction
+    unknown = se.transfer(amount=700, destination="acct_nobodyhasthis1")
+    assert deliver(db, se.event("transfer.created", unknown), endpoint="platform") == "processed"
+
+    result = run(account)
+    with session_scope() as session:
+        assert reconcile.report_unknown_destinations(session) == (1, 0)
+
+    assert result.outcomes["orphan_transfer"] == 2
+    assert open_kinds(db) == sorted([("orphan_transfer", stray["id"]), ("orphan_transfer", misdirected["id"]),
+                                     ("unknown_destination", unknown["id"])])
+    by_subject = {d.subject: d for d in discrepancies(db)}
+    assert f"names {others_txn.id}" in by_subject[misdirected["id"]].detail
+    assert by_subject[unknown["id"]].account == "acct_nobodyhasthis1"
+
+
+def test_a_rerun_updates_last_seen_never_duplicates_and_resolves_what_is_fixed(db, stripe_api):
+    provider = connect_provider(db)
+    account = provider.stripeConnectAccountId
+    txn = paid_transaction(db, provider)
+    run(account)
+    [first] = discrepancies(db)
+    first_id, first_seen, last_seen = first.id, first.first_seen_at, first.last_seen_at
+
+    second_run = run(account)
+    [again] = discrepancies(db)
+    assert (again.id, again.first_seen_at, again.resolved_at) == (first_id, first_seen, None)
+    assert again.last_seen_at > last_seen
+    assert second_run.opened == 0
+
+    # The transfer arrives: the next run lists only what is new since the previous listing.
+    pay_out(stripe_api, account, [send_transfer(stripe_api, account, txn, created=int(time.time()) - 60)],
+            created=int(time.time()) - 30)
+    calls_before = len(stripe_api.calls)
+    fixed = run(account)
+    assert fixed.completed == [txn.id] and fixed.resolved == 1
+    transfers_call = next(c for c in stripe_api.calls[calls_before:] if c.path == "/v1/transfers")
+    assert int(transfers_call.params["created"]["gte"]) >= int(time.time()) - 2 * DAY
+    [resolved] = discrepancies(db)
+    assert resolved.id == first_id and resolved.resolved_at is not None
+
+    # Nothing new: two listings, no balance transactions listed twice, nothing changes.
+    quiet = run(account)
+    assert (quiet.calls, quiet.completed, quiet.opened, quiet.resolved) == (2, [], 0, 0)
+
+
+# --- the Stripe API: pages, errors, rate -----------------------------------------------------
+
+
+def test_250_transfers_and_a_payout_of_250_balance_transactions_take_seven_calls(db, stripe_api):
+    provider = connect_provider(db)
+    account = provider.stripeConnectAccountId
+    txns = [paid_transaction(db, provider, amount=1_000 + n) for n in range(250)]
+    start = int(time.time()) - 3 * DAY
+    transfers = [send_transfer(stripe_api, account, txn, created=start + n) for n, txn in enumerate(txns)]
+    pay_out(stripe_api, account, transfers)  # 251 balance transactions with its own
+
+    result = run(account)
+
+    assert sorted(result.completed) == sorted(t.id for t in txns)
+    assert result.calls == 3 + 1 + 3
+    assert stripe_api.call_count("/v1/transfers") == 3
+    assert stripe_api.call_count("/v1/balance_transactions") == 3
+    assert all(c.params.get("limit") == "100" for c in stripe_api.calls)
+
+
+def test_429_storms_and_5xx_are_retried_to_the_same_result(db, stripe_api):
+    provider = connect_provider(db)
+    account = provider.stripeConnectAccountId
+    txn = paid_transaction(db, provider)
+    pay_out(stripe_api, account, [send_transfer(stripe_api, account, txn)])
+    stripe_api.fail_next(429, count=4, path_prefix="/v1/transfers")
+    stripe_api.fail_next(500, count=2, path_prefix="/v1/payouts")  # the SDK's own retries
+    stripe_api.fail_next(503, count=1, path_prefix="/v1/balance_transactions")
+
+    result = run(account)
+
+    assert result.completed == [txn.id]
+    answers = sorted((c.path, c.status) for c in stripe_api.calls)
+    assert answers == sorted([("/v1/transfers", 429)] * 4 + [("/v1/transfers", 200)]
+                             + [("/v1/payouts", 500)] * 2 + [("/v1/payouts", 200)]
+                             + [("/v1/balance_transactions", 503), ("/v1/balance_transactions", 200)])
+
+
+def test_a_429_storm_longer_than_the_retries_fails_the_run_and_changes_nothing(db, stripe_api):
+    provider = connect_provider(db)
+    account = provider.stripeConnectAccountId
+    txn = paid_transaction(db, provider)
+    pay_out(stripe_api, account, [send_transfer(stripe_api, account, txn)])
+    stripe_api.fail_next(429, count=50)
+
+    import stripe
+    with pytest.raises(stripe.RateLimitError):
+        run(account)
+    assert transaction(db, txn.id).status == "paid"
+    assert discrepancies(db) == []
+
+
+def test_the_rate_cap_is_shared_through_redis(services):
+    from domain.rate_limit import TokenBucket, redis_client
+
+    client = redis_client(services["REDIS_URL"])
+    key = f"test_bucket_{time.monotonic_ns()}"
+    buckets = [TokenBucket(client, rate_per_s=10, key=key) for _ in range(2)]  # two "workers"
+    waits = [buckets[n % 2].reserve() for n in range(30)]
+    # Ten tokens of burst, then each further token 1/10 s after the previous one, whichever
+    # bucket object asks: 30 requests cannot all go out before 2 s have passed.
+    assert waits[:10] == [0.0] * 10
+    assert waits[-1] == pytest.approx(2.0, abs=0.2)
+    assert all(b > a for a, b in zip(waits[10:], waits[11:]))
+
+
+# --- concurrency ---------------------------------------------------------------------------
+
+
+def test_two_workers_reconciling_one_account_at_once_give_one_result(db, stripe_api):
+    provider = connect_provider(db)
+    account = provider.stripeConnectAccountId
+    txns = [paid_transaction(db, provider) for _ in range(3)]
+    pay_out(stripe_api, account, [send_transfer(stripe_api, account, t) for t in txns[:2]])
+    stripe_api.latency_s = 0.5  # both runs are inside Stripe calls at the same time
+    start = threading.Barrier(2)
+    results: list = []
+
+    def worker():
+        start.wait()
+        results.append(run(account))
+
+    threads = [threading.Thread(target=worker) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    stripe_api.latency_s = 0
+
+    assert sorted(r.skipped or "ran" for r in results) == ["busy", "ran"]
+    assert sorted(next(r for r in results if not r.skipped).completed) == sorted(t.id for t in txns[:2])
+    assert open_kinds(db) == [("missing_transfer", str(txns[2].id))]
+
+
+def test_the_writes_are_safe_without_the_lock_too(db, stripe_api):
+    """Even two classifications of one account racing (no advisory lock) leave one row each."""
+    provider = connect_provider(db)
+    account = provider.stripeConnectAccountId
+    txns = [paid_transaction(db, provider) for _ in range(20)]
+    pay_out(stripe_api, account, [send_transfer(stripe_api, account, t) for t in txns[:10]])
+    run(account)
+    with session_scope() as session:  # forget the outcome, keep the mirror
+        session.execute(text("DELETE FROM marketplace_worker.reconcile_discrepancies"))
+        session.execute(text("UPDATE marketplace.transactions SET status = 'paid', \"completedAt\" = NULL"))
+    start = threading.Barrier(4)
+    completed: list[int] = []
+
+    def classify():
+        start.wait()
+        with session_scope() as session:
+            completed.extend(reconcile.classify_and_apply(
+                session, account, provider.id, completed_since=0, grace=GRACE,
+                now=from_unix(int(time.time()))).completed)
+
+    threads = [threading.Thread(target=classify) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+
+    assert sorted(completed) == sorted(t.id for t in txns[:10])  # each completed exactly once
+    assert open_kinds(db) == sorted(("missing_transfer", str(t.id)) for t in txns[10:])
+    assert len(discrepancies(db)) == 10
+
+
+# --- account sync and the event mirror ------------------------------------------------------
+
+
+def test_account_sync_newest_event_wins_whatever_the_order(db, stripe_api):
+    provider = connect_provider(db)
+    account = provider.stripeConnectAccountId
+    before = provider.updatedAt
+    base = se.account(id=account)
+    t0 = int(time.time()) - DAY
+    restricted = se.account_updated(base, created=t0 + 60, payouts_enabled=False)
+    onboarded = se.account_updated(base, created=t0, details_submitted=True, charges_enabled=True,
+                                   payouts_enabled=True)
+
+    def flags():
+        db.expire_all()
+        row = db.get(Provider, provider.id)
+        return row.stripeConnectOnboardingComplete, row.stripeConnectPayoutsEnabled, row.updatedAt
+
+    assert deliver(db, restricted) == "processed"
+    onboarding, payouts, updated_at = flags()
+    assert (onboarding, payouts) == (True, False) and updated_at > before
+    assert deliver(db, onboarded) == "processed"  # older: changes nothing
+    assert flags() == (True, False, updated_at)
+
+    assert deliver(db, se.account_deauthorized(account, created=t0 + 120)) == "processed"
+    assert flags()[:2] == (False, False)
+    assert deliver(db, se.account_updated(base, created=t0 + 90)) == "processed"  # before deauthorization
+    assert flags()[:2] == (False, False)
+
+
+def test_account_events_for_unknown_accounts_are_processed_and_change_nothing(db, stripe_api):
+    provider = connect_provider(db)
+    stranger = se.account_updated(se.account(), payouts_enabled=False)
+    assert deliver(db, stranger) == "processed"
+    db.expire_all()
+    assert db.get(Provider, provider.id).stripeConnectPayoutsEnabled is True
+
+
+def test_transfer_events_keep_the_newest_snapshot_and_mark_the_account(db, stripe_api):
+    provider = connect_provider(db)
+    account = provider.stripeConnectAccountId
+    history = se.transfer_history(account, 9_500, reversal_amounts=[1_000], start=int(time.time()) - DAY)
+    created, reversed_ = history
+    assert deliver(db, reversed_, endpoint="platform") == "processed"
+    assert deliver(db, created, endpoint="platform") == "processed"  # late and older: ignored
+
+    db.expire_all()
+    mirrored = db.get(ConnectTransfer, history.transfer_id)
+    assert (mirrored.amount, mirrored.amount_reversed, mirrored.as_of_id) == (9_500, 1_000, reversed_["id"])
+    assert reconcile.dirty_accounts(db) == [account]
+    # A connected account's own transfer (Connect endpoint) is not the platform's.
+    own = se.event("transfer.created", se.transfer(amount=5, destination="acct_elsewhere00001"), account=account)
+    assert deliver(db, own) == "processed"
+    db.expire_all()
+    assert db.get(ConnectTransfer, own["data"]["object"]["id"]) is None
+
+
+def test_only_accounts_with_activity_are_reconciled(db, stripe_api):
+    idle = connect_provider(db)
+    waiting = connect_provider(db)
+    named = connect_provider(db)
+    finished = paid_transaction(db, idle)
+    with session_scope() as session:
+        session.execute(text("UPDATE marketplace.transactions SET status = 'completed' WHERE id = :id"),
+                        {"id": finished.id})
+    paid_transaction(db, waiting)
+    with session_scope() as session:
+        reconcile.mark_dirty(session, [named.stripeConnectAccountId])
+    with session_scope() as session:
+        assert reconcile.active_accounts(session) == sorted(
+            [waiting.stripeConnectAccountId, named.stripeConnectAccountId])
+
+
+# --- command line and worker ----------------------------------------------------------------
+
+
+def test_cli_exits_non_zero_while_discrepancies_are_open(db, stripe_api, capsys):
+    from worker.cli import main
+
+    provider = connect_provider(db)
+    account = provider.stripeConnectAccountId
+    txn = paid_transaction(db, provider)
+
+    assert main(["reconcile", "--account", account]) == 3
+    out = capsys.readouterr().out
+    assert "1 open discrepancies: missing_transfer 1" in out
+    assert f"missing_transfer    {txn.id}" in out and "95.00" in out
+
+    pay_out(stripe_api, account, [send_transfer(stripe_api, account, txn)])
+    assert main(["reconcile", "--since", "2020-01-01"]) == 0
+    out = capsys.readouterr().out
+    assert "reconciled 1 account(s)" in out and "paid_out 1" in out and "no open discrepancies" in out
+    assert main(["reconcile", "--since", "yesterday"]) == 2
+    assert main(["reconcile", "--account", "acct_nobodyhasthis1"]) == 1
+
+
+@pytest.mark.flow
+def test_a_payout_event_gets_the_transaction_completed_by_the_worker(celery_worker, db, stripe_api):
+    from tasks.events import enqueue_events
+    from tasks.reconciliation import reconcile_dirty
+
+    provider = connect_provider(db)
+    account = provider.stripeConnectAccountId
+    txn = paid_transaction(db, provider)
+    payout = pay_out(stripe_api, account, [send_transfer(stripe_api, account, txn)])
+    event = se.event("payout.paid", payout, account=account)
+    incoming = event_from_dict(event, json.dumps(event), "connect", livemode=False)
+    db.connection().exec_driver_sql(INSERT_EVENTS_SQL, insert_params([incoming]))
+    db.commit()
+
+    enqueue_events([event["id"]])
+    wait_for(lambda: reconcile.dirty_accounts(db) == [account] or db.rollback(), message="account marked")
+    reconcile_dirty.delay()
+
+    wait_for(lambda: transaction(db, txn.id).status == "completed", timeout=30, message="completed")
+    assert transaction(db, txn.id).completedAt == from_unix(payout["arrival_date"])
+    wait_for(lambda: db.get(ConnectAccount, account).dirty_at is None or db.expire_all(), message="clean")
