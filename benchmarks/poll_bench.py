@@ -8,9 +8,10 @@ transactions, as a worker that has been running would have) with INSERT ... SELE
 generate_series, all last changed 30 days ago, sets the poll watermarks as if the previous
 run had just finished, then changes `--changed` invoices: half are existing open invoices the
 app marks paid (manual payments), half are new invoices without a transaction. One poll run
-follows (Stripe reads off: no API key). Printed per size: the run's wall time, the SQL
-statements it issued (counted on the engine, before_cursor_execute), what it did, and the
-plan of its page query; then the ratio of the largest size to the smallest. Cost that
+follows (Stripe reads off: no API key). Printed per size: the run's wall time and time in
+SQL, the statements it issued (counted on the engine, before/after_cursor_execute) and the
+slowest three, what it did, and the plan of its page query; then the ratios of the largest
+size to the smallest. Cost that
 follows the change gives ratios near 1, not the ratio of the sizes. Two idle runs (nothing
 changed) before the change warm the process and give the floor.
 """
@@ -185,6 +186,7 @@ def main(argv: list[str] | None = None) -> None:
     big, small = max(runs, key=lambda r: r["size"]), min(runs, key=lambda r: r["size"])
     if big is not small:
         print(f"ratio {big['size'] // small['size']}x invoices: time x{big['seconds'] / small['seconds']:.2f}, "
+              f"time in SQL x{big['sql_seconds'] / small['sql_seconds']:.2f}, "
               f"statements x{big['statements'] / small['statements']:.2f}")
 
 

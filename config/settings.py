@@ -49,7 +49,7 @@ class Settings(BaseSettings):
     stripe_max_network_retries: int = Field(default=3, ge=0, le=10)
     # Shared by every worker process (Redis token bucket); Stripe's sandbox allows 25/s.
     stripe_rate_limit_per_s: float = Field(default=20.0, gt=0)
-    # Seconds before the first retry of a 429; doubles each attempt, with jitter.
+    # Reconciliation's wait before the first retry of a 429; doubles each attempt, with jitter.
     stripe_rate_limit_backoff_seconds: float = Field(default=0.5, gt=0, le=60)
 
     # Connect reconciliation: a paid transaction with no transfer this long after payment is

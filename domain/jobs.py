@@ -42,7 +42,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from functools import partial
 from typing import Any
 
@@ -102,7 +102,7 @@ def run_once(job: str, *, slot: Any = _FROM_BEAT) -> Iterator[Run]:
         )
         run.id = _claim(conn, run)
         if run.id is None:
-            _skip(conn, run, f"slot {run.slot:%Y-%m-%d %H:%M:%S} UTC already ran", overrun=False)
+            _skip(conn, run, f"slot {run.slot.astimezone(UTC):%Y-%m-%d %H:%M:%S} UTC already ran", overrun=False)
         log.info("job %s started", job, extra={"job": job, "slot": _iso(run.slot)})
         try:
             yield run
@@ -132,7 +132,7 @@ def _in_progress(conn: psycopg.Connection, job: str) -> str:
         " ORDER BY started_at DESC LIMIT 1",
         (job,),
     ).fetchone()
-    since = f" (started {row[0]:%Y-%m-%d %H:%M:%S} UTC)" if row else ""
+    since = f" (started {row[0].astimezone(UTC):%Y-%m-%d %H:%M:%S} UTC)" if row else ""
     return f"another run is in progress{since}"
 
 

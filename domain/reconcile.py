@@ -16,9 +16,10 @@ One account's run:
      finished automatic payout not listed before (a payout's contents never change);
   3. stores them in the mirror (`connect_transfers`, `connect_payouts`, `connect_payout_items`),
      which webhook events also feed, so each listing only needs the window since the last;
-  4. classifies, in SQL, every paid transaction of the provider (and the completed ones in
-     the window or with an open discrepancy), completes the paid-out ones, and upserts
-     discrepancies: seen ones get `last_seen_at`, ones no longer seen get `resolved_at`.
+  4. classifies, in SQL, every paid transaction of the provider (and the completed ones
+     whose payout may still fail, whose transfer was reversed, or with an open discrepancy),
+     completes the paid-out ones (unless a dispute holds them), and upserts discrepancies:
+     seen ones get `last_seen_at`, open ones no longer seen get `resolved_at`.
 
 The run holds no database transaction open while it talks to Stripe.
 """
@@ -72,7 +73,6 @@ FINE = ("paid_out", "awaiting_payout", "awaiting_transfer")
 TRANSACTION_KINDS = ("missing_transfer", "amount_mismatch", "transfer_reversed", "payout_failed")
 TRANSFER_KINDS = ("orphan_transfer",)
 UNKNOWN_DESTINATION = "unknown_destination"
-DISCREPANCY_KINDS = (*TRANSACTION_KINDS, *TRANSFER_KINDS, UNKNOWN_DESTINATION)
 # Transactions a paid-out classification holds back from `completed`.
 HELD_BY_DISPUTE = "held_by_dispute"
 
