@@ -102,12 +102,18 @@ class PassResult:
     recomputed: int
     changes: list[StatsChange]
 
+    def counts(self) -> dict[str, int]:
+        return {"recomputed": self.recomputed, "changed": len(self.changes)}
+
 
 @dataclass(frozen=True, slots=True)
 class FullPassResult:
     providers: int
     changed: int
     batches: int
+
+    def counts(self) -> dict[str, int]:
+        return {"providers": self.providers, "batches": self.batches, "changed": self.changed}
 
 
 def _fresh_sql(*, only_ids: bool) -> str:

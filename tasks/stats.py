@@ -21,7 +21,7 @@ def incremental_stats() -> dict:
     with run_once("incremental_stats") as run:
         with session_scope() as session:
             result = stats.incremental_pass(session, overlap=overlap)
-        run.counts = {"recomputed": result.recomputed, "changed": len(result.changes)}
+        run.counts = result.counts()
     return run.counts
 
 
@@ -32,5 +32,5 @@ def full_stats() -> dict:
     with run_once("full_stats") as run:
         with get_engine().connect() as connection:
             result = stats.full_pass(connection, batch_size=get_settings().stats_full_batch_size)
-        run.counts = {"providers": result.providers, "batches": result.batches, "changed": result.changed}
+        run.counts = result.counts()
     return run.counts

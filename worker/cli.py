@@ -146,7 +146,7 @@ def _stats(args: argparse.Namespace) -> int:
     if args.full:
         with run_once("full_stats", slot=None) as run, get_engine().connect() as connection:
             full = stats.full_pass(connection, batch_size=settings.stats_full_batch_size, on_changes=show)
-            run.counts = {"providers": full.providers, "batches": full.batches, "changed": full.changed}
+            run.counts = full.counts()
         print(f"{full.changed} of {full.providers} provider(s) changed")
         return 0
     if args.provider is not None:
@@ -160,7 +160,7 @@ def _stats(args: argparse.Namespace) -> int:
         with run_once("incremental_stats", slot=None) as run:
             with session_scope() as session:
                 result = stats.incremental_pass(session, overlap=overlap)
-            run.counts = {"recomputed": result.recomputed, "changed": len(result.changes)}
+            run.counts = result.counts()
     show(result.changes)
     print(f"{len(result.changes)} of {result.recomputed} provider(s) changed")
     return 0
