@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -119,6 +120,40 @@ class Failure:
     attempts: int
     parked: bool
     retry_in: float
+
+
+@dataclass(frozen=True)
+class Attempt:
+    outcome: str  # processed | ignored | already ... | retrying | parked
+    retry_in: float = 0.0
+    error: BaseException | None = None
+
+
+def attempt_event(
+    session_factory: Callable[[], AbstractContextManager[Session]],
+    event_id: str,
+    *,
+    max_attempts: int,
+    retry_base_seconds: float = 2.0,
+) -> Attempt:
+    """One attempt at an event: applied in one transaction, or its failure counted in another.
+
+    The Celery task schedules the retry this returns; tests call it directly.
+    """
+    try:
+        with session_factory() as session:
+            return Attempt(process_event(session, event_id))
+    except Exception as error:  # every failure is counted; the last one parks the event
+        with session_factory() as session:
+            failure = record_failure(
+                session, event_id, error, max_attempts=max_attempts,
+                park_now=is_permanent(error), retry_base_seconds=retry_base_seconds,
+            )
+        if failure.parked:
+            return Attempt("parked", error=error)
+        if failure.attempts == 0:
+            return Attempt("already handled")
+        return Attempt("retrying", retry_in=failure.retry_in, error=error)
 
 
 def backoff_seconds(attempts: int, base: float = 2.0, cap: float = 600.0) -> float:

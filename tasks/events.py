@@ -17,30 +17,20 @@ PROCESS_EVENT = "tasks.events.process_event"
 
 @app.task(name=PROCESS_EVENT, bind=True, acks_late=True, reject_on_worker_lost=True, max_retries=None)
 def process_event(self, event_id: str) -> str:
-    try:
-        with session_scope() as session:
-            outcome = dispatch.process_event(session, event_id)
-    except Exception as error:  # every failure is counted; the last one parks the event
-        permanent = dispatch.is_permanent(error)
-        settings = get_settings()
-        with session_scope() as session:
-            failure = dispatch.record_failure(
-                session, event_id, error,
-                max_attempts=settings.event_max_attempts, park_now=permanent,
-                retry_base_seconds=settings.event_retry_base_seconds,
-            )
-        if failure.parked:
-            log.error("event parked", extra={"event_id": event_id, "error": dispatch.describe(error)})
-            return "parked"
-        if failure.attempts == 0:
-            return "already handled"
-        log.warning(
-            "event failed, retrying",
-            extra={"event_id": event_id, "attempt": failure.attempts, "error": dispatch.describe(error)},
-        )
-        raise self.retry(countdown=failure.retry_in, exc=error) from None
-    log.info("event %s", outcome, extra={"event_id": event_id})
-    return outcome
+    settings = get_settings()
+    attempt = dispatch.attempt_event(
+        session_scope, event_id,
+        max_attempts=settings.event_max_attempts, retry_base_seconds=settings.event_retry_base_seconds,
+    )
+    if attempt.outcome == "retrying":
+        log.warning("event failed, retrying in %.1f s", attempt.retry_in,
+                    extra={"event_id": event_id, "error": dispatch.describe(attempt.error)})
+        raise self.retry(countdown=attempt.retry_in, exc=attempt.error)
+    if attempt.outcome == "parked":
+        log.error("event parked", extra={"event_id": event_id, "error": dispatch.describe(attempt.error)})
+    else:
+        log.info("event %s", attempt.outcome, extra={"event_id": event_id})
+    return attempt.outcome
 
 
 def enqueue_events(event_ids: list[str]) -> None:

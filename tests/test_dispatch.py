@@ -52,18 +52,8 @@ def store(session, event_type: str, **kw) -> str:
 
 
 def run(session, event_id: str, max_attempts: int = 3) -> str:
-    """What the task does, without Celery: process, or record the failure."""
     session.rollback()
-    try:
-        with session_scope() as work:
-            return dispatch.process_event(work, event_id)
-    except Exception as error:
-        with session_scope() as work:
-            failure = dispatch.record_failure(
-                work, event_id, error, max_attempts=max_attempts,
-                park_now=isinstance(error, dispatch.InvalidPayload),
-            )
-        return "parked" if failure.parked else "retrying"
+    return dispatch.attempt_event(session_scope, event_id, max_attempts=max_attempts).outcome
 
 
 def row(session, event_id: str) -> StripeEvent:

@@ -78,13 +78,7 @@ def test_no_payload_crashes_processing_and_every_parked_event_says_why(services,
     with session_scope() as session:
         session.connection().exec_driver_sql(INSERT_EVENTS_SQL, insert_params([incoming]))
     for _ in range(get_settings().event_max_attempts):
-        try:
-            with session_scope() as session:
-                dispatch.process_event(session, event["id"])
-        except Exception as error:
-            with session_scope() as session:
-                dispatch.record_failure(session, event["id"], error, max_attempts=get_settings().event_max_attempts,
-                                        park_now=dispatch.is_permanent(error))
+        dispatch.attempt_event(session_scope, event["id"], max_attempts=get_settings().event_max_attempts)
     with session_scope() as session:
         status, error = session.execute(
             text("SELECT status, last_error FROM marketplace_worker.stripe_events WHERE id = :id"),

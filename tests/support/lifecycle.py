@@ -22,17 +22,8 @@ def store(session: Session, *events: dict, endpoint: str = "platform") -> list[s
 
 
 def run(event_id: str, max_attempts: int = 5) -> str:
-    """What tasks.events.process_event does, minus Celery: process, or record the failure."""
-    try:
-        with session_scope() as work:
-            return dispatch.process_event(work, event_id)
-    except Exception as error:
-        with session_scope() as work:
-            failure = dispatch.record_failure(
-                work, event_id, error, max_attempts=max_attempts,
-                park_now=isinstance(error, dispatch.InvalidPayload),
-            )
-        return "parked" if failure.parked else "retrying"
+    """What tasks.events.process_event does, minus Celery."""
+    return dispatch.attempt_event(session_scope, event_id, max_attempts=max_attempts).outcome
 
 
 def deliver(session: Session, *events: dict) -> list[str]:
