@@ -22,6 +22,15 @@ One account's run:
      seen ones get `last_seen_at`, open ones no longer seen get `resolved_at`.
 
 The run holds no database transaction open while it talks to Stripe.
+
+What a transaction comes out as, from its transfers (their sum, net of reversals) and the
+payouts that carried them: `paid_out` (then `completed`), `awaiting_payout`,
+`awaiting_transfer` (paid less than RECONCILE_TRANSFER_GRACE_HOURS ago), or a discrepancy:
+`missing_transfer`, `amount_mismatch` (net transferred is not `providerPayoutCents`, no
+reversal), `transfer_reversed` (short of it after a reversal; a reversal that corrects an
+over-transfer is fine), `payout_failed`. Transfers: `orphan_transfer` (no transaction of the
+provider), `transfer_not_reversed` (money left with the provider for a refunded or cancelled
+transaction), and, over all accounts, `unknown_destination` (no stripe_connect provider).
 """
 
 from __future__ import annotations
@@ -71,7 +80,7 @@ API_VERSION_ID = "~api"
 # Outcomes of a transaction; the first three are fine, the others are discrepancies.
 FINE = ("paid_out", "awaiting_payout", "awaiting_transfer")
 TRANSACTION_KINDS = ("missing_transfer", "amount_mismatch", "transfer_reversed", "payout_failed")
-TRANSFER_KINDS = ("orphan_transfer",)
+TRANSFER_KINDS = ("orphan_transfer", "transfer_not_reversed")
 UNKNOWN_DESTINATION = "unknown_destination"
 # Transactions a paid-out classification holds back from `completed`.
 HELD_BY_DISPUTE = "held_by_dispute"
@@ -325,15 +334,6 @@ class Listing:
     itemized: list[str] = field(default_factory=list)
 
 
-def itemizable(payout: dict[str, Any]) -> bool:
-    """Whether Stripe can list the payout's balance transactions now, and they matter."""
-    if not payout["automatic"]:
-        return False  # Stripe maps balance transactions to automatic payouts only
-    if payout["status"] in ("failed", "canceled"):
-        return True
-    return payout["status"] == "paid" and (payout["reconciliation_status"] or "completed") == "completed"
-
-
 def list_transfers_and_payouts(reader: StripeReader, account: str, plan: Plan, now: int) -> Listing:
     transfers, payouts = reader.map(lambda spec: reader.list_all(*spec), [
         ("transfers", {"destination": account, "created": {"gte": plan.since}}, None),
@@ -377,6 +377,8 @@ def store(session: Session, listing: Listing) -> None:
         session.execute(_ITEMS_LISTED, {"ids": listing.itemized})
 
 
+# Stripe maps balance transactions to automatic payouts only, and a paid one's are complete
+# once its reconciliation_status is `completed`.
 _PAYOUTS_TO_ITEMIZE = text(
     """
     SELECT id FROM marketplace_worker.connect_payouts
@@ -518,8 +520,8 @@ _CLASSIFY = text(
     ),
     per_transaction AS (
         SELECT m.transaction_id,
-               sum(m.amount) AS gross,
-               sum(m.amount_reversed) AS reversed,
+               CAST(sum(m.amount) AS bigint) AS gross,
+               CAST(sum(m.amount_reversed) AS bigint) AS reversed,
                bool_or(m.currency <> s.currency) AS other_currency,
                array_agg(m.id ORDER BY m.created, m.id) AS transfer_ids,
                -- Fully reversed transfers carry no money to pay out.
@@ -552,10 +554,16 @@ _CLASSIFY = text(
     """
 ).bindparams(bindparam("settled", expanding=True))
 
-_ORPHANS = text(
+# Transfers wrong in themselves: matching no transaction of the provider, or leaving money
+# with the provider for a transaction that was refunded or cancelled.
+_TRANSFER_FINDINGS = text(
     "WITH" + _MATCHED + """
-    SELECT id, amount, amount_reversed, currency, marketplace_transaction_id, transfer_group, source_transaction
-    FROM matched WHERE transaction_id IS NULL ORDER BY id
+    SELECT m.id, m.amount, m.amount_reversed, m.currency, m.marketplace_transaction_id, m.transfer_group,
+           m.transaction_id, t.status
+    FROM matched m LEFT JOIN marketplace.transactions t ON t.id = m.transaction_id
+    WHERE m.transaction_id IS NULL
+       OR (t.status IN (:refunded, :cancelled) AND m.amount > m.amount_reversed)
+    ORDER BY m.id
     """
 )
 
@@ -673,16 +681,20 @@ def _transaction_finding(account: str, row: Any) -> Finding | None:
     return finding
 
 
-def _orphan_finding(account: str, provider_id: int, row: Any) -> Finding:
-    if row.marketplace_transaction_id or (row.transfer_group or "").startswith("mtx_"):
-        named = row.marketplace_transaction_id or row.transfer_group
-        why = f"names {named}, which is not a transaction of provider {provider_id}"
-    else:
-        why = f"matches no transaction of provider {provider_id}"
-    return Finding(
-        kind="orphan_transfer", subject=row.id, account=account, detail=f"transfer {why}",
+def _transfer_finding(account: str, provider_id: int, row: Any) -> Finding:
+    finding = Finding(
+        kind="orphan_transfer", subject=row.id, account=account, detail="",
         seen_cents=row.amount - row.amount_reversed, currency=row.currency, transfer_ids=[row.id],
     )
+    if row.transaction_id is not None:
+        finding.kind, finding.transaction_id, finding.expected_cents = "transfer_not_reversed", row.transaction_id, 0
+        finding.detail = f"transaction {row.transaction_id} is {row.status}; the transfer was not reversed"
+    elif row.marketplace_transaction_id or (row.transfer_group or "").startswith("mtx_"):
+        named = row.marketplace_transaction_id or row.transfer_group
+        finding.detail = f"transfer names {named}, which is not a transaction of provider {provider_id}"
+    else:
+        finding.detail = f"transfer matches no transaction of provider {provider_id}"
+    return finding
 
 
 def upsert_findings(session: Session, findings: list[Finding]) -> int:
@@ -730,9 +742,12 @@ def classify_and_apply(
         result.outcomes[kind] += 1
         if (finding := _transaction_finding(account, row)) is not None:
             findings.append(finding)
-    for row in session.execute(_ORPHANS, {"account": account, "provider": provider_id}).all():
-        findings.append(_orphan_finding(account, provider_id, row))
-        result.outcomes["orphan_transfer"] += 1
+    for row in session.execute(_TRANSFER_FINDINGS, {
+        "account": account, "provider": provider_id, "refunded": lifecycle.REFUNDED, "cancelled": lifecycle.CANCELLED,
+    }).all():
+        finding = _transfer_finding(account, provider_id, row)
+        findings.append(finding)
+        result.outcomes[finding.kind] += 1
     if due:
         done = session.execute(_COMPLETE, {
             "ids": [i for i, _ in due], "completed_at": [at for _, at in due],
@@ -788,7 +803,6 @@ def reconcile_account(
             items = list_payout_items(reader, account, due_items)
             with session_factory() as session:
                 store(session, items)
-            with session_factory() as session:
                 result = classify_and_apply(session, account, provider_id, completed_since=plan.payouts_since,
                                             grace=grace, now=from_unix(now))
                 _finish_state(session, account, now if plan.covers_default_window else None, started)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections import Counter
 
 from config import get_settings
 from domain import dispatch
@@ -15,8 +16,12 @@ log = logging.getLogger(__name__)
 PROCESS_EVENT = "tasks.events.process_event"
 
 
-@app.task(name=PROCESS_EVENT, bind=True, acks_late=True, reject_on_worker_lost=True, max_retries=None)
-def process_event(self, event_id: str) -> str:
+# Events per task message: a receiver commit or a sweep hands over up to this many ids at
+# once, so each event does not pay for its own message round trip and task overhead.
+BATCH_SIZE = 50
+
+
+def _attempt(event_id: str) -> dispatch.Attempt:
     settings = get_settings()
     attempt = dispatch.attempt_event(
         session_scope, event_id,
@@ -25,19 +30,39 @@ def process_event(self, event_id: str) -> str:
     if attempt.outcome == "retrying":
         log.warning("event failed, retrying in %.1f s", attempt.retry_in,
                     extra={"event_id": event_id, "error": dispatch.describe(attempt.error)})
-        raise self.retry(countdown=attempt.retry_in, exc=attempt.error)
-    if attempt.outcome == "parked":
+    elif attempt.outcome == "parked":
         log.error("event parked", extra={"event_id": event_id, "error": dispatch.describe(attempt.error)})
     else:
         log.info("event %s", attempt.outcome, extra={"event_id": event_id})
+    return attempt
+
+
+@app.task(name=PROCESS_EVENT, bind=True, acks_late=True, reject_on_worker_lost=True, max_retries=None)
+def process_event(self, event_id: str) -> str:
+    attempt = _attempt(event_id)
+    if attempt.outcome == "retrying":
+        raise self.retry(countdown=attempt.retry_in, exc=attempt.error)
     return attempt.outcome
 
 
+@app.task(name="tasks.events.process_events", acks_late=True, reject_on_worker_lost=True)
+def process_events(event_ids: list[str]) -> dict[str, int]:
+    """Several stored events, each in its own transaction; one that fails goes on alone as
+    `process_event` with its backoff. A redelivered batch finds its done events processed."""
+    outcomes: Counter[str] = Counter()
+    for event_id in event_ids:
+        attempt = _attempt(event_id)
+        if attempt.outcome == "retrying":
+            process_event.apply_async((event_id,), countdown=attempt.retry_in)
+        outcomes[attempt.outcome] += 1
+    return dict(outcomes)
+
+
 def enqueue_events(event_ids: list[str]) -> None:
-    """Publish one task message per event id (the message carries only the id)."""
+    """Publish the ids in messages of up to BATCH_SIZE (the messages carry only ids)."""
     with app.producer_or_acquire() as producer:
-        for event_id in event_ids:
-            process_event.apply_async((event_id,), producer=producer, retry=False)
+        for start in range(0, len(event_ids), BATCH_SIZE):
+            process_events.apply_async((event_ids[start:start + BATCH_SIZE],), producer=producer, retry=False)
 
 
 @app.task(name="tasks.events.sweep_inbox")

