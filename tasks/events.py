@@ -77,11 +77,14 @@ def sweep_inbox() -> int:
     return len(due)
 
 
-@app.task(name="tasks.events.catch_up_events")
+# Lists events of the platform and of every Connect account: minutes, not seconds.
+@app.task(name="tasks.events.catch_up_events", soft_time_limit=900, time_limit=960)
 def catch_up_events() -> int:
     from domain.catchup import catch_up
     from domain.stripe_api import get_client
 
-    result = catch_up(session_scope, get_client())
-    enqueue_events(result.stored)
+    with run_once("catch_up_events") as run:
+        result = catch_up(session_scope, get_client())
+        enqueue_events(result.stored)
+        run.counts = {"listed": result.listed, "stored": len(result.stored)}
     return len(result.stored)
