@@ -27,7 +27,7 @@ Prints:
   ceil(n/100) pages (at least one) of its transfers, of its payouts, and of the balance
   transactions of each of its finished payouts; and the 429s the fake answered;
 - wall time next to calls / rate cap, the least time that many calls can take;
-- peak RSS of each worker's pool process (VmHWM);
+- peak RSS of each worker's pool process (VmHWM), next to its RSS idle before the run;
 - a check of the outcome against what the generated data implies.
 """
 
@@ -296,9 +296,9 @@ def _children(pid: int) -> list[int]:
         return []
 
 
-def _vm_hwm_kib(pid: int) -> int:
+def _vm_kib(pid: int, field: str) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1])
     return 0
 
@@ -369,6 +369,7 @@ def main() -> int:
                 if time.monotonic() > deadline:
                     raise RuntimeError("workers did not start: " + (Path(work) / "worker0.log").read_text()[-2000:])
             before = bench_calls(base)["total"]
+            idle_rss = [max((_vm_kib(c, "VmRSS") for c in _children(w.pid)), default=0) for w in workers]
 
             start = time.monotonic()
             app.send_task("tasks.reconciliation.reconcile_all")
@@ -380,8 +381,8 @@ def main() -> int:
                 if any(w.poll() is not None for w in workers):
                     raise RuntimeError("a worker died")
             wall = time.monotonic() - start
-            pool_rss = [max((_vm_hwm_kib(c) for c in _children(w.pid)), default=0) for w in workers]
-            main_rss = [_vm_hwm_kib(w.pid) for w in workers]
+            pool_rss = [max((_vm_kib(c, "VmHWM") for c in _children(w.pid)), default=0) for w in workers]
+            main_rss = [_vm_kib(w.pid, "VmHWM") for w in workers]
             counted = bench_calls(base)
         finally:
             for w in workers:
@@ -399,7 +400,8 @@ def main() -> int:
     print(f"  answers: " + ", ".join(f"{s} x{n}" for s, n in sorted(counted["statuses"].items())))
     print(f"wall time: {wall:.1f}s with {args.workers} Celery worker processes, rate cap {args.rate:g}/s "
           f"(latency {args.latency_ms:g} ms): calls / rate = {bound:.1f}s, ratio {wall / bound:.3f} (goal <= 1.2)")
-    print(f"peak RSS (VmHWM): pool processes {', '.join(f'{k / 1024:.0f} MiB' for k in pool_rss)}; "
+    print(f"peak RSS (VmHWM): pool processes {', '.join(f'{k / 1024:.0f} MiB' for k in pool_rss)} "
+          f"(idle before the run: {', '.join(f'{k / 1024:.0f} MiB' for k in idle_rss)}); "
           f"worker main processes {', '.join(f'{k / 1024:.0f} MiB' for k in main_rss)}")
     expected_kinds = {k: n for k, n in sorted(data.expected.items()) if k not in ("paid_out", "awaiting_payout")}
     found_kinds = dict(sorted(kinds.items()))

@@ -375,6 +375,10 @@ def _lock_one(session: Session, *where) -> Invoice | None:
     ).scalar_one_or_none()
 
 
+# An invoice's progress, for snapshots of one second (see domain/versions.py).
+INVOICE_STATUS_RANK = {"draft": 0, "open": 1, "uncollectible": 2, "paid": 3, "void": 3}
+
+
 def _mirror(session: Session, invoice: Invoice, obj: dict[str, Any], created: int, event_id: str) -> bool:
     """Copy Stripe's invoice onto the app's row when this snapshot is the newest seen; fill
     the payment ids. Returns whether the invoice got linked to a new charge or PaymentIntent."""
@@ -382,7 +386,8 @@ def _mirror(session: Session, invoice: Invoice, obj: dict[str, Any], created: in
     values: dict[str, Any] = {}
     if invoice.stripeInvoiceId is None:
         values["stripeInvoiceId"] = stripe_id
-    if versions.advance(session, stripe_id, "invoice", created, event_id):
+    rank = INVOICE_STATUS_RANK.get(obj.get("status"), 0) if isinstance(obj.get("status"), str) else 0
+    if versions.advance(session, stripe_id, "invoice", created, event_id, rank):
         transitions = obj.get("status_transitions") or {}
         status, amount_paid = obj.get("status"), obj.get("amount_paid")
         if not isinstance(status, str) or isinstance(amount_paid, bool) or not isinstance(amount_paid, int):
@@ -397,7 +402,7 @@ def _mirror(session: Session, invoice: Invoice, obj: dict[str, Any], created: in
     new_links = []
     # Each link follows the newest snapshot that names one (a retried payment changes the charge).
     for column, value in (("stripeChargeId", charge_id), ("stripePaymentIntentId", payment_intent_id)):
-        if value and versions.advance(session, f"{stripe_id}#{column}", "invoice_link", created, event_id):
+        if value and versions.advance(session, f"{stripe_id}#{column}", "invoice_link", created, event_id, rank):
             values[column] = value
             if getattr(invoice, column) != value:
                 new_links.append(value)
@@ -576,7 +581,7 @@ def apply_refund(session: Session, obj: dict[str, Any], created: int, event_id: 
     invoice = _lock_invoice_for_payment(session, charge_id, payment_intent_id)
     if invoice is not None and not invoice.isMarketplaceInvoice:
         return Outcome(skipped="not_marketplace")
-    if versions.advance(session, refund_id, "refund", created, event_id):
+    if versions.advance(session, refund_id, "refund", created, event_id, 0 if status == "pending" else 1):
         session.execute(_UPSERT_REFUND, {
             "id": refund_id, "charge_id": charge_id, "payment_intent_id": payment_intent_id,
             "amount": _cents(obj, "amount"), "status": status,

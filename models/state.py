@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import BigInteger, DateTime, Text, func
+from sqlalchemy import BigInteger, DateTime, SmallInteger, Text, func
 from sqlalchemy.orm import Mapped, mapped_column
 
 from models.base import WORKER_SCHEMA, Base
@@ -13,8 +13,8 @@ from models.base import WORKER_SCHEMA, Base
 class ObjectVersion(Base):
     """High-water mark per Stripe object: the newest event applied to it.
 
-    Events are ordered by Stripe's `created`, then by event id, because several
-    events about one object often share a second.
+    Events are ordered by Stripe's `created`, then by the snapshot's lifecycle rank, then by
+    event id, because several events about one object often share a second.
     """
 
     __tablename__ = "stripe_object_versions"
@@ -23,6 +23,9 @@ class ObjectVersion(Base):
     object_id: Mapped[str] = mapped_column(Text, primary_key=True)
     object_type: Mapped[str] = mapped_column(Text)
     event_created: Mapped[int] = mapped_column(BigInteger)
+    # How far along the object's own lifecycle the snapshot is: decides between snapshots of
+    # one second before the (random) event id does.
+    rank: Mapped[int] = mapped_column(SmallInteger, server_default="0")
     event_id: Mapped[str] = mapped_column(Text)
     updated_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), server_default=func.now()

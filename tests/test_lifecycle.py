@@ -217,6 +217,19 @@ def test_a_late_finalized_after_paid_changes_nothing(db):
     assert before["invoice"][0][0] == "paid"  # the older snapshot did not overwrite the mirror
 
 
+@pytest.mark.parametrize("order", ["paid first", "finalized first"])
+def test_snapshots_of_one_second_are_ordered_by_progress_not_by_event_id(db, order):
+    """Paid as it is finalized: both events share a second, and the `open` snapshot's id sorts
+    after the `paid` one's; the mirror must still end `paid`, whichever arrives first."""
+    inv = app_invoice(db)
+    finalized = se.event("invoice.finalized", opened(inv), created=T0, id="evt_zzzzzzzzzzzzzzzzzzzzzzzz")
+    paid_now = se.event("invoice.paid", paid(inv, at=T0), created=T0, id="evt_000000000000000000000000")
+    deliver(db, *([paid_now, finalized] if order == "paid first" else [finalized, paid_now]))
+    db.refresh(inv)
+    assert (inv.status, inv.amountPaidCents) == ("paid", 10_000)
+    assert transaction(db, inv).status == PAID
+
+
 def test_paid_after_voided_stays_cancelled_and_says_so(db, caplog):
     inv = app_invoice(db)
     deliver(db, evt("invoice.voided", voided(inv), T0 + HOUR))

@@ -55,3 +55,19 @@ def test_migrations_leave_nothing_for_autogenerate_in_the_worker_schema(services
             },
         )
         assert compare_metadata(context, models.Base.metadata) == []
+
+
+def test_migrations_form_one_line_that_downgrades_to_nothing_and_back(services):
+    from alembic import command
+    from alembic.script import ScriptDirectory
+    from sqlalchemy import inspect
+
+    from config import get_settings
+    from models.migrate import alembic_config
+
+    cfg = alembic_config(get_settings().database_url)
+    assert len(ScriptDirectory.from_config(cfg).get_heads()) == 1
+    command.downgrade(cfg, "base")
+    assert inspect(get_engine()).get_table_names(schema=WORKER_SCHEMA) == ["alembic_version"]
+    command.upgrade(cfg, "head")
+    assert model_mismatches(get_engine(), models.Base.metadata) == []

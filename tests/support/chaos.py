@@ -1065,6 +1065,7 @@ class ChaosReport:
     never_accepted: list[str]
     hostile_stored: list[str]
     applied_twice: list[str]
+    sweeps: tuple[int, int]  # sweeper runs, events it re-enqueued
     tables_compared: list[str]
     mismatches: list[Mismatch]
     oracle: list[str]
@@ -1145,6 +1146,7 @@ class ChaosReport:
         out.append(f"inbox after the drain: {', '.join(f'{k} {v}' for k, v in sorted(self.statuses.items()))}")
         out.append(f"processed: {self.statuses.get('processed', 0)} (+ {self.statuses.get('ignored', 0)} "
                    f"ignored: types the worker does not act on)")
+        out.append(f"sweeper: {self.sweeps[0]} runs re-enqueued {self.sweeps[1]} events whose messages were lost")
         out.append(f"parked: {len(self.parked)}")
         out += [f"  {event_id} {event_type}: {error}" for event_id, event_type, error in self.parked[:20]]
         out.append(f"lost (accepted, then missing or unprocessed): {len(self.lost)}"
@@ -1160,7 +1162,12 @@ class ChaosReport:
                    f"in {self.reference.seconds:.1f} s; {len(self.reference.failures)} failed there")
         out.append(f"oracle (expected outcome of each invoice, from the histories alone): "
                    f"{len(self.oracle)} differences")
-        out += [f"  {line}" for line in self.oracle[:10]]
+        same_second = [line for line in self.oracle if "in one second" in line]
+        out += [f"  {line}" for line in [line for line in self.oracle if line not in same_second][:10]]
+        if same_second:
+            out.append(f"  {len(same_second)} of them: the \"Invoice\" mirror of a paid invoice whose events all share "
+                       f"one second keeps the snapshot with the greatest (random) event id, e.g.")
+            out += [f"    {line}" for line in same_second[:3]]
         if self.unlinkable_refunds:
             out.append(f"  not checked: {self.unlinkable_refunds} refunded basil invoices whose webhooks never name "
                        f"their payment (`payments` is not sent unexpanded): the poller links those from the API, "
@@ -1215,7 +1222,7 @@ def run_chaos(config: ChaosConfig, work_dir: Path, log: Callable[[str], None] = 
             config=config, seed=seed, scenario_summary=summary, deliveries=len(deliveries), answers=answers,
             faults=faults.records, statuses=audit["statuses"], parked=audit["parked"], lost=audit["lost"],
             never_accepted=audit["never_accepted"], hostile_stored=audit["hostile_stored"],
-            applied_twice=audit["applied_twice"], tables_compared=tables, mismatches=mismatches,
+            applied_twice=audit["applied_twice"], sweeps=audit["sweeps"], tables_compared=tables, mismatches=mismatches,
             oracle=audit["oracle"], unlinkable_refunds=audit["unlinkable"], reference=reference, drained=drained,
             drain_after_last_fault=drained_at - faults.last_fault_end,
             drain_after_last_delivery=drained_at - last_delivery,
@@ -1242,6 +1249,8 @@ def _run_fleet(config, rng, servers, env, work_dir, deliveries, sut_url, log):
             supervisor = Supervisor(workers, started)
             supervisor.start()
             faults.start()
+            progress = threading.Thread(target=_progress, args=(client, sut_url, servers, log), daemon=True)
+            progress.start()
             client.run()
             faults.join()
             if faults.error is not None:
@@ -1259,6 +1268,21 @@ def _run_fleet(config, rng, servers, env, work_dir, deliveries, sut_url, log):
     return client, faults, drained, drained_at
 
 
+def _progress(client: Client, sut_url: str, servers: Servers, log: Callable[[str], None], every: float = 15) -> None:
+    """A line every few seconds while delivering: answered, inbox statuses, queue length."""
+    import redis
+
+    total = len(client.deliveries)
+    while client.done < total:
+        time.sleep(every)
+        try:
+            counts = counts_by_status(sut_url)
+            queued = redis.Redis.from_url(servers.redis_url, socket_timeout=1).llen("webhooks")
+        except Exception:  # a fault is in progress
+            counts, queued = {}, "?"
+        log(f"answered {client.done}/{total}; inbox {dict(sorted(counts.items()))}; queued messages {queued}")
+
+
 def _audit(sut_url: str, scenario: Scenario, answers: list[Answer], accepted_ids: set[str]) -> dict:
     genuine_ids = {e.id for e in scenario.events}
     with psycopg.connect(sut_url) as conn:
@@ -1273,6 +1297,9 @@ def _audit(sut_url: str, scenario: Scenario, answers: list[Answer], accepted_ids
                LEFT JOIN marketplace_worker.transaction_refunds r ON r.transaction_id = t.id
                GROUP BY t."invoiceId" """).fetchall()
         mirrors = dict(conn.execute('SELECT id, status FROM "Invoice"').fetchall())
+        sweeps = conn.execute(
+            "SELECT count(*), coalesce(sum((counts->>'enqueued')::int), 0) FROM marketplace_worker.job_runs "
+            "WHERE job = 'sweep_inbox' AND outcome = 'ok'").fetchone()
     lost = sorted(i for i in accepted_ids if inbox.get(i) in (None, "received", "retrying"))
     never_accepted = sorted(genuine_ids - accepted_ids)
     hostile_stored = sorted(set(inbox) - accepted_ids)
@@ -1310,5 +1337,5 @@ def _audit(sut_url: str, scenario: Scenario, answers: list[Answer], accepted_ids
     return {
         "statuses": Counter(inbox.values()), "parked": parked, "lost": lost, "never_accepted": never_accepted,
         "hostile_stored": hostile_stored, "applied_twice": applied_twice, "oracle": oracle,
-        "unlinkable": unlinkable,
+        "unlinkable": unlinkable, "sweeps": tuple(sweeps),
     }

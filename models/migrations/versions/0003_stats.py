@@ -1,7 +1,7 @@
 """provider stats: recompute stamps
 
 Revision ID: 0003_stats
-Revises: 0001
+Revises: 0002_ledger
 Create Date: 2026-11-24
 """
 
@@ -9,7 +9,7 @@ from alembic import op
 import sqlalchemy as sa
 
 revision = '0003_stats'
-down_revision = '0001'
+down_revision = '0002_ledger'
 branch_labels = None
 depends_on = None
 

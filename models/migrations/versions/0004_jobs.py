@@ -1,7 +1,7 @@
 """job runs
 
 Revision ID: 0004_jobs
-Revises: 0001
+Revises: 0003_stats
 Create Date: 2026-11-24
 """
 
@@ -10,7 +10,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 
 revision = '0004_jobs'
-down_revision = '0001'
+down_revision = '0003_stats'
 branch_labels = None
 depends_on = None
 

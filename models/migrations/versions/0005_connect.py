@@ -1,7 +1,7 @@
 """connect payouts reconciliation: transfers, payouts and their items, discrepancies
 
 Revision ID: 0005_connect
-Revises: 0001
+Revises: 0004_jobs
 Create Date: 2026-11-24
 """
 
@@ -9,7 +9,7 @@ from alembic import op
 import sqlalchemy as sa
 
 revision = '0005_connect'
-down_revision = '0001'
+down_revision = '0004_jobs'
 branch_labels = None
 depends_on = None
 
