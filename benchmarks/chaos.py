@@ -28,6 +28,7 @@ mismatched, or wrongly answered. `--logs DIR` keeps the processes' logs.
 from __future__ import annotations
 
 import argparse
+import signal
 import shutil
 import sys
 import tempfile
@@ -46,6 +47,8 @@ def main() -> int:
     parser.add_argument("--worker-kills", type=int, default=5)
     parser.add_argument("--logs", type=Path, default=None, help="copy the processes' logs here")
     args = parser.parse_args()
+    # A SIGTERM (a `timeout`, a CI cancel) unwinds like Ctrl-C: the servers started are stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     config = ChaosConfig(events=args.events, seed=args.seed, rate=args.rate, worker_kills=args.worker_kills)
     began = time.monotonic()

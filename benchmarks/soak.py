@@ -27,6 +27,7 @@ Exits 1 when an RSS grew by 10 % or more, or an event was not processed.
 from __future__ import annotations
 
 import argparse
+import signal
 import asyncio
 import itertools
 import random
@@ -226,10 +227,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--rate", type=float, default=500.0, help="events posted per second")
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=2, choices=range(1, 9), metavar="1..8")
     parser.add_argument("--connections", type=int, default=32, help="keep-alive connections (requests in flight at most)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    # A SIGTERM (a `timeout`, a CI cancel) unwinds like Ctrl-C: the servers started are stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     seconds = args.minutes * 60
     warmup = max(30.0, seconds * 0.10)
