@@ -28,8 +28,8 @@ mismatched, or wrongly answered. `--logs DIR` keeps the processes' logs.
 from __future__ import annotations
 
 import argparse
-import signal
 import shutil
+import signal
 import sys
 import tempfile
 import time

@@ -27,10 +27,10 @@ Exits 1 when an RSS grew by 10 % or more, or an event was not processed.
 from __future__ import annotations
 
 import argparse
-import signal
 import asyncio
 import itertools
 import random
+import signal
 import sys
 import tempfile
 import threading
@@ -299,8 +299,10 @@ def main() -> int:
     print(f"posted {result['sent']} events in {result['seconds']:.1f} s = {result['sent'] / result['seconds']:.0f}/s "
           f"({result['sent'] / result['seconds'] / args.rate:.0%} of the rate asked); answers "
           f"{dict(sorted(result['answers'].items()))}, 503s retried {result['retried']}")
-    print(f"inbox: {dict(sorted(statuses.items()))}; backlog when the stream stopped {backlog}, drained "
-          f"{'in' if drained else 'NOT within'} {drain_seconds:.1f} s")
+    kept_up = (result["sent"] - backlog) / result["seconds"]
+    print(f"inbox: {dict(sorted(statuses.items()))}; processed {kept_up:.0f} events/s while the stream ran "
+          f"({'kept up' if backlog < args.rate * 5 else 'did not keep up'}); backlog when it stopped {backlog}, "
+          f"drained {'in' if drained else 'NOT within'} {drain_seconds:.1f} s")
     print(f"RSS          idle        start (after {warmup:.0f} s)  end        growth   peak")
     grew = False
     for name in trees:
