@@ -123,6 +123,12 @@ class Settings(BaseSettings):
     def _split_secrets(cls, value: object) -> object:
         return _comma_list(value)
 
+    @field_validator("stripe_api_key", "flower_basic_auth", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        # Compose passes an unset secret as an empty string: it must count as missing.
+        return None if value == "" else value
+
     @field_validator("log_level")
     @classmethod
     def _log_level(cls, value: str) -> str:
