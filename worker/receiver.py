@@ -89,7 +89,10 @@ class InboxWriter:
 
     async def _insert(self, events: list[IncomingEvent]) -> set[str]:
         if self.conn is None or self.conn.closed:
-            self.conn = await psycopg.AsyncConnection.connect(self.conninfo, connect_timeout=5)
+            # A stuck database must turn into 503s (Stripe retries), not into requests that hang.
+            self.conn = await psycopg.AsyncConnection.connect(
+                self.conninfo, connect_timeout=5, options="-c statement_timeout=10000"
+            )
         async with self.conn.transaction():
             cursor = await self.conn.execute(INSERT_EVENTS_SQL, insert_params(events))
             return {row[0] for row in await cursor.fetchall()}
