@@ -396,8 +396,8 @@ def main() -> int:
     minimum = minimum_calls(data)
     bound = calls / args.rate
     print(f"Stripe calls: {calls} made, minimum the data allows {minimum}: ratio {calls / minimum:.3f} (goal <= 1.1)")
-    print(f"  by endpoint: " + ", ".join(f"{p} {n}" for p, n in sorted(counted["paths"].items())))
-    print(f"  answers: " + ", ".join(f"{s} x{n}" for s, n in sorted(counted["statuses"].items())))
+    print("  by endpoint: " + ", ".join(f"{p} {n}" for p, n in sorted(counted["paths"].items())))
+    print("  answers: " + ", ".join(f"{s} x{n}" for s, n in sorted(counted["statuses"].items())))
     print(f"wall time: {wall:.1f}s with {args.workers} Celery worker processes, rate cap {args.rate:g}/s "
           f"(latency {args.latency_ms:g} ms): calls / rate = {bound:.1f}s, ratio {wall / bound:.3f} (goal <= 1.2)")
     print(f"peak RSS (VmHWM): pool processes {', '.join(f'{k / 1024:.0f} MiB' for k in pool_rss)} "

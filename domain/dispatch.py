@@ -69,6 +69,14 @@ def is_permanent(error: BaseException) -> bool:
     return isinstance(error, (InvalidPayload, DataError, KeyError, TypeError, AttributeError))
 
 
+def event_object(event: StripeEvent, kind: str) -> dict:
+    """The event's `data.object`, which must be a Stripe `kind` (a charge, a payout, ...)."""
+    obj = event.payload["data"]["object"]
+    if obj.get("object") != kind:
+        raise InvalidPayload(f"{event.type} carries a {obj.get('object')!r}, not a {kind}")
+    return obj
+
+
 def handles(*event_types: str) -> Callable[[Handler], Handler]:
     def register(fn: Handler) -> Handler:
         for event_type in event_types:

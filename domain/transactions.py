@@ -557,16 +557,21 @@ def apply_charge(session: Session, obj: dict[str, Any], created: int, event_id: 
     return _after_payment_fact(session, invoice, f"charge {charge_id}")
 
 
-_UPSERT_REFUND = text(
-    """
-    INSERT INTO marketplace_worker.stripe_refunds AS r
-        (refund_id, charge_id, payment_intent_id, amount, status, updated_at)
-    VALUES (:id, :charge_id, :payment_intent_id, :amount, :status, now())
-    ON CONFLICT (refund_id) DO UPDATE SET
-        charge_id = excluded.charge_id, payment_intent_id = excluded.payment_intent_id,
-        amount = excluded.amount, status = excluded.status, updated_at = now()
-    """
-)
+def _upsert_payment_object(session: Session, table: str, key: str, values: dict[str, Any]) -> None:
+    """Store the newest snapshot of a refund or dispute (the caller checked it is newest)."""
+    session.execute(
+        text(
+            f"""
+            INSERT INTO marketplace_worker.{table}
+                ({key}, charge_id, payment_intent_id, amount, status, updated_at)
+            VALUES (:id, :charge_id, :payment_intent_id, :amount, :status, now())
+            ON CONFLICT ({key}) DO UPDATE SET
+                charge_id = excluded.charge_id, payment_intent_id = excluded.payment_intent_id,
+                amount = excluded.amount, status = excluded.status, updated_at = now()
+            """
+        ),
+        values,
+    )
 
 
 def apply_refund(session: Session, obj: dict[str, Any], created: int, event_id: str) -> Outcome:
@@ -582,23 +587,11 @@ def apply_refund(session: Session, obj: dict[str, Any], created: int, event_id: 
     if invoice is not None and not invoice.isMarketplaceInvoice:
         return Outcome(skipped="not_marketplace")
     if versions.advance(session, refund_id, "refund", created, event_id, 0 if status == "pending" else 1):
-        session.execute(_UPSERT_REFUND, {
+        _upsert_payment_object(session, "stripe_refunds", "refund_id", {
             "id": refund_id, "charge_id": charge_id, "payment_intent_id": payment_intent_id,
             "amount": _cents(obj, "amount"), "status": status,
         })
     return _after_payment_fact(session, invoice, f"refund {refund_id}")
-
-
-_UPSERT_DISPUTE = text(
-    """
-    INSERT INTO marketplace_worker.stripe_disputes AS d
-        (dispute_id, charge_id, payment_intent_id, amount, status, updated_at)
-    VALUES (:id, :charge_id, :payment_intent_id, :amount, :status, now())
-    ON CONFLICT (dispute_id) DO UPDATE SET
-        charge_id = excluded.charge_id, payment_intent_id = excluded.payment_intent_id,
-        amount = excluded.amount, status = excluded.status, updated_at = now()
-    """
-)
 
 
 def apply_dispute(session: Session, obj: dict[str, Any], created: int, event_id: str) -> Outcome:
@@ -612,7 +605,7 @@ def apply_dispute(session: Session, obj: dict[str, Any], created: int, event_id:
     if invoice is not None and not invoice.isMarketplaceInvoice:
         return Outcome(skipped="not_marketplace")
     if versions.advance(session, dispute_id, "dispute", created, event_id):
-        session.execute(_UPSERT_DISPUTE, {
+        _upsert_payment_object(session, "stripe_disputes", "dispute_id", {
             "id": dispute_id, "charge_id": charge_id, "payment_intent_id": payment_intent_id,
             "amount": _cents(obj, "amount"), "status": status,
         })

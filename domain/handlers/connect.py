@@ -9,22 +9,15 @@ import logging
 from sqlalchemy.orm import Session
 
 from domain import reconcile
-from domain.dispatch import InvalidPayload, handles
+from domain.dispatch import InvalidPayload, event_object, handles
 from models import StripeEvent
 
 log = logging.getLogger(__name__)
 
 
-def _object(event: StripeEvent, kind: str) -> dict:
-    obj = event.payload["data"]["object"]
-    if obj.get("object") != kind:
-        raise InvalidPayload(f"{event.type} carries a {obj.get('object')!r}, not a {kind}")
-    return obj
-
-
 @handles("account.updated")
 def account_updated(session: Session, event: StripeEvent) -> None:
-    obj = _object(event, "account")
+    obj = event_object(event, "account")
     account = obj.get("id") or event.account
     if not isinstance(account, str) or not account:
         raise InvalidPayload("account.updated without an account id")
@@ -53,7 +46,7 @@ def transfer_event(session: Session, event: StripeEvent) -> None:
         # A connected account's own transfer (Connect endpoint): not money the platform sent.
         log.info("%s of connected account %s ignored", event.type, event.account, extra={"event_id": event.id})
         return
-    reconcile.record_transfers(session, [reconcile.transfer_row(_object(event, "transfer"), event.created, event.id)])
+    reconcile.record_transfers(session, [reconcile.transfer_row(event_object(event, "transfer"), event.created, event.id)])
 
 
 @handles("payout.paid", "payout.failed", "payout.canceled", "payout.updated", "payout.reconciliation_completed")
@@ -63,5 +56,5 @@ def payout_event(session: Session, event: StripeEvent) -> None:
         log.info("%s of the platform ignored", event.type, extra={"event_id": event.id})
         return
     reconcile.record_payouts(
-        session, [reconcile.payout_row(event.account, _object(event, "payout"), event.created, event.id)]
+        session, [reconcile.payout_row(event.account, event_object(event, "payout"), event.created, event.id)]
     )
