@@ -12,7 +12,8 @@ reconciliation), so concurrent work serializes without deadlocks:
     3. that invoice's `marketplace.transactions` row
     4. the worker's per-object rows (`stripe_object_versions`, refunds, disputes, ...)
        and the per-payment advisory lock (domain/transactions.py explains it)
-    5. `touched_providers` rows, last, in provider id order
+
+(`touched_providers` takes no lock anyone waits for: its rows are only ever inserted.)
 
 Work that has no event (the poller) starts at step 2; several invoice rows are locked in
 id order. A charge, refund or dispute that matches no invoice skips steps 2-3.
@@ -46,7 +47,16 @@ EVENT_TYPES = (
 )
 
 Handler = Callable[[Session, StripeEvent], None]
-HANDLERS: dict[str, Handler] = {}
+BatchHandler = Callable[[Session, list[StripeEvent]], None]
+
+
+@dataclass(frozen=True)
+class Registered:
+    fn: Handler | BatchHandler
+    batch: bool  # takes the list of a batch's events of its types at once
+
+
+HANDLERS: dict[str, Registered] = {}
 
 
 class NotYetKnown(Exception):
@@ -77,12 +87,15 @@ def event_object(event: StripeEvent, kind: str) -> dict:
     return obj
 
 
-def handles(*event_types: str) -> Callable[[Handler], Handler]:
-    def register(fn: Handler) -> Handler:
+def handles(*event_types: str, batch: bool = False) -> Callable:
+    """Register a handler of `event_types`: `fn(session, event)`, or with `batch=True`
+    `fn(session, events)`, called once with all of a batch's events of those types (in order),
+    for handlers that can share their lookups and locks between events."""
+    def register(fn):
         for event_type in event_types:
             if event_type in HANDLERS:
                 raise RuntimeError(f"two handlers for {event_type}")
-            HANDLERS[event_type] = fn
+            HANDLERS[event_type] = Registered(fn, batch)
         return fn
 
     return register
@@ -93,34 +106,83 @@ def load_handlers() -> None:
     import domain.handlers  # noqa: F401
 
 
+# The event's effects and its `processed` mark commit together, so a commit lost in a server
+# crash loses both: the event is still `received` and the sweeper re-enqueues it. Waiting for
+# the WAL flush would buy nothing here (the receiver's commit stays synchronous).
+_ASYNC_COMMIT = text("SET LOCAL synchronous_commit = off")
+
+
 def process_event(session: Session, event_id: str) -> str:
     """Apply one stored event; returns what happened (for logs and tests)."""
+    return process_batch(session, [event_id])[event_id]
+
+
+# How long a transaction of events waits for a row another one holds before giving up
+# (`attempt_batch` then goes one event at a time). Batches lock invoices per handler, not all
+# in one id order, so two batches sharing invoices can wait for each other: this ends such a
+# wait before Postgres's deadlock check (deadlock_timeout, 1 s by default) would.
+_BATCH_LOCK_TIMEOUT = text("SET LOCAL lock_timeout = '500ms'")
+
+
+def process_batch(session: Session, event_ids: list[str]) -> dict[str, str]:
+    """Apply stored events in one transaction; returns what happened to each.
+
+    All or nothing: any failure propagates and the caller's transaction must roll back
+    (`attempt_batch` then takes the events one at a time). The inbox rows are all locked
+    first, in id order, before any invoice: the lock order above.
+    """
     load_handlers()
-    # The event's effects and its `processed` mark commit together, so a commit lost in a
-    # server crash loses both: the event is still `received` and the sweeper re-enqueues it.
-    # Waiting for the WAL flush would buy nothing here (the receiver's commit stays synchronous).
-    session.execute(text("SET LOCAL synchronous_commit = off"))
-    event = session.execute(
-        select(StripeEvent).where(StripeEvent.id == event_id).with_for_update()
-    ).scalar_one_or_none()
-    if event is None:
-        return "unknown"
-    if event.status in ("processed", "ignored", "parked"):
-        return f"already {event.status}"
+    session.execute(_ASYNC_COMMIT)
+    if len(event_ids) > 1:
+        session.execute(_BATCH_LOCK_TIMEOUT)
+    locked = {
+        event.id: event
+        for event in session.execute(
+            select(StripeEvent).where(StripeEvent.id.in_(event_ids)).order_by(StripeEvent.id).with_for_update()
+        ).scalars()
+    }
+    outcomes: dict[str, str] = {}
+    batches: dict[Callable, list[StripeEvent]] = {}
+    singles: list[tuple[Callable, StripeEvent]] = []
     now = datetime.now(UTC)
-    handler = HANDLERS.get(event.type)
-    if handler is None:
-        event.status = "ignored"
-        event.last_error = "no handler for this event type"
-        event.processed_at = now
-        return "ignored"
-    handler(session, event)
-    event.status = "processed"
-    event.attempts += 1
-    event.last_error = None
-    event.next_attempt_at = None
-    event.processed_at = now
-    return "processed"
+    for event_id in dict.fromkeys(event_ids):
+        event = locked.get(event_id)
+        if event is None:
+            outcomes[event_id] = "unknown"
+        elif event.status in ("processed", "ignored", "parked"):
+            outcomes[event_id] = f"already {event.status}"
+        elif (registered := HANDLERS.get(event.type)) is None:
+            event.status = "ignored"
+            event.last_error = "no handler for this event type"
+            event.processed_at = now
+            outcomes[event_id] = "ignored"
+        elif registered.batch:
+            batches.setdefault(registered.fn, []).append(event)
+        else:
+            singles.append((registered.fn, event))
+    runs = [(fn, events) for fn, events in batches.items()] + singles
+    for fn, arg in runs:
+        fn(session, arg)
+        if len(runs) > 1:
+            _forget_rows(session)
+    for events in [events for events in batches.values()] + [[event] for _, event in singles]:
+        for event in events:
+            event.status = "processed"
+            event.attempts += 1
+            event.last_error = None
+            event.next_attempt_at = None
+            event.processed_at = now
+            outcomes[event.id] = "processed"
+    return outcomes
+
+
+def _forget_rows(session: Session) -> None:
+    """Write out what a handler changed and let the next one read every row afresh, as it
+    would in a transaction of its own (the inbox rows stay: only the marking touches them)."""
+    session.flush()
+    for obj in list(session.identity_map.values()):
+        if not isinstance(obj, StripeEvent):
+            session.expire(obj)
 
 
 @dataclass(frozen=True)
@@ -162,6 +224,29 @@ def attempt_event(
         if failure.attempts == 0:
             return Attempt("already handled")
         return Attempt("retrying", retry_in=failure.retry_in, error=error)
+
+
+def attempt_batch(
+    session_factory: Callable[[], AbstractContextManager[Session]],
+    event_ids: list[str],
+    *,
+    max_attempts: int,
+    retry_base_seconds: float = 2.0,
+) -> dict[str, Attempt]:
+    """Several events in one transaction, or, when any of them fails (or waits too long for
+    a lock), each in its own `attempt_event`, so one bad event costs its neighbours a second
+    try and nothing else."""
+    try:
+        with session_factory() as session:
+            outcomes = process_batch(session, event_ids)
+        return {event_id: Attempt(outcome) for event_id, outcome in outcomes.items()}
+    except Exception as error:
+        log.info("batch of %d events goes one event at a time: %s", len(event_ids), describe(error))
+    return {
+        event_id: attempt_event(session_factory, event_id, max_attempts=max_attempts,
+                                retry_base_seconds=retry_base_seconds)
+        for event_id in dict.fromkeys(event_ids)
+    }
 
 
 def backoff_seconds(attempts: int, base: float = 2.0, cap: float = 600.0) -> float:

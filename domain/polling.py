@@ -272,8 +272,8 @@ def refresh_stuck_invoices(
         read_at = int(time.time())
         try:
             with session_factory() as session:
-                outcome = transactions.apply_invoice_snapshot(
-                    session, fetched.to_dict(), read_at, API_READ_EVENT_ID
+                [outcome] = transactions.apply_invoice_snapshots(
+                    session, [transactions.Snapshot(fetched.to_dict(), read_at, API_READ_EVENT_ID)]
                 )
         except (InvalidPayload, NotYetKnown) as error:
             log.warning("invoice %s read from Stripe could not be applied: %s", stripe_id, error)

@@ -14,11 +14,12 @@ Three ways in, one SQL aggregate:
   the incremental pass). Index lookups by provider id, so its cost follows the providers named.
 - `incremental_pass` (beat, every minute): the providers touched since the last pass.
   The worker's own changes (transaction status, refunds) arrive as rows of
-  `marketplace_worker.touched_providers`, written in the same transaction as the change; the
-  pass claims them by deleting them in the transaction that writes the stats, so a crash puts
-  them back. The claim is a statement of its own, before the aggregate: a webhook transaction
-  holding a touched row makes the DELETE wait for its commit, and the aggregate's snapshot,
-  taken afterwards, then sees that change. The app's changes are found by time: listings by
+  `marketplace_worker.touched_providers` (one row per touching transaction, inserted in the
+  same transaction as the change); the pass claims them by deleting them in the transaction
+  that writes the stats, so a crash puts them back. The claim is a statement of its own,
+  before the aggregate: it deletes only the touches committed before it began, whose changes
+  the aggregate's snapshot, taken afterwards, sees; a touch not yet committed is left for the
+  next pass, and no webhook ever waits for a pass. The app's changes are found by time: listings by
   "updatedAt", reviews by "createdAt"/"deletedAt" (reviews have no "updatedAt"; a soft delete
   sets "deletedAt" only), after a watermark kept in `marketplace_worker.watermarks` and moved
   in the same transaction, minus an overlap (STATS_CHANGE_OVERLAP_SECONDS) so that an app
@@ -41,9 +42,7 @@ a batch leaves alone the providers stamped at or after T0. Any change after T0 t
 recompute has seen is still pending when the batch applies (its touched row is there, or it is
 inside the watermark's window), so the next incremental pass corrects what the batch wrote.
 The full pass does not claim touched rows, for the same reason. Nothing holds a lock on
-`marketplace.providers` beyond one batch's transaction; a webhook never waits for the
-advisory lock, only, when it touches a provider an incremental pass is claiming, for that
-pass's short transaction.
+`marketplace.providers` beyond one batch's transaction; a webhook never waits for a pass.
 
 Not seen by the incremental pass (the nightly full pass corrects them): a review whose rating
 is edited in place and rows hard-deleted by the app, since neither leaves a timestamp; a
@@ -183,15 +182,11 @@ SELECT unnest(CAST(:ids AS integer[])), clock_timestamp()
 ON CONFLICT (provider_id) DO UPDATE SET recomputed_at = EXCLUDED.recomputed_at
 """)
 
-# Locks the rows in provider id order, the order touch_providers() writes them in, so that a
-# claim never deadlocks with a transaction touching several providers.
+# Takes the committed touches only: a touch still uncommitted is invisible to this snapshot,
+# waits for nobody and is claimed by the next pass, once its change can be seen.
 _CLAIM_TOUCHED_SQL = text("""
-WITH claimed AS MATERIALIZED (
-    SELECT provider_id FROM marketplace_worker.touched_providers ORDER BY provider_id FOR UPDATE
-)
-DELETE FROM marketplace_worker.touched_providers
-WHERE provider_id IN (SELECT provider_id FROM claimed)
-RETURNING provider_id
+WITH claimed AS (DELETE FROM marketplace_worker.touched_providers RETURNING provider_id)
+SELECT DISTINCT provider_id FROM claimed
 """)
 
 # The app's schema has no index on these columns, so this reads listings and reviews

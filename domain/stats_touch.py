@@ -7,11 +7,12 @@ from collections.abc import Iterable
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
+# A plain INSERT: it locks nothing another transaction waits for, so webhooks of one
+# provider run side by side. The stats pass claims the committed rows (domain/stats.py).
 _TOUCH = text(
     """
-    INSERT INTO marketplace_worker.touched_providers (provider_id, touched_at)
-    SELECT DISTINCT unnest(CAST(:ids AS integer[])), now()
-    ON CONFLICT (provider_id) DO UPDATE SET touched_at = now()
+    INSERT INTO marketplace_worker.touched_providers (provider_id)
+    SELECT unnest(CAST(:ids AS integer[]))
     """
 )
 

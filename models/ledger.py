@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import BigInteger, Boolean, DateTime, Index, Integer, Text, func
+from sqlalchemy import BigInteger, Boolean, DateTime, Identity, Index, Integer, Text, func
 from sqlalchemy.orm import Mapped, foreign, mapped_column, relationship
 
 from models.app import Transaction
@@ -103,10 +103,15 @@ class TransactionRefund(Base):
 
 
 class TouchedProvider(Base):
-    """Providers whose transactions changed since the stats job last looked."""
+    """Providers whose transactions changed since the stats job last looked.
+
+    Append-only, one row per touching transaction: a key on the provider would make every
+    webhook of a busy provider wait for the previous one's commit (domain/stats.py says why
+    claiming committed rows only is enough)."""
 
     __tablename__ = "touched_providers"
     __table_args__ = {"schema": WORKER_SCHEMA}
 
-    provider_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    id: Mapped[int] = mapped_column(BigInteger, Identity(always=True), primary_key=True)
+    provider_id: Mapped[int] = mapped_column(Integer)
     touched_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())

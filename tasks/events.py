@@ -27,6 +27,11 @@ def _attempt(event_id: str) -> dispatch.Attempt:
         session_scope, event_id,
         max_attempts=settings.event_max_attempts, retry_base_seconds=settings.event_retry_base_seconds,
     )
+    _log(event_id, attempt)
+    return attempt
+
+
+def _log(event_id: str, attempt: dispatch.Attempt) -> None:
     if attempt.outcome == "retrying":
         log.warning("event failed, retrying in %.1f s", attempt.retry_in,
                     extra={"event_id": event_id, "error": dispatch.describe(attempt.error)})
@@ -34,7 +39,6 @@ def _attempt(event_id: str) -> dispatch.Attempt:
         log.error("event parked", extra={"event_id": event_id, "error": dispatch.describe(attempt.error)})
     else:
         log.info("event %s", attempt.outcome, extra={"event_id": event_id})
-    return attempt
 
 
 @app.task(name=PROCESS_EVENT, bind=True, acks_late=True, reject_on_worker_lost=True, max_retries=None)
@@ -47,11 +51,17 @@ def process_event(self, event_id: str) -> str:
 
 @app.task(name="tasks.events.process_events", acks_late=True, reject_on_worker_lost=True)
 def process_events(event_ids: list[str]) -> dict[str, int]:
-    """Several stored events, each in its own transaction; one that fails goes on alone as
-    `process_event` with its backoff. A redelivered batch finds its done events processed."""
+    """Several stored events in one transaction (each in its own if any fails); one that
+    fails goes on alone as `process_event` with its backoff. A redelivered batch finds its
+    done events processed."""
+    settings = get_settings()
+    attempts = dispatch.attempt_batch(
+        session_scope, event_ids,
+        max_attempts=settings.event_max_attempts, retry_base_seconds=settings.event_retry_base_seconds,
+    )
     outcomes: Counter[str] = Counter()
-    for event_id in event_ids:
-        attempt = _attempt(event_id)
+    for event_id, attempt in attempts.items():
+        _log(event_id, attempt)
         if attempt.outcome == "retrying":
             process_event.apply_async((event_id,), countdown=attempt.retry_in)
         outcomes[attempt.outcome] += 1

@@ -36,7 +36,7 @@ def test_handlers():
 
     dispatch.load_handlers()
     added = {"test.ok": ok, "test.fails": fails, "test.not_yet": not_yet, "test.invalid": invalid}
-    dispatch.HANDLERS.update(added)
+    dispatch.HANDLERS.update({name: dispatch.Registered(fn, batch=False) for name, fn in added.items()})
     CALLS.clear()
     yield
     for name in added:
@@ -105,13 +105,33 @@ def test_a_handler_failure_rolls_back_everything_it_wrote(db, test_handlers):
         session.execute(update(StripeEvent).where(StripeEvent.id == event.id).values(account="acct_written"))
         raise RuntimeError("crashed midway")
 
-    dispatch.HANDLERS["test.half"] = half_done
+    dispatch.HANDLERS["test.half"] = dispatch.Registered(half_done, batch=False)
     try:
         event_id = store(db, "test.half")
         assert run(db, event_id) == "retrying"
         assert row(db, event_id).account is None
     finally:
         dispatch.HANDLERS.pop("test.half")
+
+
+def test_a_batch_is_applied_at_once_and_a_failing_member_costs_the_others_only_a_second_try(db, test_handlers):
+    first, failing, parked, last, duplicate = (
+        store(db, t) for t in ("test.ok", "test.fails", "test.invalid", "test.ok", "test.ok"))
+    run(db, duplicate)
+    db.rollback()
+    CALLS.clear()
+    attempts = dispatch.attempt_batch(session_scope, [first, failing, parked, last, duplicate, first], max_attempts=3)
+    assert {event_id: a.outcome for event_id, a in attempts.items()} == {
+        first: "processed", failing: "retrying", parked: "parked", last: "processed",
+        duplicate: "already processed"}
+    # The batch stopped at the failing event and rolled back; each event then went alone.
+    assert CALLS == [first, first, last]
+    assert [row(db, e).status for e in (first, failing, parked, last)] == ["processed", "retrying", "parked", "processed"]
+    assert row(db, first).attempts == 1 and row(db, failing).attempts == 1
+
+    CALLS.clear()
+    attempts = dispatch.attempt_batch(session_scope, [store(db, "test.ok"), store(db, "test.ok")], max_attempts=3)
+    assert [a.outcome for a in attempts.values()] == ["processed", "processed"] and len(CALLS) == 2
 
 
 def test_replay_puts_parked_events_back_and_leaves_processed_ones(db, test_handlers):

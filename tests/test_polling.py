@@ -83,7 +83,7 @@ def test_a_manual_payment_is_advanced_by_the_poller_alone(db):
     assert poll(stripe=False).advanced == 1
     [row] = transactions_of(db, invoice)
     assert (row.status, row.paidAt) == (PAID, paid_at)
-    touched = db.execute(text("SELECT provider_id FROM marketplace_worker.touched_providers")).scalars().all()
+    touched = db.execute(text("SELECT DISTINCT provider_id FROM marketplace_worker.touched_providers")).scalars().all()
     assert touched == [invoice.marketplaceProviderId]
 
 

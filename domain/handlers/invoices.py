@@ -7,8 +7,8 @@ import logging
 
 from sqlalchemy.orm import Session
 
-from domain.dispatch import InvalidPayload, handles
-from domain.transactions import apply_invoice_snapshot
+from domain.dispatch import event_object, handles
+from domain.transactions import Snapshot, apply_invoice_snapshots
 from models import StripeEvent
 
 log = logging.getLogger(__name__)
@@ -23,14 +23,16 @@ log = logging.getLogger(__name__)
     "invoice.voided",
     "invoice.marked_uncollectible",
     "invoice.updated",
+    batch=True,
 )
-def invoice_event(session: Session, event: StripeEvent) -> None:
-    obj = event.payload["data"]["object"]
-    if obj.get("object") != "invoice":
-        raise InvalidPayload(f"{event.type} carries a {obj.get('object')!r}, not an invoice")
-    if event.type == "invoice.payment_failed":
-        log.info(
-            "payment failed for Stripe invoice %s (attempt %s)", obj.get("id"), obj.get("attempt_count"),
-            extra={"event_id": event.id},
-        )
-    apply_invoice_snapshot(session, obj, event.created, event.id)
+def invoice_events(session: Session, events: list[StripeEvent]) -> None:
+    snapshots = []
+    for event in events:
+        obj = event_object(event, "invoice")
+        if event.type == "invoice.payment_failed":
+            log.info(
+                "payment failed for Stripe invoice %s (attempt %s)", obj.get("id"), obj.get("attempt_count"),
+                extra={"event_id": event.id},
+            )
+        snapshots.append(Snapshot(obj, event.created, event.id))
+    apply_invoice_snapshots(session, snapshots)

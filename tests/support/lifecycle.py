@@ -26,6 +26,12 @@ def run(event_id: str, max_attempts: int = 5) -> str:
     return dispatch.attempt_event(session_scope, event_id, max_attempts=max_attempts).outcome
 
 
+def run_batch(event_ids: list[str], max_attempts: int = 5) -> dict[str, str]:
+    """What tasks.events.process_events does with one message of ids, minus Celery."""
+    attempts = dispatch.attempt_batch(session_scope, event_ids, max_attempts=max_attempts)
+    return {event_id: attempt.outcome for event_id, attempt in attempts.items()}
+
+
 def deliver(session: Session, *events: dict) -> list[str]:
     """Store and process events one after the other; returns each outcome."""
     session.rollback()
