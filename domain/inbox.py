@@ -17,9 +17,9 @@ INSERT INTO marketplace_worker.stripe_events
     (id, type, account, livemode, api_version, created, payload, endpoint, status, last_error)
 SELECT id, type, account, livemode, api_version, created, payload::jsonb, endpoint, status, note
 FROM unnest(
-    %(id)s::text[], %(type)s::text[], %(account)s::text[], %(livemode)s::bool[],
-    %(api_version)s::text[], %(created)s::bigint[], %(payload)s::text[], %(endpoint)s::text[],
-    %(status)s::text[], %(note)s::text[]
+    %(id)b::text[], %(type)b::text[], %(account)b::text[], %(livemode)b::bool[],
+    %(api_version)b::text[], %(created)b::bigint[], %(payload)b::text[], %(endpoint)b::text[],
+    %(status)b::text[], %(note)b::text[]
 ) AS batch(id, type, account, livemode, api_version, created, payload, endpoint, status, note)
 ON CONFLICT (id) DO NOTHING
 RETURNING id
