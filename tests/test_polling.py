@@ -23,7 +23,7 @@ from models.db import session_scope
 from tests.support import factories
 from tests.support import stripe_events as se
 from tests.support.flow import wait_for
-from tests.support.lifecycle import deliver, event_status, ledger_state, run, store
+from tests.support.lifecycle import deliver, event_status, ledger_state, run, run_batch, store
 
 HOUR, DAY = 3600, 86_400
 
@@ -326,6 +326,54 @@ def test_webhooks_and_the_poller_racing_on_one_invoice_create_one_transaction(db
     assert counts == [1] * rounds
     statuses = db.execute(text("SELECT DISTINCT status FROM marketplace.transactions")).scalars().all()
     assert statuses == [PAID]
+
+
+def test_batches_sharing_invoices_in_opposite_orders_neither_deadlock_nor_lose_an_update(db):
+    """Each message's events share one transaction: one batch takes invoice A then B's charge,
+    the other B then A's charge. Whichever waits too long goes one event at a time."""
+    provider = factories.provider(db, payment_mode="stripe")
+    db.commit()
+    t0, invoices = 1_790_000_000, []
+    for name in ("a", "b"):
+        invoice = factories.invoice(db, provider, status="open", stripeInvoiceId=f"in_opposite_{name}")
+        db.commit()
+        ids = {"id": invoice.stripeInvoiceId, "app_invoice_id": str(invoice.id), "shape": "legacy",
+               "charge": f"ch_opposite_{name}", "payment_intent": f"pi_opposite_{name}"}
+        deliver(db, se.event("invoice.paid", se.invoice(status="paid", created=t0, **ids), created=t0))
+        invoices.append((invoice, ids))
+    rounds = 10
+    for n in range(1, rounds + 1):
+        events = {}
+        for invoice, ids in invoices:
+            events[invoice.id] = (
+                se.event("invoice.updated", se.invoice(status="paid", created=t0, **ids), created=t0 + n),
+                se.event("charge.refunded", se.charge(
+                    id=ids["charge"], amount=10_000, payment_intent=ids["payment_intent"], created=t0,
+                    amount_refunded=100 * n), created=t0 + n),
+            )
+        (a_invoice, a_charge), (b_invoice, b_charge) = events.values()
+        store(db, a_invoice, a_charge, b_invoice, b_charge)
+        batches = [[a_invoice["id"], b_charge["id"]], [b_invoice["id"], a_charge["id"]]]
+        barrier, outcomes, errors = threading.Barrier(2), {}, []
+
+        def go(batch):
+            try:
+                barrier.wait()
+                outcomes.update(run_batch(batch))
+            except Exception as error:  # surfaced below
+                errors.append(error)
+
+        threads = [threading.Thread(target=go, args=(batch,)) for batch in batches]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert errors == [] and not any(t.is_alive() for t in threads)
+        assert set(outcomes.values()) == {"processed"}, outcomes
+    refunded = db.execute(text(
+        'SELECT t."invoiceId", t.status, r.refunded_cents FROM marketplace.transactions t'
+        " JOIN marketplace_worker.transaction_refunds r ON r.transaction_id = t.id ORDER BY 1")).all()
+    assert [tuple(row) for row in refunded] == [(invoice.id, PAID, 100 * rounds) for invoice, _ in invoices]
 
 
 # --- through the real worker ------------------------------------------------------------------

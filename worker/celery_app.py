@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from datetime import datetime
 
 import celery
@@ -108,3 +109,13 @@ def _fresh_connections_after_fork(**_: object) -> None:
     from models.db import dispose_engines
 
     dispose_engines()
+
+
+@worker_process_init.connect
+def _freeze_startup_heap(**_: object) -> None:
+    # As in the receiver: what the process loaded at startup stays for its lifetime, so full
+    # collections need not walk it again and again (about a tenth of an event's CPU time).
+    from domain.dispatch import load_handlers
+
+    load_handlers()
+    gc.freeze()
