@@ -144,6 +144,7 @@ def process_batch(session: Session, event_ids: list[str]) -> dict[str, str]:
     outcomes: dict[str, str] = {}
     batches: dict[Callable, list[StripeEvent]] = {}
     singles: list[tuple[Callable, StripeEvent]] = []
+    applied: list[StripeEvent] = []
     now = datetime.now(UTC)
     for event_id in dict.fromkeys(event_ids):
         event = locked.get(event_id)
@@ -156,23 +157,24 @@ def process_batch(session: Session, event_ids: list[str]) -> dict[str, str]:
             event.last_error = "no handler for this event type"
             event.processed_at = now
             outcomes[event_id] = "ignored"
-        elif registered.batch:
-            batches.setdefault(registered.fn, []).append(event)
         else:
-            singles.append((registered.fn, event))
-    runs = [(fn, events) for fn, events in batches.items()] + singles
+            if registered.batch:
+                batches.setdefault(registered.fn, []).append(event)
+            else:
+                singles.append((registered.fn, event))
+            applied.append(event)
+    runs = [*batches.items(), *singles]
     for fn, arg in runs:
         fn(session, arg)
         if len(runs) > 1:
             _forget_rows(session)
-    for events in [events for events in batches.values()] + [[event] for _, event in singles]:
-        for event in events:
-            event.status = "processed"
-            event.attempts += 1
-            event.last_error = None
-            event.next_attempt_at = None
-            event.processed_at = now
-            outcomes[event.id] = "processed"
+    for event in applied:
+        event.status = "processed"
+        event.attempts += 1
+        event.last_error = None
+        event.next_attempt_at = None
+        event.processed_at = now
+        outcomes[event.id] = "processed"
     return outcomes
 
 
