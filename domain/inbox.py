@@ -11,7 +11,9 @@ from dataclasses import dataclass
 from typing import Any
 
 # One statement for a whole batch: the receiver groups concurrent requests into
-# one commit, and a duplicate id (Stripe's retry) is a no-op by key.
+# one commit, and a duplicate id (Stripe's retry) is a no-op by key. The arrays go in
+# binary (%b): in text format psycopg quotes every payload by regular expression, which
+# cost the receiver a fifth of its CPU.
 INSERT_EVENTS_SQL = """
 INSERT INTO marketplace_worker.stripe_events
     (id, type, account, livemode, api_version, created, payload, endpoint, status, last_error)
