@@ -200,3 +200,22 @@ def test_broker_down_stores_and_answers_200_then_the_sweeper_enqueues(services, 
         ).scalar() in ("ignored", "processed")
 
     wait_for(final_status, message="the worker to process the swept event")
+
+
+def test_ids_stored_moments_apart_share_one_message(services):
+    from tasks.events import BATCH_SIZE
+    from worker.receiver import GATHER_SECONDS, Publisher
+
+    publisher = Publisher()
+    messages: list[list[str]] = []
+    publisher._enqueue = messages.append  # the broker is not what this test is about
+    for event_id in ("evt_1", "evt_2", "evt_3"):  # three commits, one request each
+        publisher.submit([event_id])
+        time.sleep(GATHER_SECONDS / 10)
+    wait_for(lambda: messages, message="the gathered ids to be published")
+    assert messages == [["evt_1", "evt_2", "evt_3"]]
+
+    full = [f"evt_full_{n}" for n in range(BATCH_SIZE)]
+    publisher.submit(full)
+    wait_for(lambda: len(messages) == 2, message="the full batch to be published")
+    assert messages[1] == full
