@@ -47,13 +47,15 @@ EVENT_TYPES = (
 )
 
 Handler = Callable[[Session, StripeEvent], None]
-BatchHandler = Callable[[Session, list[StripeEvent]], None]
+# Called with all of a batch's events of its types; with skip_busy, it may leave the events
+# whose rows another transaction holds, and returns them.
+BatchHandler = Callable[..., list[StripeEvent]]
 
 
 @dataclass(frozen=True)
 class Registered:
     fn: Handler | BatchHandler
-    batch: bool  # takes the list of a batch's events of its types at once
+    batch: bool
 
 
 HANDLERS: dict[str, Registered] = {}
@@ -89,8 +91,8 @@ def event_object(event: StripeEvent, kind: str) -> dict:
 
 def handles(*event_types: str, batch: bool = False) -> Callable:
     """Register a handler of `event_types`: `fn(session, event)`, or with `batch=True`
-    `fn(session, events)`, called once with all of a batch's events of those types (in order),
-    for handlers that can share their lookups and locks between events."""
+    `fn(session, events, skip_busy=...) -> events left`, called once with all of a batch's
+    events of those types (in order), for handlers that can share their lookups and locks."""
     def register(fn):
         for event_type in event_types:
             if event_type in HANDLERS:
@@ -117,23 +119,28 @@ def process_event(session: Session, event_id: str) -> str:
     return process_batch(session, [event_id])[event_id]
 
 
-# How long a transaction of events waits for a row another one holds before giving up
-# (`attempt_batch` then goes one event at a time). Batches lock invoices per handler, not all
-# in one id order, so two batches sharing invoices can wait for each other: this ends such a
-# wait before Postgres's deadlock check (deadlock_timeout, 1 s by default) would.
-_BATCH_LOCK_TIMEOUT = text("SET LOCAL lock_timeout = '500ms'")
+# How long an event of a batch waits for a row another transaction holds before it is left
+# for later (applied alone once the batch has committed). Messages are processed side by side
+# and events about one invoice often sit in neighbouring messages: waiting for each other's
+# whole batch would serialize the workers, and two batches could wait for each other.
+_BATCH_LOCK_TIMEOUT = text("SET LOCAL lock_timeout = '100ms'")
+
+DEFERRED = "deferred"
 
 
 def process_batch(session: Session, event_ids: list[str]) -> dict[str, str]:
     """Apply stored events in one transaction; returns what happened to each.
 
-    All or nothing: any failure propagates and the caller's transaction must roll back
-    (`attempt_batch` then takes the events one at a time). The inbox rows are all locked
-    first, in id order, before any invoice: the lock order above.
+    With several events, each handler call runs in a savepoint: an event that fails, or whose
+    rows another transaction holds, is rolled back alone and comes out DEFERRED, for the
+    caller to apply in a transaction of its own after this one commits (`attempt_batch`).
+    A failure outside the handlers propagates; the caller's transaction must roll back. The
+    inbox rows are all locked first, in id order, before any invoice: the lock order above.
     """
     load_handlers()
+    several = len(set(event_ids)) > 1
     session.execute(_ASYNC_COMMIT)
-    if len(event_ids) > 1:
+    if several:
         session.execute(_BATCH_LOCK_TIMEOUT)
     locked = {
         event.id: event
@@ -144,7 +151,6 @@ def process_batch(session: Session, event_ids: list[str]) -> dict[str, str]:
     outcomes: dict[str, str] = {}
     batches: dict[Callable, list[StripeEvent]] = {}
     singles: list[tuple[Callable, StripeEvent]] = []
-    applied: list[StripeEvent] = []
     now = datetime.now(UTC)
     for event_id in dict.fromkeys(event_ids):
         event = locked.get(event_id)
@@ -157,17 +163,30 @@ def process_batch(session: Session, event_ids: list[str]) -> dict[str, str]:
             event.last_error = "no handler for this event type"
             event.processed_at = now
             outcomes[event_id] = "ignored"
+        elif registered.batch:
+            batches.setdefault(registered.fn, []).append(event)
         else:
-            if registered.batch:
-                batches.setdefault(registered.fn, []).append(event)
-            else:
-                singles.append((registered.fn, event))
-            applied.append(event)
-    runs = [*batches.items(), *singles]
-    for fn, arg in runs:
-        fn(session, arg)
-        if len(runs) > 1:
-            _forget_rows(session)
+            singles.append((registered.fn, event))
+    runs = [(fn, events, True) for fn, events in batches.items()] + [(fn, [event], False) for fn, event in singles]
+    applied: list[StripeEvent] = []
+    for fn, events, takes_batch in runs:
+        if not several:
+            fn(session, events, skip_busy=False) if takes_batch else fn(session, events[0])
+            applied += events
+            continue
+        try:
+            with session.begin_nested():
+                if takes_batch:
+                    left = fn(session, events, skip_busy=True)
+                else:
+                    fn(session, events[0])
+                    left = []
+        except Exception as error:  # applied alone after the commit, with its own bookkeeping
+            log.debug("events %s left for later: %s", [e.id for e in events], describe(error))
+            left = events
+        outcomes |= dict.fromkeys((event.id for event in left), DEFERRED)
+        applied += [event for event in events if event.id not in outcomes]
+        _forget_rows(session)
     for event in applied:
         event.status = "processed"
         event.attempts += 1
@@ -235,19 +254,20 @@ def attempt_batch(
     max_attempts: int,
     retry_base_seconds: float = 2.0,
 ) -> dict[str, Attempt]:
-    """Several events in one transaction, or, when any of them fails (or waits too long for
-    a lock), each in its own `attempt_event`, so one bad event costs its neighbours a second
-    try and nothing else."""
+    """Several events in one transaction; those it left (failed, or waited too long for a
+    row) each in its own `attempt_event` afterwards, and all of them so if the batch itself
+    failed. One bad or busy event costs its neighbours nothing."""
     try:
         with session_factory() as session:
             outcomes = process_batch(session, event_ids)
-        return {event_id: Attempt(outcome) for event_id, outcome in outcomes.items()}
     except Exception as error:
         log.info("batch of %d events goes one event at a time: %s", len(event_ids), describe(error))
+        outcomes = dict.fromkeys(event_ids, DEFERRED)
     return {
         event_id: attempt_event(session_factory, event_id, max_attempts=max_attempts,
                                 retry_base_seconds=retry_base_seconds)
-        for event_id in dict.fromkeys(event_ids)
+        if outcome == DEFERRED else Attempt(outcome)
+        for event_id, outcome in outcomes.items()
     }
 
 

@@ -338,19 +338,29 @@ class Snapshot:
     event_id: str
 
 
-def apply_invoice_snapshots(session: Session, snapshots: list[Snapshot]) -> list[Outcome]:
+# A snapshot left alone because another transaction holds its invoice (with `skip_busy`).
+BUSY = "busy"
+
+
+def apply_invoice_snapshots(session: Session, snapshots: list[Snapshot], *, skip_busy: bool = False) -> list[Outcome]:
     """Apply Stripe invoice snapshots (webhooks', or reads from the API), in order: mirror each
     onto the app's invoice if it is the newest seen, and advance the transaction.
 
     However many snapshots, their invoices are locked in one statement, in id order, and their
     transactions looked up in two: what lets a batch of events cost little more per event
-    than its own changes."""
+    than its own changes. With `skip_busy`, a snapshot whose invoice another transaction holds
+    is not waited for: its outcome is skipped as BUSY, for the caller to apply later."""
     checked = [(snapshot, _stripe_id(snapshot.obj), facts_from_stripe(snapshot.obj, snapshot.created))
                for snapshot in snapshots]
-    invoices = _lock_invoices_for_snapshots(session, [(stripe_id, snapshot.obj) for snapshot, stripe_id, _ in checked])
-    known = transactions_for(session, [i for i in dict.fromkeys(invoices) if i is not None and i.isMarketplaceInvoice])
+    invoices = _lock_invoices_for_snapshots(
+        session, [(stripe_id, snapshot.obj) for snapshot, stripe_id, _ in checked], skip_busy=skip_busy)
+    known = transactions_for(
+        session, [i for i in dict.fromkeys(invoices) if isinstance(i, Invoice) and i.isMarketplaceInvoice])
     outcomes = []
     for (snapshot, stripe_id, facts), invoice in zip(checked, invoices):
+        if invoice == BUSY:
+            outcomes.append(Outcome(skipped=BUSY))
+            continue
         if invoice is None:
             log.info("Stripe invoice %s is not one of the app's invoices; ignored", stripe_id)
             outcomes.append(Outcome(skipped="unknown_invoice"))
@@ -384,24 +394,35 @@ def _app_invoice_id(stripe_id: str, obj: dict[str, Any]) -> int | None:
         raise InvalidPayload(f"invoice {stripe_id} metadata.invoiceId is not an id: {app_id!r}") from None
 
 
-def _lock_invoices_for_snapshots(session: Session, wanted: list[tuple[str, dict[str, Any]]]) -> list[Invoice | None]:
-    """Each snapshot's invoice (None: not the app's), found by Stripe id, else by the app id in
-    its metadata; every candidate row locked at once, in id order."""
+def _lock_invoices_for_snapshots(
+    session: Session, wanted: list[tuple[str, dict[str, Any]]], *, skip_busy: bool
+) -> list[Invoice | None | str]:
+    """Each snapshot's invoice (None: not the app's; BUSY: held elsewhere, with `skip_busy`),
+    found by Stripe id, else by the app id in its metadata; every candidate row locked at
+    once, in id order."""
     app_ids = {stripe_id: _app_invoice_id(stripe_id, obj) for stripe_id, obj in wanted}
+    candidates = or_(Invoice.stripeInvoiceId.in_(list(app_ids)),
+                     Invoice.id.in_([i for i in app_ids.values() if i is not None]))
     rows = session.execute(
-        select(Invoice)
-        .where(or_(Invoice.stripeInvoiceId.in_(list(app_ids)),
-                   Invoice.id.in_([i for i in app_ids.values() if i is not None])))
-        .order_by(Invoice.id)
-        .with_for_update()
+        select(Invoice).where(candidates).order_by(Invoice.id).with_for_update(skip_locked=skip_busy)
     ).scalars().all()
+    busy_stripe_ids, busy_ids = set(), set()
+    if skip_busy:
+        # The rows the locking read skipped: they exist, another transaction holds them.
+        locked = {row.id for row in rows}
+        for invoice_id, stripe_id in session.execute(select(Invoice.id, Invoice.stripeInvoiceId).where(candidates)):
+            if invoice_id not in locked:
+                busy_ids.add(invoice_id)
+                busy_stripe_ids.add(stripe_id)
     by_stripe_id = {row.stripeInvoiceId: row for row in rows if row.stripeInvoiceId is not None}
     by_id = {row.id: row for row in rows}
     found = []
     for stripe_id, _ in wanted:
         invoice = by_stripe_id.get(stripe_id)
         invoice_id = app_ids[stripe_id]
-        if invoice is None and invoice_id is not None:
+        if stripe_id in busy_stripe_ids or invoice_id in busy_ids:
+            invoice = BUSY
+        elif invoice is None and invoice_id is not None:
             invoice = by_id.get(invoice_id)
             if invoice is None:
                 raise NotYetKnown(f"app invoice {invoice_id} (Stripe {stripe_id}) is not in the database yet")

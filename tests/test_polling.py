@@ -19,7 +19,7 @@ from domain.clock import from_unix, utcnow
 from domain.lifecycle import CANCELLED, COMPLETED, INVOICED, PAID, PENDING_INVOICE, REFUNDED
 from domain.stripe_api import get_client
 from models import Invoice, Transaction
-from models.db import session_scope
+from models.db import make_session, session_scope
 from tests.support import factories
 from tests.support import stripe_events as se
 from tests.support.flow import wait_for
@@ -374,6 +374,30 @@ def test_batches_sharing_invoices_in_opposite_orders_neither_deadlock_nor_lose_a
         'SELECT t."invoiceId", t.status, r.refunded_cents FROM marketplace.transactions t'
         " JOIN marketplace_worker.transaction_refunds r ON r.transaction_id = t.id ORDER BY 1")).all()
     assert [tuple(row) for row in refunded] == [(invoice.id, PAID, 100 * rounds) for invoice, _ in invoices]
+
+
+def test_a_batch_leaves_the_event_whose_invoice_is_held_and_applies_it_once_free(db):
+    provider = factories.provider(db, payment_mode="stripe")
+    db.commit()
+    held, free = (factories.invoice(db, provider, status="open", stripeInvoiceId=f"in_held_{n}") for n in (1, 2))
+    db.commit()
+    events = [se.event("invoice.paid", se.invoice(status="paid", id=i.stripeInvoiceId, app_invoice_id=str(i.id)),
+                       created=1_790_000_000) for i in (held, free)]
+    store(db, *events)
+    holder = make_session()  # another worker's transaction, still open
+    holder.execute(select(Invoice).where(Invoice.id == held.id).with_for_update())
+    outcomes = {}
+    batch = threading.Thread(target=lambda: outcomes.update(run_batch([e["id"] for e in events])))
+    batch.start()
+    # The batch committed the free invoice's event without waiting for the held one...
+    wait_for(lambda: event_status(db, events[1]["id"])[0] == "processed", message="the free event")
+    assert event_status(db, events[0]["id"])[0] == "received" and batch.is_alive()
+    holder.rollback()
+    holder.close()
+    batch.join(30)
+    # ...which it applied alone once the invoice was free.
+    assert outcomes == {events[0]["id"]: "processed", events[1]["id"]: "processed"}
+    assert [t.status for t in transactions_of(db, held)] == [PAID]
 
 
 # --- through the real worker ------------------------------------------------------------------

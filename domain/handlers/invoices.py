@@ -8,7 +8,7 @@ import logging
 from sqlalchemy.orm import Session
 
 from domain.dispatch import event_object, handles
-from domain.transactions import Snapshot, apply_invoice_snapshots
+from domain.transactions import BUSY, Snapshot, apply_invoice_snapshots
 from models import StripeEvent
 
 log = logging.getLogger(__name__)
@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
     "invoice.updated",
     batch=True,
 )
-def invoice_events(session: Session, events: list[StripeEvent]) -> None:
+def invoice_events(session: Session, events: list[StripeEvent], *, skip_busy: bool) -> list[StripeEvent]:
     snapshots = []
     for event in events:
         obj = event_object(event, "invoice")
@@ -35,4 +35,5 @@ def invoice_events(session: Session, events: list[StripeEvent]) -> None:
                 extra={"event_id": event.id},
             )
         snapshots.append(Snapshot(obj, event.created, event.id))
-    apply_invoice_snapshots(session, snapshots)
+    outcomes = apply_invoice_snapshots(session, snapshots, skip_busy=skip_busy)
+    return [event for event, outcome in zip(events, outcomes) if outcome.skipped == BUSY]
