@@ -51,9 +51,9 @@ def process_event(self, event_id: str) -> str:
 
 @app.task(name="tasks.events.process_events", acks_late=True, reject_on_worker_lost=True)
 def process_events(event_ids: list[str]) -> dict[str, int]:
-    """Several stored events in one transaction (each in its own if any fails); one that
-    fails goes on alone as `process_event` with its backoff. A redelivered batch finds its
-    done events processed."""
+    """Several stored events in one transaction (`dispatch.attempt_batch`); one that fails
+    goes on alone as `process_event` with its backoff. A redelivered batch finds its done
+    events processed."""
     settings = get_settings()
     attempts = dispatch.attempt_batch(
         session_scope, event_ids,
