@@ -7,7 +7,10 @@ For each provider:
                      (`marketplace_worker.transaction_refunds`, no row = nothing refunded)
   averageRating      mean rating of its reviews with "deletedAt" null, rounded half up to two
                      places by Postgres on numeric (round() rounds half away from zero, which is
-                     half up for ratings); 0.00 when it has none
+                     half up for ratings); 0.00 when it has none. A rating outside 1..5 (the
+                     app's rule; the column does not enforce it) is left out: one such row
+                     could not be averaged into DECIMAL(3,2) and would fail every provider's
+                     stats in its statement
 
 Three ways in, one SQL aggregate:
 - `recompute_providers`: the providers named (the `stats --provider` command, and the core of
@@ -144,7 +147,7 @@ LEFT JOIN (
 LEFT JOIN (
     SELECT x."providerId", round(avg(x.rating), 2) AS rating
     FROM marketplace.reviews x
-    WHERE x."deletedAt" IS NULL {only}
+    WHERE x."deletedAt" IS NULL AND x.rating BETWEEN 1 AND 5 {only}
     GROUP BY x."providerId"
 ) rv ON rv."providerId" = p.id
 {where}

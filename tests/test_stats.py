@@ -61,7 +61,7 @@ def reference(session: Session) -> dict[int, tuple]:
             result[provider_id][2] += cents - refunds.get(tx_id, 0)
     for provider_id, rating, deleted_at in session.execute(
             select(Review.providerId, Review.rating, Review.deletedAt)):
-        if deleted_at is None:
+        if deleted_at is None and 1 <= rating <= 5:
             result[provider_id][3].append(rating)
     return {provider_id: (listings, count, cents, _half_up(ratings))
             for provider_id, (listings, count, cents, ratings) in result.items()}
@@ -154,6 +154,21 @@ def test_each_definition_against_hand_computed_values(db):
     assert stored(db, c.id) == (0, 0, 0, Decimal("0.00"))
     assert [change.provider_id for change in result.changes] == [a.id, b.id, c.id]
     assert result.changes[2].old == stats.ProviderStats(3, 2, 900, Decimal("4.50"))
+    assert reference(db) == all_stored(db)
+
+
+def test_a_rating_outside_one_to_five_is_left_out_and_fails_nobody(db):
+    bad = f.provider(db)
+    rated(db, bad, [4, 5, 1000, 0, -3])
+    good = f.provider(db)
+    rated(db, good, [3])
+    db.commit()
+
+    full()
+    assert stored(db, bad.id)[3] == Decimal("4.50")
+    assert stored(db, good.id)[3] == Decimal("3.00")
+    with session_scope() as session:
+        stats.recompute_providers(session, [bad.id, good.id])
     assert reference(db) == all_stored(db)
 
 
