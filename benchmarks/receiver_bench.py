@@ -152,22 +152,21 @@ def run_wrk(url: str, lines: list[str], concurrency: int, work: Path, conninfo: 
     script = work / "post.lua"
     script.write_text(WRK_SCRIPT)
     threads = 2
-    watch = psycopg.connect(conninfo, autocommit=True)  # one connection for all the polling
-    before = count(watch)
-    wrk = subprocess.Popen(
-        ["wrk", "-t", str(threads), "-c", str(concurrency), "-d", "600s", "--timeout", "10s",
-         "-s", str(script), url, "--", str(data), str(threads)],
-        stdout=subprocess.PIPE, text=True,
-    )
-    # wrk runs for its whole duration even when every thread has stopped: stop it (SIGINT
-    # makes it print its summary) once the inbox has stopped growing.
-    last, still_since = -1, time.monotonic()
-    while time.monotonic() - still_since < 2 and wrk.poll() is None:
-        now_count = count(watch) - before
-        if now_count != last:
-            last, still_since = now_count, time.monotonic()
-        time.sleep(0.5)  # light polling: the machine's CPU belongs to what is measured
-    watch.close()
+    with psycopg.connect(conninfo, autocommit=True) as watch:  # one connection for all the polling
+        before = count(watch)
+        wrk = subprocess.Popen(
+            ["wrk", "-t", str(threads), "-c", str(concurrency), "-d", "600s", "--timeout", "10s",
+             "-s", str(script), url, "--", str(data), str(threads)],
+            stdout=subprocess.PIPE, text=True,
+        )
+        # wrk runs for its whole duration even when every thread has stopped: stop it (SIGINT
+        # makes it print its summary) once the inbox has stopped growing.
+        last, still_since = -1, time.monotonic()
+        while time.monotonic() - still_since < 2 and wrk.poll() is None:
+            now_count = count(watch) - before
+            if now_count != last:
+                last, still_since = now_count, time.monotonic()
+            time.sleep(0.5)  # light polling: the machine's CPU belongs to what is measured
     wrk.send_signal(signal.SIGINT)
     out = wrk.communicate(timeout=30)[0]
     result = dict(item.split("=") for item in out.split("RESULT ", 1)[1].split())

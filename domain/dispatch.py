@@ -170,17 +170,13 @@ def process_batch(session: Session, event_ids: list[str]) -> dict[str, str]:
     runs = [(fn, events, True) for fn, events in batches.items()] + [(fn, [event], False) for fn, event in singles]
     applied: list[StripeEvent] = []
     for fn, events, takes_batch in runs:
-        if not several:
-            fn(session, events, skip_busy=False) if takes_batch else fn(session, events[0])
+        if not several:  # alone: wait for held rows, and let a failure fail the transaction
+            _call(session, fn, events, takes_batch, skip_busy=False)
             applied += events
             continue
         try:
             with session.begin_nested():
-                if takes_batch:
-                    left = fn(session, events, skip_busy=True)
-                else:
-                    fn(session, events[0])
-                    left = []
+                left = _call(session, fn, events, takes_batch, skip_busy=True)
         except Exception as error:  # applied alone after the commit, with its own bookkeeping
             log.debug("events %s left for later: %s", [e.id for e in events], describe(error))
             left = events
@@ -195,6 +191,15 @@ def process_batch(session: Session, event_ids: list[str]) -> dict[str, str]:
         event.processed_at = now
         outcomes[event.id] = "processed"
     return outcomes
+
+
+def _call(session: Session, fn: Callable, events: list[StripeEvent], takes_batch: bool, *,
+          skip_busy: bool) -> list[StripeEvent]:
+    """Run one handler call; returns the events it left for later."""
+    if takes_batch:
+        return fn(session, events, skip_busy=skip_busy)
+    fn(session, events[0])
+    return []
 
 
 def _forget_rows(session: Session) -> None:

@@ -406,21 +406,20 @@ def _lock_invoices_for_snapshots(
     rows = session.execute(
         select(Invoice).where(candidates).order_by(Invoice.id).with_for_update(skip_locked=skip_busy)
     ).scalars().all()
-    busy_stripe_ids, busy_ids = set(), set()
-    if skip_busy:
-        # The rows the locking read skipped: they exist, another transaction holds them.
-        locked = {row.id for row in rows}
-        for invoice_id, stripe_id in session.execute(select(Invoice.id, Invoice.stripeInvoiceId).where(candidates)):
-            if invoice_id not in locked:
-                busy_ids.add(invoice_id)
-                busy_stripe_ids.add(stripe_id)
     by_stripe_id = {row.stripeInvoiceId: row for row in rows if row.stripeInvoiceId is not None}
     by_id = {row.id: row for row in rows}
+    busy_stripe_ids, busy_ids = set(), set()
+    if skip_busy and any(stripe_id not in by_stripe_id for stripe_id in app_ids):
+        # Rows the locking read skipped exist, and another transaction holds them.
+        for invoice_id, stripe_id in session.execute(select(Invoice.id, Invoice.stripeInvoiceId).where(candidates)):
+            if invoice_id not in by_id:
+                busy_ids.add(invoice_id)
+                busy_stripe_ids.add(stripe_id)
     found = []
     for stripe_id, _ in wanted:
         invoice = by_stripe_id.get(stripe_id)
         invoice_id = app_ids[stripe_id]
-        if stripe_id in busy_stripe_ids or invoice_id in busy_ids:
+        if invoice is None and (stripe_id in busy_stripe_ids or invoice_id in busy_ids):
             invoice = BUSY
         elif invoice is None and invoice_id is not None:
             invoice = by_id.get(invoice_id)
