@@ -18,7 +18,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from config import get_settings
-from domain.dispatch import EVENT_TYPES
+from domain.dispatch import handled_types
 from domain.inbox import INSERT_EVENTS_SQL, IncomingEvent, event_from_dict, insert_params
 from domain.stripe_api import with_rate_limit_retry
 from models import Provider, StripeEvent
@@ -58,7 +58,7 @@ def connect_accounts(session: Session) -> list[str]:
 
 
 def list_missed_events(client: stripe.StripeClient, since: int, account: str | None) -> list[dict]:
-    types = sorted(EVENT_TYPES)
+    types = list(handled_types())
     options = {"stripe_account": account} if account else {}
     events: list[dict] = []
     for start in range(0, len(types), TYPES_PER_CALL):

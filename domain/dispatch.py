@@ -35,17 +35,6 @@ from models import StripeEvent
 
 log = logging.getLogger(__name__)
 
-# The event types the worker acts on (SPEC §2); every other type is stored and ignored.
-EVENT_TYPES = (
-    "invoice.finalized", "invoice.paid", "invoice.payment_succeeded", "invoice.payment_failed",
-    "invoice.voided", "invoice.marked_uncollectible", "invoice.updated",
-    "charge.refunded", "refund.created", "refund.updated",
-    "charge.dispute.created", "charge.dispute.closed",
-    "transfer.created", "transfer.reversed", "transfer.updated",
-    "payout.paid", "payout.failed", "payout.canceled", "payout.updated",
-    "account.updated", "account.application.deauthorized",
-)
-
 Handler = Callable[[Session, StripeEvent], None]
 # Called with all of a batch's events of its types; with skip_busy, it may leave the events
 # whose rows another transaction holds, and returns them.
@@ -106,6 +95,13 @@ def handles(*event_types: str, batch: bool = False) -> Callable:
 def load_handlers() -> None:
     """Import the modules that register handlers (they register on import)."""
     import domain.handlers  # noqa: F401
+
+
+def handled_types() -> tuple[str, ...]:
+    """The event types the worker acts on (SPEC §2), read from the registered handlers: the
+    one list, which catch-up asks Stripe for. Every other type is stored and ignored."""
+    load_handlers()
+    return tuple(sorted(HANDLERS))
 
 
 # The event's effects and its `processed` mark commit together, so a commit lost in a server
