@@ -74,9 +74,19 @@ class Settings(BaseSettings):
     poll_recheck_seconds: int = Field(default=900, ge=60)
     # Stripe API reads per poll run, to stay far inside Stripe's rate limits.
     poll_stripe_reads_per_run: int = Field(default=50, ge=0, le=1000)
+    # A paid invoice whose payment link a read did not get (the read failed, was rate limited,
+    # or Stripe had no charge yet) is read again after this, doubling up to the stale interval.
+    poll_link_retry_base_seconds: int = Field(default=60, ge=1)
 
     webhook_tolerance_seconds: int = Field(default=300, ge=1)
     webhook_max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
+
+    # Work a job fanned out (domain/fanout.py): a piece not started this long after its message
+    # was due, while its queue holds no message, lost that message and is enqueued again.
+    fanout_sweep_after_seconds: int = Field(default=120, ge=1)
+    # Re-enqueued whatever its queue holds, once this overdue: a queue that never empties
+    # (a steady backlog) must not hide a lost piece for ever.
+    fanout_stale_after_seconds: int = Field(default=3600, ge=60)
 
     # An event still `received` this long after arrival lost its broker message.
     sweeper_threshold_seconds: int = Field(default=60, ge=1)
@@ -107,6 +117,7 @@ class Settings(BaseSettings):
     # Accounts named by transfer/payout events since their last reconciliation.
     schedule_reconcile_dirty: CadenceSetting = Cadence(600)
     schedule_purge_inbox: CadenceSetting = Cadence(86_400, 4 * 3600)
+    schedule_sweep_fanout: CadenceSetting = Cadence(60)
 
     # Processed and ignored inbox events older than this are deleted nightly. Longer than the
     # 30 days of event history Stripe keeps, so a catch-up can never meet a purged id as new.
@@ -161,6 +172,10 @@ class Settings(BaseSettings):
     @property
     def broker_url(self) -> str:
         return self.celery_broker_url or self.redis_url
+
+    @property
+    def broker_is_amqp(self) -> bool:
+        return self.broker_url.split("://", 1)[0] in ("amqp", "amqps", "pyamqp")
 
     @property
     def result_backend(self) -> str:

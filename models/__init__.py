@@ -20,6 +20,7 @@ from models.connect import (
     ConnectTransfer,
     ReconcileDiscrepancy,
 )
+from models.fanout import FanoutItem
 from models.inbox import StripeEvent
 from models.jobs import JobRun
 from models.ledger import (
@@ -40,6 +41,7 @@ __all__ = [
     "ConnectPayout",
     "ConnectPayoutItem",
     "ConnectTransfer",
+    "FanoutItem",
     "Invoice",
     "InvoiceTransaction",
     "JobRun",

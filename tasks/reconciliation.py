@@ -3,8 +3,11 @@ domain/reconcile.py.
 
 `reconcile_all` (beat, nightly) and `reconcile_dirty` (beat, every few minutes: the accounts
 named by transfer/payout events since) fan out one `reconcile_account` message per account,
-so every worker consuming the queue takes a share. `reconcile_account` only reads from
-Stripe and is idempotent; while another worker holds the same account it retries later.
+so every worker consuming the queue takes a share. Each piece is recorded in
+`marketplace_worker.fanout_items` before its message is published (domain/fanout.py), so a
+broker that loses the messages loses no reconciliation: the fan-out sweeper re-enqueues them.
+`reconcile_account` only reads from Stripe and is idempotent; while another worker holds the
+same account it retries later.
 """
 
 from __future__ import annotations
@@ -16,10 +19,11 @@ from functools import lru_cache
 import stripe
 
 from config import get_settings
-from domain import reconcile
-from domain.jobs import run_once
+from domain import fanout, reconcile
+from domain.jobs import Run, run_once
 from domain.stripe_api import get_client
 from models.db import get_engine, session_scope
+from tasks.fanout import PieceTask, publish
 from worker import app
 
 log = logging.getLogger(__name__)
@@ -37,8 +41,12 @@ def _reader() -> reconcile.StripeReader:
                                   settings.reconcile_stripe_concurrency)
 
 
+RECONCILE_ACCOUNT = "tasks.reconciliation.reconcile_account"
+
+
 @app.task(
-    name="tasks.reconciliation.reconcile_account",
+    name=RECONCILE_ACCOUNT,
+    base=PieceTask,
     bind=True,
     autoretry_for=(stripe.APIConnectionError, stripe.APIError, stripe.RateLimitError),
     retry_backoff=30,
@@ -60,10 +68,13 @@ def reconcile_account(self, account: str, since: int | None = None) -> dict:
             "outcomes": dict(result.outcomes)}
 
 
-def enqueue_accounts(accounts: list[str], since: int | None = None) -> None:
-    with app.producer_or_acquire() as producer:
-        for account in accounts:
-            reconcile_account.apply_async((account, since), producer=producer)
+def fan_out(run: Run, accounts: list[str], since: int | None = None) -> int:
+    """Record one piece per account not already pending, then publish them; returns how many."""
+    with session_scope() as session:
+        pieces = fanout.record(session, run.job, run.id, RECONCILE_ACCOUNT,
+                               ((account, [account, since]) for account in accounts))
+    publish(pieces)
+    return len(pieces)
 
 
 @app.task(name="tasks.reconciliation.reconcile_all")
@@ -73,8 +84,8 @@ def reconcile_all(since: int | None = None) -> dict:
         with session_scope() as session:
             accounts = reconcile.active_accounts(session)
             unknown, _ = reconcile.report_unknown_destinations(session)
-        enqueue_accounts(accounts, since)
-        run.counts = {"accounts": len(accounts), "unknown_destination": unknown}
+        enqueued = fan_out(run, accounts, since)
+        run.counts = {"accounts": len(accounts), "enqueued": enqueued, "unknown_destination": unknown}
     return run.counts
 
 
@@ -84,6 +95,6 @@ def reconcile_dirty() -> dict:
     with run_once("reconcile_dirty") as run:
         with session_scope() as session:
             accounts = reconcile.dirty_accounts(session)
-        enqueue_accounts(accounts)
-        run.counts = {"accounts": len(accounts)}
+        enqueued = fan_out(run, accounts)
+        run.counts = {"accounts": len(accounts), "enqueued": enqueued}
     return run.counts

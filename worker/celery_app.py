@@ -1,4 +1,11 @@
-"""The Celery application: JSON only, late acks for events, one queue per kind of work."""
+"""The Celery application: JSON only, late acks, one queue per kind of work, on Redis or RabbitMQ.
+
+The broker is whatever CELERY_BROKER_URL (else REDIS_URL) names. On RabbitMQ (`amqp://`) every
+queue is a quorum queue (replicated, on disk, survives a node restart; classic mirrored queues
+are deprecated), publishes wait for the broker's confirm, and countdowns (retries) use Celery's
+native delayed delivery, which needs the queues bound through topic exchanges. Routing is the
+same on both: the task routes below name queues only.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +16,7 @@ import celery
 import click
 from celery import Celery
 from celery.signals import setup_logging, worker_process_init
-from kombu import Queue
+from kombu import Exchange, Queue
 
 from config import get_settings
 from domain.jobs import SCHEDULED_SLOT, JobSkipped
@@ -20,15 +27,22 @@ QUEUES = ("webhooks", "polling", "stats", "reconciliation")
 
 TASK_MODULES = [
     "tasks.events",
+    "tasks.fanout",
     "tasks.maintenance",
     "tasks.polling",
     "tasks.reconciliation",
     "tasks.stats",
 ]
 
-# The longest task's hard limit; Redis must not hand an unacked message to another
-# worker before that task could possibly have finished.
+# The longest task's hard limit (the nightly full stats pass and the inbox purge, each one
+# task). A broker must not take back an unacked message of a task that could still be running:
+# Redis's visibility timeout and RabbitMQ's consumer timeout are both set above it. Nothing
+# waits on them to recover lost work: the inbox and fan-out sweepers (domain/fanout.py) re-enqueue
+# what a lost message carried within minutes, and a job's next slot replaces a lost beat message.
 LONGEST_TASK_SECONDS = 3600
+# Room for a message prefetched while the previous task ran, and for clock and signal delays.
+BROKER_ACK_MARGIN_SECONDS = 600
+ACK_DEADLINE_SECONDS = LONGEST_TASK_SECONDS + BROKER_ACK_MARGIN_SECONDS
 
 
 class Task(celery.Task):
@@ -61,10 +75,12 @@ def create_app() -> Celery:
         task_ignore_result=True,
         enable_utc=True,
         timezone="UTC",
-        task_queues=[Queue(name) for name in QUEUES],
+        task_queues=task_queues(settings.broker_is_amqp),
         task_default_queue="webhooks",
         task_routes={
             "tasks.events.*": {"queue": "webhooks"},
+            # Short, every minute, and never behind the backlog it is there to repair.
+            "tasks.fanout.*": {"queue": "webhooks"},
             "tasks.polling.*": {"queue": "polling"},
             "tasks.stats.*": {"queue": "stats"},
             "tasks.reconciliation.*": {"queue": "reconciliation"},
@@ -76,7 +92,7 @@ def create_app() -> Celery:
         task_reject_on_worker_lost=True,
         task_soft_time_limit=60,
         task_time_limit=90,
-        broker_transport_options={"visibility_timeout": LONGEST_TASK_SECONDS + 600},
+        broker_transport_options=broker_transport_options(settings.broker_is_amqp),
         broker_connection_retry_on_startup=True,
         # Flower (and `celery events`) see every task from the moment it is sent.
         worker_send_task_events=True,
@@ -89,6 +105,51 @@ def create_app() -> Celery:
 
         guard(app)
     return app
+
+
+def task_queues(amqp: bool) -> list[Queue]:
+    if not amqp:
+        return [Queue(name) for name in QUEUES]
+    return [
+        Queue(
+            name, Exchange(name, type="topic"), routing_key=name,
+            queue_arguments={
+                "x-queue-type": "quorum",
+                # RabbitMQ closes a channel whose delivery stays unacked past its consumer timeout
+                # (30 min by default) and redelivers: with late acks a task longer than that would
+                # run twice. Per queue from RabbitMQ 3.12; older servers need `consumer_timeout`
+                # in rabbitmq.conf (README, "RabbitMQ").
+                "x-consumer-timeout": ACK_DEADLINE_SECONDS * 1000,
+            },
+        )
+        for name in QUEUES
+    ]
+
+
+def broker_transport_options(amqp: bool) -> dict:
+    if amqp:
+        # A publish returns once RabbitMQ has the message (on a quorum queue: on a majority of
+        # its nodes), so a message the broker did not take raises instead of vanishing.
+        return {"confirm_publish": True}
+    return {"visibility_timeout": ACK_DEADLINE_SECONDS}
+
+
+def ready_messages(app: Celery, queue: str) -> int:
+    """Messages waiting in `queue` (not those reserved by a worker); 0 for a queue the broker
+    lost (a flushed Redis has no key for it)."""
+    from kombu.exceptions import ChannelError
+
+    with app.connection_for_write() as connection:
+        channel = connection.channel()
+        try:
+            return app.amqp.queues[queue].bind(channel).queue_declare(passive=True).message_count
+        except (ChannelError, *connection.channel_errors):
+            return 0
+        finally:
+            try:
+                channel.close()
+            except Exception:  # already closed by the broker's NOT_FOUND
+                pass
 
 
 def _celery_subcommand() -> str | None:

@@ -56,6 +56,7 @@ JOBS = (
     Job("reconcile_dirty",       "tasks.reconciliation.reconcile_dirty"), # every 10 min
     Job("reconcile_all",         "tasks.reconciliation.reconcile_all"),  # daily at 03:00
     Job("purge_inbox",           "tasks.maintenance.purge_inbox"),       # daily at 04:00
+    Job("sweep_fanout",          "tasks.fanout.sweep_fanout"),           # every 1 min
 )
 JOBS_BY_NAME = {job.name: job for job in JOBS}
 

@@ -25,7 +25,13 @@ def run_migrations_online() -> None:
 
 
 def _run(connection) -> None:
-    connection.execute(text(f"CREATE SCHEMA IF NOT EXISTS {WORKER_SCHEMA}"))
+    # Only when absent: even IF NOT EXISTS needs CREATE on the database, which the worker's own
+    # role (models/grants.py: it owns the schema the DBA made for it) does not have.
+    present = connection.execute(
+        text("SELECT 1 FROM pg_namespace WHERE nspname = :schema"), {"schema": WORKER_SCHEMA}
+    ).scalar()
+    if not present:
+        connection.execute(text(f"CREATE SCHEMA {WORKER_SCHEMA}"))
     connection.commit()
     context.configure(
         connection=connection,
