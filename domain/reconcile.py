@@ -77,42 +77,17 @@ PAYOUT_FAILURE_WINDOW_SECONDS = 14 * DAY
 # versions that tie, the later write wins (an event's own redelivery rewrites the same data).
 API_VERSION_ID = "~api"
 
-# Outcomes of a transaction; the first three are fine, the others are discrepancies.
-FINE = ("paid_out", "awaiting_payout", "awaiting_transfer")
+# Outcomes of a transaction; these are fine, the others are discrepancies. On manual payouts
+# Stripe itemizes no payout: a transaction is done once its money is available on the account
+# (`funds_available`), and until then `awaiting_funds`, never `awaiting_payout`.
+FINE = ("paid_out", "awaiting_payout", "awaiting_transfer", "funds_available", "awaiting_funds")
+# The outcomes that complete a `paid` transaction.
+DONE = ("paid_out", "funds_available")
 TRANSACTION_KINDS = ("missing_transfer", "amount_mismatch", "transfer_reversed", "payout_failed")
 TRANSFER_KINDS = ("orphan_transfer", "transfer_not_reversed")
 UNKNOWN_DESTINATION = "unknown_destination"
 # Transactions a paid-out classification holds back from `completed`.
 HELD_BY_DISPUTE = "held_by_dispute"
-
-
-# --- account sync --------------------------------------------------------------------------
-
-
-def sync_account(
-    session: Session, account: str, *, onboarding_complete: bool, payouts_enabled: bool, created: int, event_id: str
-) -> str:
-    """Keep the provider's Connect flags in step with the newest account event; returns what
-    happened (for logs and tests)."""
-    provider = session.execute(
-        select(Provider).where(Provider.stripeConnectAccountId == account).with_for_update()
-    ).scalar_one_or_none()
-    if provider is None:
-        log.warning("account event for %s, which no provider has; nothing changed", account,
-                    extra={"account": account, "event_id": event_id})
-        return "unknown_account"
-    if not versions.advance(session, account, "account", created, event_id):
-        return "stale"
-    if (provider.stripeConnectOnboardingComplete, provider.stripeConnectPayoutsEnabled) == (
-        onboarding_complete, payouts_enabled
-    ):
-        return "unchanged"
-    provider.stripeConnectOnboardingComplete = onboarding_complete
-    provider.stripeConnectPayoutsEnabled = payouts_enabled
-    provider.updatedAt = utcnow()
-    log.info("provider %s Connect flags: onboarding complete %s, payouts enabled %s", provider.id,
-             onboarding_complete, payouts_enabled, extra={"account": account, "provider_id": provider.id})
-    return "updated"
 
 
 # --- the mirror ----------------------------------------------------------------------------
@@ -133,8 +108,37 @@ _UPSERT_TRANSFERS = text(
         amount_reversed = excluded.amount_reversed, currency = excluded.currency,
         destination_payment = excluded.destination_payment, source_transaction = excluded.source_transaction,
         transfer_group = excluded.transfer_group, marketplace_transaction_id = excluded.marketplace_transaction_id,
-        created = excluded.created, as_of = excluded.as_of, as_of_id = excluded.as_of_id, updated_at = now()
+        created = excluded.created, as_of = excluded.as_of, as_of_id = excluded.as_of_id, updated_at = now(),
+        -- Matched again when the keys it was matched by change.
+        transaction_id = CASE
+            WHEN (t.destination, t.marketplace_transaction_id, t.transfer_group, t.source_transaction)
+                 IS NOT DISTINCT FROM (excluded.destination, excluded.marketplace_transaction_id,
+                                       excluded.transfer_group, excluded.source_transaction)
+            THEN t.transaction_id END
     WHERE (t.as_of, t.as_of_id COLLATE "C") <= (excluded.as_of, excluded.as_of_id COLLATE "C")
+    """
+)
+
+# What the expanded source charge says, whichever snapshot wins: events never expand it, and an
+# application fee's `amount_refunded` only grows.
+_FILL_SOURCE_CHARGES = text(
+    """
+    UPDATE marketplace_worker.connect_transfers AS t
+    SET source_payment_intent = coalesce(v.source_payment_intent, t.source_payment_intent),
+        destination_charge = v.destination_charge,
+        application_fee_id = v.application_fee_id,
+        application_fee_amount = v.application_fee_amount,
+        application_fee_refunded = greatest(v.application_fee_refunded, t.application_fee_refunded),
+        fee_checked_reversed = coalesce(v.fee_checked_reversed, t.fee_checked_reversed),
+        transaction_id = CASE WHEN t.source_payment_intent IS NULL AND v.source_payment_intent IS NOT NULL
+                              THEN NULL ELSE t.transaction_id END,
+        updated_at = now()
+    FROM unnest(CAST(:id AS text[]), CAST(:source_payment_intent AS text[]), CAST(:destination_charge AS boolean[]),
+                CAST(:application_fee_id AS text[]), CAST(:application_fee_amount AS bigint[]),
+                CAST(:application_fee_refunded AS bigint[]), CAST(:fee_checked_reversed AS bigint[]))
+         AS v(id, source_payment_intent, destination_charge, application_fee_id, application_fee_amount,
+              application_fee_refunded, fee_checked_reversed)
+    WHERE t.id = v.id AND v.destination_charge IS NOT NULL
     """
 )
 
@@ -154,15 +158,15 @@ _UPSERT_PAYOUTS = text(
     """
     INSERT INTO marketplace_worker.connect_payouts AS p
         (id, account, amount, currency, status, automatic, reconciliation_status, arrival_date,
-         failure_code, created, as_of, as_of_id)
+         failure_code, created, as_of, as_of_id, method)
     SELECT * FROM unnest(
         CAST(:id AS text[]), CAST(:account AS text[]), CAST(:amount AS bigint[]), CAST(:currency AS text[]),
         CAST(:status AS text[]), CAST(:automatic AS boolean[]), CAST(:reconciliation_status AS text[]),
         CAST(:arrival_date AS bigint[]), CAST(:failure_code AS text[]), CAST(:created AS bigint[]),
-        CAST(:as_of AS bigint[]), CAST(:as_of_id AS text[]))
+        CAST(:as_of AS bigint[]), CAST(:as_of_id AS text[]), CAST(:method AS text[]))
     ON CONFLICT (id) DO UPDATE SET
         account = excluded.account, amount = excluded.amount, currency = excluded.currency,
-        status = excluded.status, automatic = excluded.automatic,
+        status = excluded.status, automatic = excluded.automatic, method = excluded.method,
         reconciliation_status = excluded.reconciliation_status, arrival_date = excluded.arrival_date,
         failure_code = excluded.failure_code, created = excluded.created, as_of = excluded.as_of,
         as_of_id = excluded.as_of_id, updated_at = now()
@@ -176,6 +180,15 @@ _INSERT_ITEMS = text(
     SELECT * FROM unnest(CAST(:id AS text[]), CAST(:account AS text[]), CAST(:payout_id AS text[]),
                          CAST(:source AS text[]), CAST(:type AS text[]), CAST(:amount AS bigint[]))
     ON CONFLICT (balance_transaction_id) DO NOTHING
+    """
+)
+
+_UPSERT_PAYMENTS = text(
+    """
+    INSERT INTO marketplace_worker.connect_payments (id, account, balance_transaction_id, amount, available_on, created)
+    SELECT * FROM unnest(CAST(:id AS text[]), CAST(:account AS text[]), CAST(:balance_transaction_id AS text[]),
+                         CAST(:amount AS bigint[]), CAST(:available_on AS bigint[]), CAST(:created AS bigint[]))
+    ON CONFLICT (id) DO UPDATE SET available_on = excluded.available_on, amount = excluded.amount
     """
 )
 
@@ -217,15 +230,48 @@ def transfer_row(obj: dict[str, Any], as_of: int, as_of_id: str) -> dict[str, An
         raise InvalidPayload("transfer without an id or a destination")
     metadata = obj.get("metadata") if isinstance(obj.get("metadata"), dict) else {}
     named = metadata.get("marketplace_transaction_id")
+    amount_reversed = _int(obj, "amount_reversed", 0)
     return {
         "id": transfer_id, "destination": destination, "amount": _int(obj, "amount"),
-        "amount_reversed": _int(obj, "amount_reversed", 0), "currency": str(obj.get("currency") or "").lower(),
+        "amount_reversed": amount_reversed, "currency": str(obj.get("currency") or "").lower(),
         "destination_payment": _ref(obj.get("destination_payment")),
         "source_transaction": _ref(obj.get("source_transaction")),
         "transfer_group": obj.get("transfer_group") or None,
         "marketplace_transaction_id": str(named) if named not in (None, "") else None,
         "created": _int(obj, "created"), "as_of": as_of, "as_of_id": as_of_id,
+        **_source_charge(obj.get("source_transaction"), destination, amount_reversed),
     }
+
+
+_NO_SOURCE_CHARGE = {"source_payment_intent": None, "destination_charge": None, "application_fee_id": None,
+                     "application_fee_amount": None, "application_fee_refunded": None, "fee_checked_reversed": None}
+
+
+def _source_charge(charge: Any, destination: str, amount_reversed: int) -> dict[str, Any]:
+    """The fund flow, from the transfer's source charge when the listing expanded it.
+
+    A destination charge names the account in `transfer_data.destination`; its application fee
+    is collected back from that account. Separate charges and transfers take no fee from the
+    provider's transfer (the platform keeps its fee by transferring less)."""
+    if not isinstance(charge, dict) or charge.get("object") != "charge":
+        return dict(_NO_SOURCE_CHARGE)
+    transfer_data = charge.get("transfer_data") if isinstance(charge.get("transfer_data"), dict) else {}
+    row = {**_NO_SOURCE_CHARGE, "source_payment_intent": _ref(charge.get("payment_intent")),
+           "destination_charge": _ref(transfer_data.get("destination")) == destination}
+    if not row["destination_charge"]:
+        return row
+    fee = charge.get("application_fee")
+    if isinstance(fee, dict):
+        row |= {"application_fee_id": _ref(fee.get("id")), "application_fee_amount": _int(fee, "amount"),
+                "application_fee_refunded": _int(fee, "amount_refunded", 0),
+                "fee_checked_reversed": amount_reversed}
+    else:
+        # Not expanded: the fee as charged; its refunds are read before they can matter.
+        amount = charge.get("application_fee_amount")
+        row |= {"application_fee_id": _ref(fee),
+                "application_fee_amount": amount if isinstance(amount, int) and not isinstance(amount, bool) else 0,
+                "application_fee_refunded": 0}
+    return row
 
 
 def payout_row(account: str, obj: dict[str, Any], as_of: int, as_of_id: str) -> dict[str, Any]:
@@ -238,8 +284,13 @@ def payout_row(account: str, obj: dict[str, Any], as_of: int, as_of_id: str) -> 
         "automatic": bool(obj.get("automatic", True)), "reconciliation_status": obj.get("reconciliation_status"),
         "arrival_date": obj.get("arrival_date") if isinstance(obj.get("arrival_date"), int) else None,
         "failure_code": obj.get("failure_code"), "created": _int(obj, "created"), "as_of": as_of,
-        "as_of_id": as_of_id,
+        "as_of_id": as_of_id, "method": obj.get("method") if isinstance(obj.get("method"), str) else None,
     }
+
+
+_TRANSFER_COLUMNS = ("id", "destination", "amount", "amount_reversed", "currency", "destination_payment",
+                     "source_transaction", "transfer_group", "marketplace_transaction_id", "created", "as_of",
+                     "as_of_id")
 
 
 def store_transfers(session: Session, rows: list[dict[str, Any]]) -> None:
@@ -247,8 +298,11 @@ def store_transfers(session: Session, rows: list[dict[str, Any]]) -> None:
     if not rows:
         return
     rows = list({row["id"]: row for row in rows}.values())
-    session.execute(_UPSERT_TRANSFERS, _columns(rows, rows[0].keys()))
+    session.execute(_UPSERT_TRANSFERS, _columns(rows, _TRANSFER_COLUMNS))
     session.execute(_RAISE_REVERSED, _columns(rows, ("id", "amount_reversed")))
+    expanded = [row for row in rows if row.get("destination_charge") is not None]
+    if expanded:
+        session.execute(_FILL_SOURCE_CHARGES, _columns(expanded, ("id", *_NO_SOURCE_CHARGE)))
 
 
 def record_transfers(session: Session, rows: list[dict[str, Any]]) -> None:
@@ -315,6 +369,17 @@ class StripeReader:
                 return items
             params = {**params, "starting_after": page.data[-1].id}
 
+    def retrieve(self, resource: str, id: str, account: str | None = None) -> dict[str, Any]:
+        service = getattr(self.client.v1, resource)
+        options = {"stripe_account": account} if account else {}
+
+        def fetch():
+            with self._lock:
+                self.calls += 1
+            return service.retrieve(id, None, options)
+
+        return with_rate_limit_retry(fetch, base=self.retry_base_seconds).to_dict()
+
     def map(self, fn: Callable[[T], R], items: list[T]) -> list[R]:
         """`fn` over independent items (each making its own requests), `concurrency` at a time;
         results in the order of `items`."""
@@ -334,11 +399,18 @@ class Listing:
     payouts: list[dict[str, Any]] = field(default_factory=list)
     items: list[dict[str, Any]] = field(default_factory=list)
     itemized: list[str] = field(default_factory=list)
+    payments: list[dict[str, Any]] = field(default_factory=list)
+    fees: list[dict[str, Any]] = field(default_factory=list)  # (transfer id, the application fee read)
+
+
+# The source charge (and its application fee) ride along with each transfer: the fund flow and
+# the fee collected back cost no request of their own.
+TRANSFER_EXPAND = ["data.source_transaction.application_fee"]
 
 
 def list_transfers_and_payouts(reader: StripeReader, account: str, plan: Plan, now: int) -> Listing:
     transfers, payouts = reader.map(lambda spec: reader.list_all(*spec), [
-        ("transfers", {"destination": account, "created": {"gte": plan.since}}, None),
+        ("transfers", {"destination": account, "created": {"gte": plan.since}, "expand": TRANSFER_EXPAND}, None),
         ("payouts", {"created": {"gte": plan.payouts_since}}, account),
     ])
     return Listing(
@@ -348,6 +420,14 @@ def list_transfers_and_payouts(reader: StripeReader, account: str, plan: Plan, n
 
 
 def list_payout_items(reader: StripeReader, account: str, payout_ids: list[str]) -> Listing:
+    return _read_after_store(reader, account, payout_ids, None, [])
+
+
+def _read_after_store(reader: StripeReader, account: str, payout_ids: list[str], payments_since: int | None,
+                      fees: list[tuple[str, str, int]]) -> Listing:
+    """The reads the stored listing calls for, independent of each other: the balance transactions
+    of finished automatic payouts; on manual payouts, the account's `payment` balance
+    transactions since `payments_since`; application fees a reversal may have refunded."""
     def balance_transactions(payout_id: str) -> list[dict[str, Any]]:
         try:
             return reader.list_all("balance_transactions", {"payout": payout_id}, account)
@@ -358,15 +438,40 @@ def list_payout_items(reader: StripeReader, account: str, payout_ids: list[str])
             return []
 
     payout_ids = sorted(payout_ids)
-    listed = reader.map(balance_transactions, payout_ids)
+    jobs: list[Callable[[], Any]] = [lambda p=p: balance_transactions(p) for p in payout_ids]
+    if payments_since is not None:
+        jobs.append(lambda: reader.list_all(
+            "balance_transactions", {"type": "payment", "created": {"gte": payments_since}}, account))
+    jobs += [lambda f=fee_id: reader.retrieve("application_fees", f) for _, fee_id, _ in fees]
+    done = reader.map(lambda job: job(), jobs)
     listing = Listing(itemized=payout_ids)
-    for payout_id, bts in zip(payout_ids, listed):
+    for payout_id, bts in zip(payout_ids, done):
         listing.items += [
             {"id": bt["id"], "account": account, "payout_id": payout_id, "source": _ref(bt.get("source")),
              "type": str(bt.get("type") or ""), "amount": _int(bt, "amount")}
             for bt in bts
         ]
+    rest = done[len(payout_ids):]
+    if payments_since is not None:
+        listing.payments = [
+            {"id": _ref(bt.get("source")), "account": account, "balance_transaction_id": bt["id"],
+             "amount": _int(bt, "amount"), "available_on": _int(bt, "available_on"), "created": _int(bt, "created")}
+            for bt in rest.pop(0) if bt.get("type") == "payment" and _ref(bt.get("source"))
+        ]
+    listing.fees = [{"transfer_id": transfer_id, "fee": fee, "reversed_then": reversed_then}
+                    for (transfer_id, _, reversed_then), fee in zip(fees, rest)]
     return listing
+
+
+_FEE_READ = text(
+    """
+    UPDATE marketplace_worker.connect_transfers
+    SET application_fee_amount = :amount,
+        application_fee_refunded = greatest(:refunded, application_fee_refunded),
+        fee_checked_reversed = :reversed_then, updated_at = now()
+    WHERE id = :id
+    """
+)
 
 
 def store(session: Session, listing: Listing) -> None:
@@ -377,6 +482,14 @@ def store(session: Session, listing: Listing) -> None:
                                                                  "amount")))
     if listing.itemized:
         session.execute(_ITEMS_LISTED, {"ids": listing.itemized})
+    if listing.payments:
+        rows = list({row["id"]: row for row in listing.payments}.values())
+        session.execute(_UPSERT_PAYMENTS, _columns(rows, rows[0].keys()))
+    for read in listing.fees:
+        fee = read["fee"]
+        session.execute(_FEE_READ, {"id": read["transfer_id"], "amount": _int(fee, "amount"),
+                                    "refunded": _int(fee, "amount_refunded", 0),
+                                    "reversed_then": read["reversed_then"]})
 
 
 # Stripe maps balance transactions to automatic payouts only, and a paid one's are complete
@@ -394,6 +507,100 @@ _PAYOUTS_TO_ITEMIZE = text(
 def payouts_to_itemize(session: Session, account: str) -> list[str]:
     """Finished automatic payouts, as the mirror now holds them, whose contents are not stored."""
     return list(session.execute(_PAYOUTS_TO_ITEMIZE, {"account": account}).scalars())
+
+
+# --- payout mode, and what else a run must read ------------------------------------------
+
+# The newest standard payout tells the schedule: instant payouts are never automatic.
+_NEWEST_STANDARD_PAYOUT = text(
+    """
+    SELECT automatic FROM marketplace_worker.connect_payouts
+    WHERE account = :account AND coalesce(method, 'standard') <> 'instant'
+    ORDER BY created DESC, id DESC LIMIT 1
+    """
+)
+# An account's schedule read from the API is trusted this long.
+PAYOUT_INTERVAL_TTL = timedelta(days=1)
+
+
+def payout_mode(session: Session, account: str) -> str:
+    """"automatic", "manual", or "unknown": from the newest standard payout, else the schedule
+    last read from the account."""
+    automatic = session.execute(_NEWEST_STANDARD_PAYOUT, {"account": account}).scalar()
+    if automatic is not None:
+        return "automatic" if automatic else "manual"
+    state = session.get(ConnectAccount, account)
+    if state is None or state.payout_interval is None:
+        return "unknown"
+    return "manual" if state.payout_interval == "manual" else "automatic"
+
+
+def _schedule_read_due(session: Session, account: str, provider_id: int, now: datetime) -> bool:
+    """Whether to read the account's payout schedule: its payouts do not tell, a transaction
+    waits for one, and the last read (if any) is stale."""
+    state = session.get(ConnectAccount, account)
+    if state is not None and state.payout_interval_read_at is not None \
+            and state.payout_interval_read_at > now - PAYOUT_INTERVAL_TTL:
+        return False
+    return session.execute(
+        text("SELECT EXISTS (SELECT 1 FROM marketplace.transactions t "
+             "JOIN marketplace_worker.connect_transfers tr ON tr.transaction_id = t.id "
+             "WHERE t.\"providerId\" = :provider AND t.status = :paid AND tr.destination = :account)"),
+        {"provider": provider_id, "paid": lifecycle.PAID, "account": account},
+    ).scalar_one()
+
+
+def _store_schedule(session: Session, account: str, obj: dict[str, Any]) -> None:
+    settings = obj.get("settings") if isinstance(obj.get("settings"), dict) else {}
+    schedule = ((settings.get("payouts") or {}).get("schedule") or {}) if isinstance(settings, dict) else {}
+    interval = schedule.get("interval") if isinstance(schedule, dict) else None
+    session.execute(
+        text(
+            """
+            INSERT INTO marketplace_worker.connect_accounts AS a (account, payout_interval, payout_interval_read_at)
+            VALUES (:account, :interval, now())
+            ON CONFLICT (account) DO UPDATE SET payout_interval = excluded.payout_interval,
+                payout_interval_read_at = now(), updated_at = now()
+            """
+        ),
+        {"account": account, "interval": interval if isinstance(interval, str) else None},
+    )
+
+
+def _payments_since(session: Session, account: str, provider_id: int) -> int | None:
+    """On manual payouts: list the account's `payment` balance transactions from the oldest
+    transfer of a paid transaction whose payment is not stored yet (a transfer's payment is
+    created with it); None when every such payment is stored."""
+    oldest = session.execute(
+        text(
+            """
+            SELECT min(tr.created) FROM marketplace.transactions t
+            JOIN marketplace_worker.connect_transfers tr ON tr.transaction_id = t.id
+            WHERE t."providerId" = :provider AND t.status = :paid AND tr.destination = :account
+              AND tr.amount > tr.amount_reversed
+              AND NOT EXISTS (SELECT 1 FROM marketplace_worker.connect_payments cp WHERE cp.id = tr.destination_payment)
+            """
+        ),
+        {"provider": provider_id, "paid": lifecycle.PAID, "account": account},
+    ).scalar()
+    return oldest
+
+
+def _fees_to_read(session: Session, account: str, changed_since: datetime) -> list[tuple[str, str, int]]:
+    """Destination charges reversed since their application fee was last read: the refund that
+    reversed them may have refunded part of the fee (`refund_application_fee`)."""
+    return [tuple(row) for row in session.execute(
+        text(
+            """
+            SELECT id, application_fee_id, amount_reversed FROM marketplace_worker.connect_transfers
+            WHERE destination = :account AND updated_at >= :changed_since AND destination_charge
+              AND application_fee_id IS NOT NULL AND amount_reversed > 0
+              AND fee_checked_reversed IS DISTINCT FROM amount_reversed
+            ORDER BY id
+            """
+        ),
+        {"account": account, "changed_since": changed_since},
+    )]
 
 
 # --- planning a run ------------------------------------------------------------------------
@@ -448,11 +655,18 @@ def plan_run(session: Session, account: str, provider_id: int, since: int | None
 
 # The transaction each transfer to the account belongs to, among the provider's transactions:
 # by metadata.marketplace_transaction_id, else transfer_group `mtx_<id>`, else the invoice's
-# charge as source_transaction. A transfer that names a transaction by metadata or group is
-# held to that name: it never falls back to a weaker key.
-_MATCHED = """
-    keyed AS (
-        SELECT tr.*,
+# charge (or its PaymentIntent) as source_transaction. A transfer that names a transaction by
+# metadata or group is held to that name: it never falls back to a weaker key. The match is
+# stored on the transfer, so a run matches only transfers that are new, changed their keys, or
+# matched nothing before (an invoice may be linked to its charge after its transfer arrived).
+# By charge, the worker's own key (`invoice_transactions`) leads from the invoice (unique on its
+# charge and PaymentIntent) to the transaction; transactions the worker has not keyed yet are
+# found through the app's ("tenantId", "invoiceId") index (or, without a tenant, among the
+# provider's own).
+_MATCH_NEW = text(
+    """
+    WITH keyed AS (
+        SELECT tr.id, tr.source_transaction, tr.source_payment_intent,
                CASE WHEN tr.marketplace_transaction_id ~ '^[0-9]{1,18}$'
                         THEN CAST(tr.marketplace_transaction_id AS bigint)
                     WHEN tr.marketplace_transaction_id IS NULL AND tr.transfer_group ~ '^mtx_[0-9]{1,18}$'
@@ -461,30 +675,112 @@ _MATCHED = """
                tr.marketplace_transaction_id IS NULL
                    AND (tr.transfer_group IS NULL OR tr.transfer_group !~ '^mtx_') AS by_charge
         FROM marketplace_worker.connect_transfers tr
-        WHERE tr.destination = :account
+        WHERE tr.destination = :account AND tr.transaction_id IS NULL
     ),
-    matched AS (
-        SELECT k.*, coalesce(
-            (SELECT t.id FROM marketplace.transactions t
-             WHERE t.id = k.named_id AND t."providerId" = :provider),
-            (SELECT t.id FROM public."Invoice" i JOIN marketplace.transactions t ON t."invoiceId" = i.id
-             WHERE k.by_charge AND i."stripeChargeId" = k.source_transaction AND t."providerId" = :provider
+    invoices AS (
+        SELECT k.id AS transfer_id, i.id AS invoice_id, i."tenantId" AS tenant_id
+        FROM keyed k JOIN public."Invoice" i ON i."stripeChargeId" = k.source_transaction
+        WHERE k.by_charge
+        UNION
+        SELECT k.id, i.id, i."tenantId"
+        FROM keyed k JOIN public."Invoice" i ON i."stripePaymentIntentId" = k.source_payment_intent
+        WHERE k.by_charge
+    ),
+    found AS (
+        SELECT k.id, coalesce(
+            (SELECT t.id FROM marketplace.transactions t WHERE t.id = k.named_id AND t."providerId" = :provider),
+            (SELECT t.id FROM invoices v
+               JOIN marketplace_worker.invoice_transactions it ON it.invoice_id = v.invoice_id
+               JOIN marketplace.transactions t ON t.id = it.transaction_id
+             WHERE v.transfer_id = k.id AND t."providerId" = :provider
+             ORDER BY t.id LIMIT 1),
+            (SELECT t.id FROM invoices v
+               JOIN marketplace.transactions t ON t."tenantId" = v.tenant_id AND t."invoiceId" = v.invoice_id
+             WHERE v.transfer_id = k.id AND t."providerId" = :provider
+             ORDER BY t.id LIMIT 1),
+            -- No tenant: among the provider's own transactions.
+            (SELECT t.id FROM invoices v
+               JOIN marketplace.transactions t ON t."providerId" = :provider AND t."invoiceId" = v.invoice_id
+             WHERE v.transfer_id = k.id AND v.tenant_id IS NULL AND t."tenantId" IS NULL
              ORDER BY t.id LIMIT 1)
         ) AS transaction_id
         FROM keyed k
     )
-"""
+    UPDATE marketplace_worker.connect_transfers tr
+    SET transaction_id = f.transaction_id
+    FROM found f
+    WHERE tr.id = f.id AND f.transaction_id IS NOT NULL
+    RETURNING tr.id
+    """
+)
 
+
+def match_transfers(session: Session, account: str, provider_id: int) -> int:
+    """Match the account's unmatched transfers to the provider's transactions; returns how many matched."""
+    return len(session.execute(_MATCH_NEW, {"account": account, "provider": provider_id}).all())
+
+
+# The provider's expected net: `providerPayoutCents` less its share of what was refunded (lost
+# disputes included), rounded half up; Stripe rounds each proportional reversal (and fee refund)
+# on its own, so the net may differ from it by a cent per refund.
 _CLASSIFY = text(
-    "WITH RECURSIVE" + _MATCHED + """,
+    """
+    WITH RECURSIVE scope AS (
+        SELECT t.id, t.status, coalesce(t."paidAt", t."createdAt") AS paid_at,
+               coalesce(t."providerPayoutCents", t."totalCents" - t."platformFeeCents") AS payout_cents,
+               t."totalCents" AS total_cents, coalesce(r.refunded_cents, 0) AS refunded,
+               lower(i.currency) AS currency, i."stripeChargeId" AS charge_id,
+               i."stripePaymentIntentId" AS payment_intent_id
+        FROM marketplace.transactions t
+        JOIN public."Invoice" i ON i.id = t."invoiceId"
+        LEFT JOIN marketplace_worker.transaction_refunds r ON r.transaction_id = t.id
+        WHERE t."providerId" = :provider
+          AND (t.status = :paid
+               -- Completed ones while their payout may still fail, while a discrepancy is
+               -- open, and when their transfer changed (a reversal, at any time).
+               OR (t.status = :completed
+                   AND (t."completedAt" >= :completed_since
+                        OR t.id IN (SELECT d.transaction_id FROM marketplace_worker.reconcile_discrepancies d
+                                    WHERE d.account = :account AND d.resolved_at IS NULL
+                                      AND d.transaction_id IS NOT NULL)
+                        OR t.id IN (SELECT tr.transaction_id FROM marketplace_worker.connect_transfers tr
+                                    WHERE tr.destination = :account AND tr.updated_at >= :changed_since
+                                      AND tr.amount_reversed > 0))))
+    ),
+    expected AS (
+        SELECT s.*,
+               s.payout_cents - CASE WHEN s.refunded > 0 AND s.total_cents > 0
+                                     THEN (2 * s.refunded * s.payout_cents + s.total_cents) / (2 * s.total_cents)
+                                     ELSE 0 END AS expected,
+               CASE WHEN s.refunded = 0 THEN 0 ELSE greatest(1, (
+                   SELECT count(*) FROM marketplace_worker.stripe_refunds x
+                   WHERE (x.charge_id = s.charge_id OR x.payment_intent_id = s.payment_intent_id)
+                     AND x.status IN ('succeeded', 'pending')) + (
+                   SELECT count(*) FROM marketplace_worker.stripe_disputes x
+                   WHERE (x.charge_id = s.charge_id OR x.payment_intent_id = s.payment_intent_id)
+                     AND x.status = 'lost')) END AS tolerance,
+               EXISTS (
+                   SELECT 1 FROM marketplace_worker.stripe_disputes d
+                   WHERE (d.charge_id = s.charge_id OR d.payment_intent_id = s.payment_intent_id)
+                     AND d.status NOT IN :settled
+               ) AS disputed
+        FROM scope s
+    ),
+    xfer AS (
+        SELECT tr.*,
+               CASE WHEN tr.destination_charge
+                    THEN coalesce(tr.application_fee_amount, 0) - coalesce(tr.application_fee_refunded, 0)
+                    ELSE 0 END AS fee
+        FROM scope s JOIN marketplace_worker.connect_transfers tr ON tr.transaction_id = s.id
+        WHERE tr.destination = :account
+    ),
     -- The payouts each transfer's money left the account in: the one carrying its `py_...`
     -- payment, then, while that one failed or was canceled, the one carrying its return.
     chain AS (
-        SELECT m.id AS transfer_id, it.payout_id, 0 AS depth
-        FROM matched m
+        SELECT x.id AS transfer_id, it.payout_id, 0 AS depth
+        FROM xfer x
         JOIN marketplace_worker.connect_payout_items it
-          ON it.account = :account AND it.source = m.destination_payment
-        WHERE m.transaction_id IS NOT NULL
+          ON it.account = :account AND it.source = x.destination_payment
         UNION ALL
         SELECT c.transfer_id, it.payout_id, c.depth + 1
         FROM chain c
@@ -499,73 +795,72 @@ _CLASSIFY = text(
         FROM chain c JOIN marketplace_worker.connect_payouts p ON p.id = c.payout_id
         ORDER BY c.transfer_id, c.depth DESC
     ),
-    scope AS (
-        SELECT t.id, t.status, coalesce(t."paidAt", t."createdAt") AS paid_at, t."completedAt" AS completed_at,
-               coalesce(t."providerPayoutCents", t."totalCents" - t."platformFeeCents") AS expected,
-               lower(i.currency) AS currency,
-               EXISTS (
-                   SELECT 1 FROM marketplace_worker.stripe_disputes d
-                   WHERE (d.charge_id = i."stripeChargeId" OR d.payment_intent_id = i."stripePaymentIntentId")
-                     AND d.status NOT IN :settled
-               ) AS disputed
-        FROM marketplace.transactions t JOIN public."Invoice" i ON i.id = t."invoiceId"
-        WHERE t."providerId" = :provider
-          AND (t.status = :paid
-               -- Completed ones while their payout may still fail, while a discrepancy is
-               -- open, and whenever their transfer was reversed (at any time).
-               OR (t.status = :completed
-                   AND (t."completedAt" >= :completed_since
-                        OR t.id IN (SELECT d.transaction_id FROM marketplace_worker.reconcile_discrepancies d
-                                    WHERE d.account = :account AND d.resolved_at IS NULL
-                                      AND d.transaction_id IS NOT NULL)
-                        OR t.id IN (SELECT m.transaction_id FROM matched m WHERE m.amount_reversed > 0))))
-    ),
     per_transaction AS (
-        SELECT m.transaction_id,
-               CAST(sum(m.amount) AS bigint) AS gross,
-               CAST(sum(m.amount_reversed) AS bigint) AS reversed,
-               bool_or(m.currency <> s.currency) AS other_currency,
-               array_agg(m.id ORDER BY m.created, m.id) AS transfer_ids,
+        SELECT x.transaction_id,
+               CAST(sum(x.amount) AS bigint) AS gross,
+               CAST(sum(x.amount_reversed) AS bigint) AS reversed,
+               CAST(sum(x.fee) AS bigint) AS fee,
+               bool_or(x.currency <> e.currency) AS other_currency,
+               array_agg(x.id ORDER BY x.created, x.id) AS transfer_ids,
                -- Fully reversed transfers carry no money to pay out.
-               bool_and(coalesce(st.status = 'paid', false)) FILTER (WHERE m.amount_reversed < m.amount) AS all_paid,
-               bool_or(st.status IN ('failed', 'canceled')) FILTER (WHERE m.amount_reversed < m.amount) AS any_failed,
+               bool_and(coalesce(st.status = 'paid', false)) FILTER (WHERE x.amount_reversed < x.amount) AS all_paid,
+               bool_or(st.status IN ('failed', 'canceled')) FILTER (WHERE x.amount_reversed < x.amount) AS any_failed,
                max(st.arrival_date) FILTER (WHERE st.status = 'paid') AS arrival_date,
                max(st.payout_id) FILTER (WHERE st.status IN ('failed', 'canceled')) AS failed_payout,
                max(st.failure_code) FILTER (WHERE st.status IN ('failed', 'canceled')) AS failure_code,
-               max(st.payout_id) FILTER (WHERE st.status = 'paid') AS paid_payout
-        FROM matched m
-        JOIN scope s ON s.id = m.transaction_id
-        LEFT JOIN settled st ON st.transfer_id = m.id
-        GROUP BY m.transaction_id
+               max(st.payout_id) FILTER (WHERE st.status = 'paid') AS paid_payout,
+               bool_and(coalesce(cp.available_on <= :now_unix, false))
+                   FILTER (WHERE x.amount_reversed < x.amount) AS all_available,
+               max(cp.available_on) AS available_on
+        FROM xfer x
+        JOIN expected e ON e.id = x.transaction_id
+        LEFT JOIN settled st ON st.transfer_id = x.id
+        LEFT JOIN marketplace_worker.connect_payments cp ON CAST(:manual AS boolean) AND cp.id = x.destination_payment
+        GROUP BY x.transaction_id
+    ),
+    netted AS (
+        SELECT e.*, p.transaction_id AS matched, p.transfer_ids, p.other_currency, p.all_paid, p.any_failed,
+               p.failed_payout, p.failure_code, p.paid_payout, p.all_available,
+               coalesce(p.gross - p.reversed - p.fee, 0) AS net, coalesce(p.reversed, 0) AS reversed,
+               coalesce(p.fee, 0) AS fee,
+               CASE WHEN p.all_paid THEN p.arrival_date ELSE p.available_on END AS arrival_date
+        FROM expected e LEFT JOIN per_transaction p ON p.transaction_id = e.id
     )
-    SELECT s.id, s.status, s.paid_at, s.expected, s.currency, s.disputed,
-           coalesce(p.gross - p.reversed, 0) AS net, coalesce(p.reversed, 0) AS reversed,
-           p.transfer_ids, p.arrival_date, p.failed_payout, p.failure_code, p.paid_payout,
+    SELECT n.id, n.status, n.paid_at, n.expected, n.currency, n.disputed, n.net, n.reversed, n.fee, n.refunded,
+           n.transfer_ids, n.arrival_date, n.failed_payout, n.failure_code, n.paid_payout,
            CASE
-               WHEN p.transaction_id IS NULL THEN
-                   CASE WHEN s.paid_at < :grace_cutoff THEN 'missing_transfer' ELSE 'awaiting_transfer' END
-               WHEN p.other_currency OR (p.gross - p.reversed <> s.expected AND p.reversed = 0)
-                   THEN 'amount_mismatch'
-               WHEN p.gross - p.reversed <> s.expected THEN 'transfer_reversed'
-               WHEN p.any_failed THEN 'payout_failed'
-               WHEN p.all_paid THEN 'paid_out'
+               WHEN n.matched IS NULL THEN
+                   CASE WHEN n.paid_at < :grace_cutoff THEN 'missing_transfer' ELSE 'awaiting_transfer' END
+               WHEN n.other_currency THEN 'amount_mismatch'
+               WHEN n.net < n.expected - n.tolerance AND n.reversed > 0 THEN 'transfer_reversed'
+               WHEN abs(n.net - n.expected) > n.tolerance THEN 'amount_mismatch'
+               WHEN n.any_failed THEN 'payout_failed'
+               WHEN n.all_paid THEN 'paid_out'
+               WHEN CAST(:manual AS boolean) AND n.all_available THEN 'funds_available'
+               WHEN CAST(:manual AS boolean) THEN 'awaiting_funds'
                ELSE 'awaiting_payout'
            END AS kind
-    FROM scope s LEFT JOIN per_transaction p ON p.transaction_id = s.id
-    ORDER BY s.id
+    FROM netted n
+    ORDER BY n.id
     """
 ).bindparams(bindparam("settled", expanding=True))
 
 # Transfers wrong in themselves: matching no transaction of the provider, or leaving money
 # with the provider for a transaction that was refunded or cancelled.
 _TRANSFER_FINDINGS = text(
-    "WITH" + _MATCHED + """
-    SELECT m.id, m.amount, m.amount_reversed, m.currency, m.marketplace_transaction_id, m.transfer_group,
-           m.transaction_id, t.status
-    FROM matched m LEFT JOIN marketplace.transactions t ON t.id = m.transaction_id
-    WHERE m.transaction_id IS NULL
-       OR (t.status IN (:refunded, :cancelled) AND m.amount > m.amount_reversed)
-    ORDER BY m.id
+    """
+    SELECT tr.id, tr.amount, tr.amount_reversed, tr.currency, tr.marketplace_transaction_id, tr.transfer_group,
+           tr.transaction_id, NULL AS status
+    FROM marketplace_worker.connect_transfers tr
+    WHERE tr.destination = :account AND tr.transaction_id IS NULL
+    UNION ALL
+    SELECT tr.id, tr.amount, tr.amount_reversed, tr.currency, tr.marketplace_transaction_id, tr.transfer_group,
+           tr.transaction_id, t.status
+    FROM marketplace.transactions t
+    JOIN marketplace_worker.connect_transfers tr ON tr.transaction_id = t.id
+    WHERE t."providerId" = :provider AND t.status IN (:refunded, :cancelled)
+      AND tr.destination = :account AND tr.amount > tr.amount_reversed
+    ORDER BY 1
     """
 )
 
@@ -648,6 +943,7 @@ class Finding:
 class AccountResult:
     account: str
     skipped: str | None = None  # "busy" (another worker has it) | "no_provider"
+    payouts: str = "automatic"  # "automatic" | "manual" | "unknown" (no standard payout yet, schedule unread)
     calls: int = 0
     outcomes: Counter = field(default_factory=Counter)  # per transaction, and orphan transfers
     completed: list[int] = field(default_factory=list)
@@ -658,8 +954,9 @@ class AccountResult:
         if self.skipped:
             return f"{self.account}: skipped ({self.skipped})"
         counts = ", ".join(f"{kind} {n}" for kind, n in sorted(self.outcomes.items())) or "nothing to reconcile"
-        return (f"{self.account}: {counts}; completed {len(self.completed)}, new discrepancies {self.opened}, "
-                f"resolved {self.resolved}; {self.calls} Stripe call(s)")
+        manual = " (manual payouts: completed when the funds are available)" if self.payouts == "manual" else ""
+        return (f"{self.account}{manual}: {counts}; completed {len(self.completed)}, new discrepancies "
+                f"{self.opened}, resolved {self.resolved}; {self.calls} Stripe call(s)")
 
 
 def _transaction_finding(account: str, row: Any) -> Finding | None:
@@ -673,9 +970,12 @@ def _transaction_finding(account: str, row: Any) -> Finding | None:
     if row.kind == "missing_transfer":
         finding.detail = f"paid {row.paid_at:%Y-%m-%d %H:%M} UTC, no transfer to {account} yet"
     elif row.kind == "amount_mismatch":
-        finding.detail = f"transferred {row.net} cents, expected {row.expected}"
+        finding.detail = f"transferred {row.net} cents net, expected {row.expected}" + (
+            f" (after an application fee of {row.fee})" if row.fee else "") + (
+            f" ({row.refunded} cents refunded)" if row.refunded else "")
     elif row.kind == "transfer_reversed":
-        finding.detail = f"{row.reversed} cents reversed; {row.net} of {row.expected} cents left with the provider"
+        finding.detail = f"{row.reversed} cents reversed; {row.net} of {row.expected} cents left with the provider" + (
+            f" ({row.refunded} cents refunded)" if row.refunded else "")
     else:
         finding.payout_id = row.failed_payout
         finding.detail = f"payout {row.failed_payout} {row.failure_code or 'failed or was canceled'}" + (
@@ -721,22 +1021,27 @@ def resolve_unseen(session: Session, kinds: Iterable[str], account: str | None, 
 
 
 def classify_and_apply(
-    session: Session, account: str, provider_id: int, *, completed_since: int, grace: timedelta, now: datetime
+    session: Session, account: str, provider_id: int, *, completed_since: int, grace: timedelta, now: datetime,
+    payouts: str | None = None, changed_since: datetime | None = None,
 ) -> AccountResult:
     """Classify the account's transactions and transfers from the mirror, complete the paid-out
     transactions and bring its discrepancies up to date. Completed transactions are looked at
-    again when completed after `completed_since` (unix seconds)."""
-    result = AccountResult(account)
+    again when completed after `completed_since` (unix seconds), or when one of their reversed
+    transfers changed after `changed_since`. `payouts` is the account's payout mode (read from
+    the mirror when not given)."""
+    match_transfers(session, account, provider_id)
+    result = AccountResult(account, payouts=payouts or payout_mode(session, account))
     rows = session.execute(_CLASSIFY, {
         "account": account, "provider": provider_id, "completed_since": from_unix(completed_since),
-        "grace_cutoff": now - grace,
+        "grace_cutoff": now - grace, "now_unix": _unix(now) if now.tzinfo is None else int(now.timestamp()), "manual": result.payouts == "manual",
+        "changed_since": changed_since or datetime(1970, 1, 1, tzinfo=UTC),
         "paid": lifecycle.PAID, "completed": lifecycle.COMPLETED, "settled": list(DISPUTE_SETTLED),
     }).all()
     findings: list[Finding] = []
     due: list[tuple[int, datetime]] = []
     for row in rows:
         kind = row.kind
-        if kind == "paid_out" and row.status == lifecycle.PAID:
+        if kind in DONE and row.status == lifecycle.PAID:
             if row.disputed:
                 kind = HELD_BY_DISPUTE
             else:
@@ -759,6 +1064,14 @@ def classify_and_apply(
         touch_providers(session, [row.providerId for row in done])
     result.opened = upsert_findings(session, findings)
     result.resolved = resolve_unseen(session, (*TRANSACTION_KINDS, *TRANSFER_KINDS), account, findings)
+    if result.payouts == "manual" and (result.outcomes["funds_available"] or result.outcomes["awaiting_funds"]):
+        log.info("%s is on manual payouts: %d transaction(s) with their funds available, %d awaiting them",
+                 account, result.outcomes["funds_available"], result.outcomes["awaiting_funds"],
+                 extra={"account": account, "payouts": "manual"})
+    elif result.payouts == "unknown" and result.outcomes["awaiting_payout"]:
+        log.warning("%s has made no standard payout and its payout schedule is unknown: %d transaction(s) "
+                    "awaiting a payout", account, result.outcomes["awaiting_payout"],
+                    extra={"account": account, "payouts": "unknown"})
     return result
 
 
@@ -797,22 +1110,51 @@ def reconcile_account(
                 plan = plan_run(session, account, provider_id, since, now)
                 # The database's clock, as the dirty marks carry it.
                 started = session.execute(text("SELECT clock_timestamp()")).scalar_one()
+                changed_since = _changed_since(session, account)
             calls_before = reader.calls
             listing = list_transfers_and_payouts(reader, account, plan, now)
             with session_factory() as session:
                 store(session, listing)
-                due_items = payouts_to_itemize(session, account)
-            items = list_payout_items(reader, account, due_items)
+                match_transfers(session, account, provider_id)
+                mode = payout_mode(session, account)
+                read_schedule = mode == "unknown" and _schedule_read_due(session, account, provider_id,
+                                                                         from_unix(now).replace(tzinfo=UTC))
+            if read_schedule:
+                try:
+                    account_obj = reader.retrieve("accounts", account)
+                except (stripe.InvalidRequestError, stripe.PermissionError) as error:
+                    # Deauthorized or gone: the schedule stays unknown until the next read is due.
+                    log.warning("payout schedule of %s not readable: %s", account, error.user_message,
+                                extra={"account": account})
+                    account_obj = {}
+                with session_factory() as session:
+                    _store_schedule(session, account, account_obj)
+                    mode = payout_mode(session, account)
             with session_factory() as session:
-                store(session, items)
+                due_items = payouts_to_itemize(session, account)
+                payments_since = _payments_since(session, account, provider_id) if mode == "manual" else None
+                fees = _fees_to_read(session, account, changed_since)
+            reads = _read_after_store(reader, account, due_items, payments_since, fees)
+            with session_factory() as session:
+                store(session, reads)
                 result = classify_and_apply(session, account, provider_id, completed_since=plan.payouts_since,
-                                            grace=grace, now=from_unix(now))
+                                            grace=grace, now=from_unix(now), payouts=mode,
+                                            changed_since=changed_since)
                 _finish_state(session, account, now if plan.covers_default_window else None, started)
             result.calls = reader.calls - calls_before
         finally:
             lock_conn.execute(text("SELECT pg_advisory_unlock(hashtextextended(:key, 0))"), key)
     log.info("reconciled %s", result.describe(), extra={"account": account})
     return result
+
+
+def _changed_since(session: Session, account: str) -> datetime:
+    """Transfers changed after this are looked at again: the previous run's start, less an
+    overlap (a change committed while it ran). The first run looks at all."""
+    state = session.get(ConnectAccount, account)
+    if state is None or state.last_reconciled_at is None:
+        return datetime(1970, 1, 1, tzinfo=UTC)
+    return state.last_reconciled_at - timedelta(seconds=OVERLAP_SECONDS)
 
 
 def _finish_state(session: Session, account: str, listed_until: int | None, started: datetime) -> None:

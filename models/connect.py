@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import ARRAY, BigInteger, Boolean, DateTime, Index, Text, UniqueConstraint, func
+from sqlalchemy import ARRAY, BigInteger, Boolean, DateTime, Index, Text, UniqueConstraint, func, text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from models.base import WORKER_SCHEMA, Base
@@ -28,6 +28,10 @@ class ConnectAccount(Base):
     # Unix seconds: transfers and payouts created before this were listed from the API.
     listed_until: Mapped[int | None] = mapped_column(BigInteger)
     last_reconciled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # `settings.payouts.schedule.interval`, read from the API only while the account's payouts
+    # do not tell whether it is on manual payouts (it has made no standard payout yet).
+    payout_interval: Mapped[str | None] = mapped_column(Text)
+    payout_interval_read_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
 
@@ -38,6 +42,9 @@ class ConnectTransfer(Base):
     __table_args__ = (
         Index("ix_connect_transfers_destination_created", "destination", "created"),
         Index("ix_connect_transfers_destination_payment", "destination_payment"),
+        Index("ix_connect_transfers_transaction_id", "transaction_id"),
+        Index("ix_connect_transfers_unmatched", "destination", postgresql_where=text("transaction_id IS NULL")),
+        Index("ix_connect_transfers_destination_updated_at", "destination", "updated_at"),
         {"schema": WORKER_SCHEMA},
     )
 
@@ -55,7 +62,39 @@ class ConnectTransfer(Base):
     created: Mapped[int] = mapped_column(BigInteger)
     as_of: Mapped[int] = mapped_column(BigInteger)
     as_of_id: Mapped[str] = mapped_column(Text)
+    # From the source charge, which only a listing expands (events carry its id): NULL until a
+    # listing has seen it. The application fee of a destination charge is collected back from
+    # the connected account, so the provider's net is the transfer less the fee net of its refunds.
+    source_payment_intent: Mapped[str | None] = mapped_column(Text)
+    destination_charge: Mapped[bool | None] = mapped_column(Boolean)
+    application_fee_id: Mapped[str | None] = mapped_column(Text)
+    application_fee_amount: Mapped[int | None] = mapped_column(BigInteger)
+    application_fee_refunded: Mapped[int | None] = mapped_column(BigInteger)
+    # `amount_reversed` when the fee was last read: a later reversal may have refunded part of it.
+    fee_checked_reversed: Mapped[int | None] = mapped_column(BigInteger)
+    # The transaction the transfer was matched to; NULL until one matches (then it is tried
+    # again on each run). Reset when the keys it was matched by change.
+    transaction_id: Mapped[int | None] = mapped_column(BigInteger)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class ConnectPayment(Base):
+    """A `payment` balance transaction on an account on manual payouts: when a transfer's money
+    (its `destination_payment`) is available there. Stripe itemizes automatic payouts only."""
+
+    __tablename__ = "connect_payments"
+    __table_args__ = (
+        Index("ix_connect_payments_account", "account"),
+        {"schema": WORKER_SCHEMA},
+    )
+
+    # The `py_...` payment (the balance transaction's source).
+    id: Mapped[str] = mapped_column(Text, primary_key=True)
+    account: Mapped[str] = mapped_column(Text)
+    balance_transaction_id: Mapped[str] = mapped_column(Text)
+    amount: Mapped[int] = mapped_column(BigInteger)
+    available_on: Mapped[int] = mapped_column(BigInteger)
+    created: Mapped[int] = mapped_column(BigInteger)
 
 
 class ConnectPayout(Base):
@@ -74,6 +113,8 @@ class ConnectPayout(Base):
     status: Mapped[str] = mapped_column(Text)
     # Stripe lists the balance transactions of automatic payouts only.
     automatic: Mapped[bool] = mapped_column(Boolean)
+    # `standard` or `instant`: instant payouts are never automatic, whatever the schedule.
+    method: Mapped[str | None] = mapped_column(Text)
     reconciliation_status: Mapped[str | None] = mapped_column(Text)
     arrival_date: Mapped[int | None] = mapped_column(BigInteger)
     failure_code: Mapped[str | None] = mapped_column(Text)
