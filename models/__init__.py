@@ -21,6 +21,7 @@ from models.connect import (
     ReconcileDiscrepancy,
 )
 from models.fanout import FanoutItem
+from models.catchup import CatchupWindow as CatchupWindow, ConnectAccountState as ConnectAccountState
 from models.inbox import StripeEvent
 from models.jobs import JobRun
 from models.ledger import (

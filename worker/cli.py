@@ -61,6 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--account", help="one connected account (acct_...)")
     p.add_argument("--since", help="start of the window, YYYY-MM-DD (UTC)")
 
+    p = sub.add_parser(
+        "catch-up", help="store the events Stripe has that the endpoints never received; exits 1 if a scope failed"
+    )
+    p.add_argument("--account", help="one connected account (acct_...); default: the platform and flagged accounts")
+    p.add_argument("--since", help="list from this date, YYYY-MM-DD (UTC), at most 30 days back; "
+                                   "without --account, every connected account too")
+
     p = sub.add_parser("jobs", help="recent scheduled job runs")
     p.add_argument("--limit", type=int, default=30)
     p.add_argument("--job", help="one job, e.g. poll_invoices")
@@ -269,6 +276,60 @@ def _reconcile(args: argparse.Namespace) -> int:
         print(f"{d.kind:<19} {d.subject:<28} {d.account:<22} {_money(d.expected_cents):>12} "
               f"{_money(d.seen_cents):>12}  {first_seen:<16}  {d.detail}")
     return 3
+
+
+@command("catch-up")
+def _catch_up(args: argparse.Namespace) -> int:
+    """Exit 0: every scope listed; 1: some could not be (named on stderr); 2: bad arguments."""
+    import time
+    from datetime import UTC, datetime
+
+    from domain import catchup
+    from domain.jobs import run_once
+    from domain.stripe_api import get_client
+    from models.db import session_scope
+    from tasks.events import enqueue_events
+
+    since = None
+    if args.since:
+        try:
+            since = int(datetime.strptime(args.since, "%Y-%m-%d").replace(tzinfo=UTC).timestamp())
+        except ValueError:
+            print("marketplace-worker catch-up: --since must be a date, YYYY-MM-DD", file=sys.stderr)
+            return 2
+        now = int(time.time())
+        if since > now:
+            print("marketplace-worker catch-up: --since is in the future", file=sys.stderr)
+            return 2
+        if since < now - catchup.STRIPE_RETENTION_SECONDS:
+            print("marketplace-worker catch-up: --since is older than the 30 days of events Stripe keeps",
+                  file=sys.stderr)
+            return 2
+    if args.account:
+        with session_scope() as session:
+            if args.account not in catchup.connect_accounts(session):
+                reason = ("is deauthorized: Stripe no longer shows the platform its events"
+                          if catchup.is_deauthorized(session, args.account) else "belongs to no stripe_connect provider")
+                print(f"marketplace-worker catch-up: {args.account} {reason}", file=sys.stderr)
+                return 1
+    client = get_client()
+    with run_once("catch_up_events", slot=None) as run:
+        result = catchup.catch_up(session_scope, client, accounts=[args.account] if args.account else None,
+                                  since=since)
+        enqueue_events(result.stored)
+        run.counts = result.counts()
+    if result.gap:
+        print(f"every connected account flagged: {result.gap}")
+    print(f"listed {len(result.scopes)} scope(s) with {result.calls} Stripe call(s): {result.listed} event(s), "
+          f"{len(result.stored)} new and enqueued; {result.reads.read} account(s) read to settle ties")
+    if result.failed:
+        for scope, error in sorted(result.failed.items()):
+            print(f"{scope}: {error}")
+        first = sorted(result.failed)[0]
+        print(f"marketplace-worker catch-up: {len(result.failed)} scope(s) could not be listed "
+              f"(first: {first}); they stay flagged and are retried", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _money(cents: int | None) -> str:

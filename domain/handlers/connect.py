@@ -9,6 +9,7 @@ import logging
 from sqlalchemy.orm import Session
 
 from domain import reconcile
+from domain.accounts import DEAUTHORIZED, snapshot_of, sync_account
 from domain.dispatch import InvalidPayload, event_object, handles
 from models import StripeEvent
 
@@ -21,12 +22,7 @@ def account_updated(session: Session, event: StripeEvent) -> None:
     account = obj.get("id") or event.account
     if not isinstance(account, str) or not account:
         raise InvalidPayload("account.updated without an account id")
-    reconcile.sync_account(
-        session, account,
-        onboarding_complete=obj.get("details_submitted") is True and obj.get("charges_enabled") is True,
-        payouts_enabled=obj.get("payouts_enabled") is True,
-        created=event.created, event_id=event.id,
-    )
+    sync_account(session, account, snapshot_of(obj), created=event.created, version_id=event.id)
 
 
 @handles("account.application.deauthorized")
@@ -34,10 +30,7 @@ def account_deauthorized(session: Session, event: StripeEvent) -> None:
     # data.object is the platform's application; the account is the event's.
     if not event.account:
         raise InvalidPayload("account.application.deauthorized without an account")
-    reconcile.sync_account(
-        session, event.account, onboarding_complete=False, payouts_enabled=False,
-        created=event.created, event_id=event.id,
-    )
+    sync_account(session, event.account, DEAUTHORIZED, created=event.created, version_id=event.id)
 
 
 @handles("transfer.created", "transfer.updated", "transfer.reversed")
