@@ -603,3 +603,284 @@ def test_a_payout_event_gets_the_transaction_completed_by_the_worker(celery_work
     wait_for(lambda: transaction(db, txn.id).status == "completed", timeout=30, message="completed")
     assert transaction(db, txn.id).completedAt == from_unix(payout["arrival_date"])
     wait_for(lambda: db.get(ConnectAccount, account).dirty_at is None or db.expire_all(), message="clean")
+
+
+# --- fund flows, refunds after transfer, manual payouts (SPEC §5) ------------------------------
+
+
+def keyed_transaction(db, provider: Provider, *, amount: int = 10_000, paid_days_ago: float = 3, **invoice_fields):
+    """A paid transaction as the worker keeps it: with its `invoice_transactions` key."""
+    txn = paid_transaction(db, provider, amount=amount, paid_days_ago=paid_days_ago, **invoice_fields)
+    with session_scope() as session:
+        session.execute(text("INSERT INTO marketplace_worker.invoice_transactions (invoice_id, transaction_id) "
+                             "VALUES (:invoice, :txn)"), {"invoice": txn.invoiceId, "txn": txn.id})
+    return txn
+
+
+def record_refunds(txn: Transaction, charge_id: str, amounts: list[int]) -> None:
+    """What the ledger (domain/transactions.py) records from charge.refunded / refund.* events:
+    the refunds and the transaction's refunded cents."""
+    with session_scope() as session:
+        for amount in amounts:
+            session.execute(text(
+                "INSERT INTO marketplace_worker.stripe_refunds (refund_id, charge_id, amount, status) "
+                "VALUES (:id, :charge, :amount, 'succeeded')"), {"id": se.new_id("re"), "charge": charge_id,
+                                                                "amount": amount})
+        session.execute(text(
+            "INSERT INTO marketplace_worker.transaction_refunds (transaction_id, refunded_cents) VALUES (:t, :r)"),
+            {"t": txn.id, "r": sum(amounts)})
+
+
+def destination_charge(fake, db, provider: Provider, *, amount: int = 10_000, fee: int | None = None,
+                       days_ago: float = 3, **history) -> tuple[Transaction, se.Timeline]:
+    """A paid invoice whose charge was a destination charge to the provider's account, its
+    application fee the platform's fee, published to the fake Stripe."""
+    account = provider.stripeConnectAccountId
+    fee = (amount * 500 + 5_000) // 10_000 if fee is None else fee
+    if history.get("transfer_amount") is not None:
+        fee = None
+    tl = se.destination_charge_history(account, amount, application_fee_amount=fee,
+                                       start=int(time.time() - days_ago * DAY), **history)
+    se.publish(fake, tl)
+    txn = keyed_transaction(db, provider, amount=amount, paid_days_ago=days_ago, stripeChargeId=tl.charge_id,
+                            stripePaymentIntentId=tl.payment_intent_id)
+    return txn, tl
+
+
+def separate_transfer(fake, db, provider: Provider, *, amount: int = 10_000, refund_amounts=(),
+                      reversal_amounts=None, days_ago: float = 3) -> tuple[Transaction, se.Timeline]:
+    """A paid transaction and the platform's own transfer of its providerPayoutCents, named by
+    transfer_group; refunds reverse it proportionally unless `reversal_amounts` says otherwise."""
+    txn = keyed_transaction(db, provider, amount=amount, paid_days_ago=days_ago)
+    payout_cents = txn.providerPayoutCents
+    if reversal_amounts is None:
+        reversal_amounts = [(2 * r * payout_cents + amount) // (2 * amount) for r in refund_amounts]
+    tl = se.transfer_history(provider.stripeConnectAccountId, payout_cents, start=int(time.time() - days_ago * DAY),
+                             transfer_group=f"mtx_{txn.id}", reversal_amounts=reversal_amounts)
+    se.publish(fake, tl)
+    return txn, tl
+
+
+def paid_out(fake, account: str, *histories: se.Timeline, automatic: bool = True, days_ago: float = 2) -> str:
+    """A paid payout of the account sweeping the histories' balance transactions."""
+    swept = [bt for h in histories for bt in h.connected_balance_transactions]
+    po = se.payout_history(account, sum(bt["net"] for bt in swept), start=int(time.time() - days_ago * DAY),
+                           automatic=automatic, swept=swept)
+    se.publish(fake, po)
+    return po.payout_id
+
+
+def test_a_destination_charge_completes_with_no_discrepancy(db, stripe_api):
+    provider = connect_provider(db)
+    account = provider.stripeConnectAccountId
+    with_fee, fee_history = destination_charge(stripe_api, db, provider)  # 10,000 sent, 500 collected back
+    fixed, fixed_history = destination_charge(stripe_api, db, provider, amount=8_000, transfer_amount=7_600)
+    payout_id = paid_out(stripe_api, account, fee_history, fixed_history)
+
+    result = run(account)
+
+    assert dict(result.outcomes) == {"paid_out": 2}
+    assert sorted(result.completed) == sorted([with_fee.id, fixed.id])
+    assert discrepancies(db) == []
+    # The fee rode along with the transfers: one listing each, one payout's balance transactions.
+    assert result.calls == 3
+    transfers_call = next(c for c in stripe_api.calls if c.path == "/v1/transfers")
+    assert transfers_call.params["expand"] == ["data.source_transaction.application_fee"]
+    db.expire_all()
+    mirrored = db.get(ConnectTransfer, fee_history.transfer_id)
+    assert (mirrored.destination_charge, mirrored.application_fee_amount, mirrored.transaction_id) == (
+        True, 500, with_fee.id)
+    assert payout_id
+
+
+def test_a_destination_charge_whose_fee_is_not_the_platform_fee_is_an_amount_mismatch(db, stripe_api):
+    provider = connect_provider(db)
+    account = provider.stripeConnectAccountId
+    txn, history = destination_charge(stripe_api, db, provider, fee=800)
+    paid_out(stripe_api, account, history)
+
+    assert dict(run(account).outcomes) == {"amount_mismatch": 1}
+    [found] = discrepancies(db)
+    assert (found.kind, found.transaction_id, found.expected_cents, found.seen_cents) == (
+        "amount_mismatch", txn.id, 9_500, 9_200)
+    assert "application fee of 800" in found.detail
+
+
+def test_a_partial_refund_with_its_proportional_reversal_completes_with_no_discrepancy(db, stripe_api):
+    provider = connect_provider(db)
+    account = provider.stripeConnectAccountId
+    # Destination charge: 2,500 refunded, the transfer reversed by 2,500 and 125 of the fee refunded.
+    dest, dest_history = destination_charge(stripe_api, db, provider, refund_amounts=[2_500])
+    record_refunds(dest, dest_history.charge_id, [2_500])
+    # Separate transfer of 9,499 for 9,999; two refunds, each reversed by Stripe's rounding.
+    sep, sep_history = separate_transfer(stripe_api, db, provider, amount=9_999, refund_amounts=[1_001, 2_333])
+    record_refunds(sep, "ch_unlinked", [])
+    with session_scope() as session:
+        session.execute(text("UPDATE marketplace_worker.transaction_refunds SET refunded_cents = 3334 "
+                             "WHERE transaction_id = :t"), {"t": sep.id})
+        session.execute(text("UPDATE public.\"Invoice\" SET \"stripeChargeId\" = 'ch_sep0001' WHERE id = :i"),
+                        {"i": sep.invoiceId})
+        for amount in (1_001, 2_333):
+            session.execute(text("INSERT INTO marketplace_worker.stripe_refunds (refund_id, charge_id, amount, status) "
+                                 "VALUES (:id, 'ch_sep0001', :a, 'succeeded')"), {"id": se.new_id("re"), "a": amount})
+    paid_out(stripe_api, account, dest_history, sep_history)
+
+    result = run(account)
+
+    assert dict(result.outcomes) == {"paid_out": 2}
+    assert sorted(result.completed) == sorted([dest.id, sep.id])
+    assert discrepancies(db) == []
+
+
+def test_an_over_reversal_is_still_a_discrepancy(db, stripe_api):
+    provider = connect_provider(db)
+    account = provider.stripeConnectAccountId
+    # 2,500 of 10,000 refunded: the provider keeps 7,125; reversing 5,000 takes 2,375 too much.
+    dest, dest_history = destination_charge(stripe_api, db, provider, refund_amounts=[2_500],
+                                            reversal_amounts=[5_000])
+    record_refunds(dest, dest_history.charge_id, [2_500])
+    sep, sep_history = separate_transfer(stripe_api, db, provider, refund_amounts=[2_500], reversal_amounts=[5_000])
+    with session_scope() as session:
+        session.execute(text("UPDATE public.\"Invoice\" SET \"stripeChargeId\" = 'ch_sep0002' WHERE id = :i"),
+                        {"i": sep.invoiceId})
+    record_refunds(sep, "ch_sep0002", [2_500])
+    paid_out(stripe_api, account, dest_history, sep_history)
+
+    result = run(account)
+
+    assert dict(result.outcomes) == {"transfer_reversed": 2}
+    assert result.completed == []
+    found = {d.transaction_id: d for d in discrepancies(db)}
+    # Destination charge: 10,000 − 5,000 reversed − (500 − 125) fee; separate: 9,500 − 5,000.
+    assert (found[dest.id].kind, found[dest.id].expected_cents, found[dest.id].seen_cents) == (
+        "transfer_reversed", 7_125, 4_625)
+    assert (found[sep.id].kind, found[sep.id].expected_cents, found[sep.id].seen_cents) == (
+        "transfer_reversed", 7_125, 4_500)
+    assert "2500 cents refunded" in found[sep.id].detail
+
+
+def test_a_refund_without_its_fee_refund_leaves_the_provider_short(db, stripe_api):
+    provider = connect_provider(db)
+    account = provider.stripeConnectAccountId
+    txn, history = destination_charge(stripe_api, db, provider, refund_amounts=[2_500], refund_application_fee=False)
+    record_refunds(txn, history.charge_id, [2_500])
+    paid_out(stripe_api, account, history)
+
+    assert dict(run(account).outcomes) == {"transfer_reversed": 1}
+    [found] = discrepancies(db)
+    assert (found.expected_cents, found.seen_cents) == (7_125, 7_000)
+
+
+def test_a_fee_refunded_after_the_listing_window_is_read_again(db, stripe_api):
+    provider = connect_provider(db)
+    account = provider.stripeConnectAccountId
+    txn, history = destination_charge(stripe_api, db, provider, days_ago=60)
+    paid_out(stripe_api, account, history, days_ago=58)
+    assert run(account).completed == [txn.id]
+
+    # Two months on, a refund reverses the transfer and refunds the fee: only events tell.
+    transfer = stripe_api.get("transfer", history.transfer_id)
+    reversal = se.transfer_reversal(transfer=transfer["id"], amount=2_500)
+    reversed_ = {**transfer, "amount_reversed": 2_500,
+                 "reversals": {**transfer["reversals"], "data": [reversal], "total_count": 1}}
+    stripe_api.add("transfer", reversed_)
+    fee = stripe_api.get("application_fee", history.application_fee_id)
+    stripe_api.add("application_fee", {**fee, "amount_refunded": 125})
+    record_refunds(txn, history.charge_id, [2_500])
+    assert deliver(db, se.event("transfer.reversed", reversed_), endpoint="platform") == "processed"
+
+    result = run(account)
+
+    assert dict(result.outcomes) == {"paid_out": 1}
+    assert discrepancies(db) == []
+    assert stripe_api.call_count(f"/v1/application_fees/{history.application_fee_id}") == 1
+
+
+def test_a_transfer_is_matched_through_the_payment_intent_when_the_invoice_knows_only_that(db, stripe_api):
+    provider = connect_provider(db)
+    account = provider.stripeConnectAccountId
+    tl = se.destination_charge_history(account, 10_000, application_fee_amount=500, start=int(time.time()) - 3 * DAY)
+    se.publish(stripe_api, tl)
+    txn = keyed_transaction(db, provider, stripePaymentIntentId=tl.payment_intent_id)
+    paid_out(stripe_api, account, tl)
+
+    assert run(account).completed == [txn.id]
+
+
+def test_a_run_matches_only_new_transfers(db, stripe_api):
+    provider = connect_provider(db)
+    account = provider.stripeConnectAccountId
+    txns = [paid_transaction(db, provider) for _ in range(3)]
+    pay_out(stripe_api, account, [send_transfer(stripe_api, account, t) for t in txns[:2]])
+    stray = send_transfer(stripe_api, account, None, amount=1_234, key="none")
+    run(account)
+
+    with session_scope() as session:
+        # Matched ones are not matched again; the orphan is tried again (its invoice may be linked later).
+        assert reconcile.match_transfers(session, account, provider.id) == 0
+        assert session.execute(text("SELECT count(*) FROM marketplace_worker.connect_transfers "
+                                    "WHERE destination = :a AND transaction_id IS NULL"), {"a": account}).scalar() == 1
+    later = send_transfer(stripe_api, account, txns[2])
+    with session_scope() as session:
+        reconcile.store_transfers(session, [reconcile.transfer_row(later, int(time.time()), "evt_later")])
+        assert reconcile.match_transfers(session, account, provider.id) == 1
+    assert open_kinds(db) == sorted([("orphan_transfer", stray["id"]), ("missing_transfer", str(txns[2].id))])
+
+
+def manual_payment(fake, account: str, history: se.Timeline, available_on: int) -> None:
+    """The transfer's payment on an account on manual payouts, available from `available_on`."""
+    bt = history.connected_balance_transactions[0]
+    fake.add("balance_transaction", {**bt, "available_on": available_on,
+                                     "status": "available" if available_on <= time.time() else "pending"},
+             account=account)
+
+
+def test_a_manual_payout_accounts_transactions_complete_when_their_funds_are_available(db, stripe_api, caplog):
+    provider = connect_provider(db)
+    account = provider.stripeConnectAccountId
+    now = int(time.time())
+    ready, ready_history = destination_charge(stripe_api, db, provider, days_ago=5)
+    waiting, waiting_history = separate_transfer(stripe_api, db, provider, days_ago=1)
+    manual_payment(stripe_api, account, ready_history, now - 3 * DAY)
+    manual_payment(stripe_api, account, waiting_history, now + DAY)
+    # The provider paid out by hand once: Stripe itemizes no manual payout.
+    earlier = se.payout(amount=5_000, created=now - 20 * DAY, automatic=False)
+    stripe_api.add("payout", earlier, account=account)
+    assert earlier["reconciliation_status"] == "not_applicable"
+
+    with caplog.at_level("INFO", logger="domain.reconcile"):
+        result = run(account)
+
+    assert result.payouts == "manual"
+    assert dict(result.outcomes) == {"funds_available": 1, "awaiting_funds": 1}
+    assert result.completed == [ready.id]
+    row = transaction(db, ready.id)
+    assert (row.status, row.completedAt) == ("completed", from_unix(now - 3 * DAY))
+    assert transaction(db, waiting.id).status == "paid"
+    assert discrepancies(db) == []
+    assert f"{account} is on manual payouts: 1 transaction(s) with their funds available, 1 awaiting them" \
+        in caplog.text
+    assert "manual payouts" in result.describe()
+    # No `?payout=` for a manual payout (Stripe refuses it): the account's payments instead.
+    bt_calls = [c for c in stripe_api.calls if c.path == "/v1/balance_transactions"]
+    assert [c.params.get("type") for c in bt_calls] == ["payment"]
+
+
+def test_an_account_without_payouts_is_asked_for_its_schedule_once(db, stripe_api):
+    provider = connect_provider(db)
+    account = provider.stripeConnectAccountId
+    acct = se.account(id=account)
+    acct["settings"] = {"payouts": {"debit_negative_balances": True, "statement_descriptor": None,
+                                    "schedule": {"delay_days": 2, "interval": "manual"}}}
+    stripe_api.add("account", acct)
+    txn, history = destination_charge(stripe_api, db, provider, days_ago=5)
+    manual_payment(stripe_api, account, history, int(time.time()) - 3 * DAY)
+
+    first = run(account)
+    assert (first.payouts, first.completed) == ("manual", [txn.id])
+    assert stripe_api.call_count(f"/v1/accounts/{account}") == 1
+
+    again = paid_transaction(db, provider)
+    send_transfer(stripe_api, account, again)
+    run(account)
+    assert stripe_api.call_count(f"/v1/accounts/{account}") == 1  # read at most daily

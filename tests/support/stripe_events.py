@@ -970,3 +970,157 @@ def publish(fake: Any, events: Iterable[dict], objects: Iterable[Seed] | None = 
             fake.add(obj["object"], obj, account=ev.get("account"))
     for seed in getattr(events, "objects", ()) if objects is None else objects:
         fake.add(seed.obj["object"], seed.obj, account=seed.account, payout=seed.payout)
+
+
+# --- Connect fund flows: destination charges, refunds after transfer ----------------------------
+
+
+def application_fee(
+    *,
+    charge: str,
+    account: str,
+    amount: int,
+    id: str | None = None,
+    currency: str = "usd",
+    created: int | datetime | None = None,
+    refund_amounts: Sequence[int] = (),
+    livemode: bool = False,
+    **overrides: Any,
+) -> dict:
+    """An ApplicationFee (fixtures3.json `application_fee`), with its `fee_refund`s."""
+    id = id or new_id("fee")
+    created = _ts(created)
+    refunds = [{"amount": amount_, "balance_transaction": new_id("txn"), "created": created + n * DAY,
+                "currency": currency, "fee": id, "id": new_id("fr"), "metadata": {}, "object": "fee_refund"}
+               for n, amount_ in enumerate(refund_amounts, 1)]
+    refunded = sum(refund_amounts)
+    return {
+        "account": account,
+        "amount": amount,
+        "amount_refunded": refunded,
+        "application": "ca_" + "marketplace0000000000000000000",
+        "balance_transaction": new_id("txn"),
+        "charge": charge,
+        "created": created,
+        "currency": currency,
+        "id": id,
+        "livemode": livemode,
+        "object": "application_fee",
+        "originating_transaction": None,
+        "refunded": refunded >= amount > 0,
+        "refunds": _list(list(reversed(refunds)), f"/v1/application_fees/{id}/refunds"),
+    } | overrides
+
+
+def _share(part: int, of: int, whole: int) -> int:
+    """part * of / whole, rounded half up: Stripe's proportional reversal or fee refund."""
+    return (2 * part * of + whole) // (2 * whole)
+
+
+def destination_charge_history(
+    destination: str,
+    amount: int,
+    *,
+    application_fee_amount: int | None = None,
+    transfer_amount: int | None = None,
+    start: int | datetime | None = None,
+    refund_amounts: Sequence[int] = (),
+    reversal_amounts: Sequence[int] | None = None,
+    refund_application_fee: bool = True,
+    currency: str = "usd",
+    livemode: bool = False,
+) -> Timeline:
+    """A destination charge (`transfer_data.destination`) on the platform and what Stripe does
+    with it: the transfer it creates itself (`source_transaction` = the charge, the whole amount
+    unless `transfer_amount` is set, `destination_payment` = the `py_...` on the account), the
+    application fee it collects back, and refunds with `reverse_transfer=true` (a proportional
+    reversal unless `reversal_amounts` says otherwise; with `refund_application_fee`, the fee
+    refunded proportionally too). Platform events, oldest first; the connected account's `py_...`
+    payment and its balance transactions are seeded. Ids: charge_id, payment_intent_id,
+    transfer_id, destination_payment_id, application_fee_id, refund_ids, reversal_ids,
+    connected_balance_transactions (BT dicts on the account, the payment's first)."""
+    if application_fee_amount is not None and transfer_amount is not None:
+        raise ValueError("Stripe takes application_fee_amount or transfer_data.amount, not both")
+    t0 = _ts(start)
+    pi = new_id("pi")
+    ch_id, tr_id = new_id("ch"), new_id("tr")
+    sent = amount if transfer_amount is None else transfer_amount
+    reversal_amounts = list(reversal_amounts if reversal_amounts is not None
+                            else [_share(r, sent, amount) for r in refund_amounts])
+    if len(reversal_amounts) != len(refund_amounts):
+        raise ValueError("one reversal per refund")
+    fee = None
+    if application_fee_amount:
+        fee_refunds = [_share(r, application_fee_amount, amount) for r in refund_amounts] \
+            if refund_application_fee else []
+        fee = application_fee(charge=ch_id, account=destination, amount=application_fee_amount,
+                              currency=currency, created=t0, livemode=livemode)
+    group = f"group_{pi}"
+    ch = charge(amount=amount, id=ch_id, currency=currency, payment_intent=pi, created=t0, transfer=tr_id,
+                transfer_group=group, livemode=livemode, application_fee=fee["id"] if fee else None,
+                application_fee_amount=application_fee_amount,
+                transfer_data={"amount": transfer_amount, "destination": destination})
+    tr = transfer(amount=sent, id=tr_id, destination=destination, currency=currency, created=t0,
+                  transfer_group=group, source_transaction=ch_id, livemode=livemode)
+    py = charge(amount=sent, id=tr["destination_payment"], currency=currency, created=t0, source_transfer=tr_id,
+                transfer_group=group, livemode=livemode, outcome=None)
+    fee_cents = application_fee_amount or 0
+    py_bt = balance_transaction(
+        amount=sent, type="payment", source=py["id"], id=py["balance_transaction"], fee=fee_cents,
+        currency=currency, created=t0,
+        fee_details=[{"amount": fee_cents, "application": fee["application"], "currency": currency,
+                      "description": "Application fee", "type": "application_fee"}] if fee else [])
+    tl = Timeline([event("charge.succeeded", ch, created=t0, livemode=livemode),
+                   event("transfer.created", tr, created=t0, livemode=livemode)],
+                  [Seed(balance_transaction(amount=amount, type="charge", source=ch_id,
+                                            id=ch["balance_transaction"], currency=currency, created=t0)),
+                   Seed(balance_transaction(amount=-sent, type="transfer", source=tr_id,
+                                            id=tr["balance_transaction"], currency=currency, created=t0)),
+                   Seed(py_bt, destination)],
+                  charge_id=ch_id, payment_intent_id=pi, transfer_id=tr_id, destination_payment_id=py["id"],
+                  application_fee_id=fee["id"] if fee else None, refund_ids=[], reversal_ids=[],
+                  connected_balance_transactions=[py_bt])
+    if fee:
+        tl.append(event("application_fee.created", fee, created=t0, livemode=livemode))
+        tl.objects.append(Seed(balance_transaction(amount=fee_cents, type="application_fee", source=fee["id"],
+                                                   id=fee["balance_transaction"], currency=currency, created=t0)))
+    for n, (refunded, reversed_amount) in enumerate(zip(refund_amounts, reversal_amounts), 1):
+        at = t0 + n * DAY
+        re_id = new_id("re")
+        trr = transfer_reversal(transfer=tr_id, amount=reversed_amount, currency=currency, created=at,
+                                source_refund=re_id) if reversed_amount else None
+        re = refund(charge=ch_id, amount=refunded, id=re_id, currency=currency, payment_intent=pi, created=at,
+                    reason="requested_by_customer", transfer_reversal=trr["id"] if trr else None)
+        _apply(ch, {"amount_refunded": ch["amount_refunded"] + refunded,
+                    "refunded": ch["amount_refunded"] + refunded >= amount})
+        tl.append(event("charge.refunded", ch, created=at, livemode=livemode))
+        tl.append(event("refund.created", re, created=at, livemode=livemode))
+        tl.ids["refund_ids"].append(re_id)
+        tl.objects.append(Seed(balance_transaction(amount=-refunded, type="refund", source=re_id,
+                                                   id=re["balance_transaction"], currency=currency, created=at)))
+        if trr:
+            _apply(tr, {"amount_reversed": tr["amount_reversed"] + reversed_amount,
+                        "reversed": tr["amount_reversed"] + reversed_amount >= sent,
+                        "reversals": _list([trr, *tr["reversals"]["data"]], tr["reversals"]["url"])})
+            py["amount_refunded"] += reversed_amount
+            py["refunded"] = py["amount_refunded"] >= sent
+            tl.append(event("transfer.reversed", tr, created=at, livemode=livemode))
+            refund_bt = balance_transaction(amount=-reversed_amount, type="payment_refund", fee=0,
+                                            currency=currency, source=trr["destination_payment_refund"],
+                                            created=at)
+            tl.objects += [Seed(balance_transaction(amount=reversed_amount, type="transfer_refund", source=trr["id"],
+                                                    id=trr["balance_transaction"], currency=currency, created=at)),
+                           Seed(refund_bt, destination)]
+            tl.ids["reversal_ids"].append(trr["id"])
+            tl.ids["connected_balance_transactions"].append(refund_bt)
+        if fee and fee_refunds and fee_refunds[n - 1]:
+            fr = {"amount": fee_refunds[n - 1], "balance_transaction": new_id("txn"), "created": at,
+                  "currency": currency, "fee": fee["id"], "id": new_id("fr"), "metadata": {}, "object": "fee_refund"}
+            _apply(fee, {"amount_refunded": fee["amount_refunded"] + fr["amount"],
+                         "refunded": fee["amount_refunded"] + fr["amount"] >= fee["amount"],
+                         "refunds": _list([fr, *fee["refunds"]["data"]], fee["refunds"]["url"])})
+            tl.append(event("application_fee.refunded", fee, created=at, livemode=livemode))
+    tl.objects += [Seed(py, destination), Seed(copy.deepcopy(ch)), Seed(copy.deepcopy(tr))]
+    if fee:
+        tl.objects.append(Seed(copy.deepcopy(fee)))
+    return tl

@@ -48,6 +48,7 @@ COLLECTIONS = {
     "balance_transaction": "balance_transactions",
     "account": "accounts",
     "event": "events",
+    "application_fee": "application_fees",
 }
 _OBJECT_NAMES = {coll: obj.replace("_", " ") for obj, coll in COLLECTIONS.items()}
 # list filters per collection, as in stripe/params/_<resource>_list_params.py
@@ -63,6 +64,7 @@ LIST_FILTERS: dict[str, set[str]] = {
     "balance_transactions": {"payout", "source", "type", "currency"},
     "accounts": set(),
     "events": {"type", "types", "delivery_success"},
+    "application_fees": {"charge"},
 }
 _PAGING = {"limit", "starting_after", "ending_before", "created", "expand"}
 _RANGES = {"created", "arrival_date", "due_date"}
