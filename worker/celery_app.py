@@ -18,7 +18,7 @@ from celery import Celery
 from celery.signals import setup_logging, worker_process_init
 from kombu import Exchange, Queue
 
-from config import get_settings
+from config import Settings, get_settings
 from domain.jobs import SCHEDULED_SLOT, JobSkipped
 from worker.schedule import SLOT_HEADER, beat_schedule
 
@@ -60,10 +60,25 @@ class Task(celery.Task):
         finally:
             SCHEDULED_SLOT.reset(token)
 
+    def apply_async(self, args=None, kwargs=None, task_id=None, producer=None, link=None, link_error=None,
+                    shadow=None, **options):
+        # RabbitMQ's native delayed delivery counts whole seconds and refuses a countdown that
+        # truncates to 0: a sub-second retry waits one second there.
+        countdown = options.get("countdown")
+        if countdown is not None and 0 < countdown < 1 and _is_amqp(self.app.conf.broker_url):
+            options["countdown"] = 1
+        return super().apply_async(args, kwargs, task_id, producer, link, link_error, shadow, **options)
 
-def create_app() -> Celery:
-    settings = get_settings()
-    app = Celery("marketplace_worker", include=TASK_MODULES, task_cls=Task)
+
+def _is_amqp(url: str | None) -> bool:
+    return (url or "").split("://", 1)[0] in ("amqp", "amqps", "pyamqp")
+
+
+def create_app(settings: Settings | None = None, *, set_as_current: bool = True) -> Celery:
+    """The app; `settings` and `set_as_current=False` give a second one (on another broker,
+    say) to a test or a benchmark beside the process's own."""
+    settings = settings or get_settings()
+    app = Celery("marketplace_worker", include=TASK_MODULES, task_cls=Task, set_as_current=set_as_current)
     app.conf.update(
         broker_url=settings.broker_url,
         result_backend=settings.result_backend,

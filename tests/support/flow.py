@@ -12,10 +12,13 @@ from pathlib import Path
 class WorkerProcess:
     """A real `celery -A worker worker` process consuming every queue."""
 
-    def __init__(self, env: dict[str, str], log_path: Path, concurrency: int = 2) -> None:
+    def __init__(self, env: dict[str, str], log_path: Path, concurrency: int = 2, probe=None) -> None:
         self.log_path = log_path
         self.env = {**os.environ, **env}
         self.concurrency = concurrency
+        # The app to ping the worker through: this process's own unless the worker is on
+        # another broker (tests/support/brokers.py).
+        self.probe = probe
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
@@ -30,9 +33,10 @@ class WorkerProcess:
         )
         self.wait_ready()
 
-    def wait_ready(self, timeout: float = 30) -> None:
+    def wait_ready(self, timeout: float = 60) -> None:
         from worker import app
 
+        app = self.probe or app
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
