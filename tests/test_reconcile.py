@@ -851,9 +851,9 @@ def test_a_manual_payout_accounts_transactions_complete_when_their_funds_are_ava
     with caplog.at_level("INFO", logger="domain.reconcile"):
         result = run(account)
 
-    assert result.payouts == "manual"
-    assert dict(result.outcomes) == {"funds_available": 1, "awaiting_funds": 1}
     assert result.completed == [ready.id]
+    assert dict(result.outcomes) == {"funds_available": 1, "awaiting_funds": 1}
+    assert result.payouts == "manual"
     row = transaction(db, ready.id)
     assert (row.status, row.completedAt) == ("completed", from_unix(now - 3 * DAY))
     assert transaction(db, waiting.id).status == "paid"
@@ -877,10 +877,33 @@ def test_an_account_without_payouts_is_asked_for_its_schedule_once(db, stripe_ap
     manual_payment(stripe_api, account, history, int(time.time()) - 3 * DAY)
 
     first = run(account)
-    assert (first.payouts, first.completed) == ("manual", [txn.id])
+    assert (first.completed, first.payouts) == ([txn.id], "manual")
     assert stripe_api.call_count(f"/v1/accounts/{account}") == 1
 
     again = paid_transaction(db, provider)
     send_transfer(stripe_api, account, again)
     run(account)
     assert stripe_api.call_count(f"/v1/accounts/{account}") == 1  # read at most daily
+
+
+@pytest.mark.flow
+def test_a_destination_charge_is_completed_by_the_worker_after_its_payout_event(celery_worker, db, stripe_api):
+    from tasks.events import enqueue_events
+    from tasks.reconciliation import reconcile_dirty
+
+    provider = connect_provider(db)
+    account = provider.stripeConnectAccountId
+    txn, history = destination_charge(stripe_api, db, provider, refund_amounts=[2_500])
+    record_refunds(txn, history.charge_id, [2_500])
+    payout_id = paid_out(stripe_api, account, history)
+    event = se.event("payout.paid", stripe_api.get("payout", payout_id, account=account), account=account)
+    incoming = event_from_dict(event, json.dumps(event), "connect", livemode=False)
+    db.connection().exec_driver_sql(INSERT_EVENTS_SQL, insert_params([incoming]))
+    db.commit()
+
+    enqueue_events([event["id"]])
+    wait_for(lambda: reconcile.dirty_accounts(db) == [account] or db.rollback(), message="account marked")
+    reconcile_dirty.delay()
+
+    wait_for(lambda: transaction(db, txn.id).status == "completed", timeout=30, message="completed")
+    assert discrepancies(db) == []
