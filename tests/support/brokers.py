@@ -119,7 +119,11 @@ class BrokerRun:
         from worker.celery_app import QUEUES
 
         if self.name == "amqp":
-            purge_queues(self.url, QUEUES)
+            with self.app.connection_for_write() as connection:
+                channel = connection.channel()
+                for queue in QUEUES:
+                    channel.queue_purge(queue)
+                channel.close()
         else:
             import redis
 
