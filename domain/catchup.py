@@ -25,11 +25,14 @@ What a run lists:
   platform's calls only, whatever the number of accounts.
 
 Windows. Each scope has its own window, so webhooks on one endpoint never hide a gap on the
-other: it starts an overlap before the end of the scope's last complete listing, or, for a
-scope never listed, before the scope's newest event received by webhook (events stored by
-catch-up itself do not count), and reaches back further when a gap or an operator says so;
-never beyond Stripe's 30 days. Events delivered out of order around the edge are listed again
-and deduplicated by id.
+other: it starts a few minutes before the end of the scope's last complete listing, or, for a
+scope never listed, an hour before the scope's newest event received by webhook (events stored
+by catch-up itself do not count), and reaches back further when a gap or an operator says so;
+never beyond Stripe's 30 days. Events listed twice are deduplicated by id.
+
+The newest webhook alone would not do once a scope has been listed: after an outage, the first
+fresh delivery would move the window past the events the outage lost. The end of the last
+complete listing never does.
 
 Failures. One scope's error (403 of a deauthorized account, any StripeError) is logged,
 counted and recorded on its window; the run carries on with the others. Accounts whose
@@ -64,7 +67,10 @@ SessionFactory = Callable[[], AbstractContextManager[Session]]
 
 PLATFORM = "platform"
 STRIPE_RETENTION_SECONDS = 30 * 24 * 3600
+# Before a scope's newest webhook: deliveries around an outage arrive out of order.
 OVERLAP_SECONDS = 3600
+# Before the end of a complete listing: only for events that reach the list a little late.
+LISTED_OVERLAP_SECONDS = 300
 TYPES_PER_CALL = 20  # Stripe's limit for the `types` filter
 # A Connect delivery received this long after its event was created was a retry: the
 # endpoint failed from then on.
@@ -235,8 +241,12 @@ def window_start(listed_until: int | None, newest_webhook: int | None, list_from
     the scope's newest webhook; earlier when a gap or an operator says so; never before the
     30 days Stripe keeps."""
     oldest_allowed = now - STRIPE_RETENTION_SECONDS + 60
-    known = listed_until if listed_until is not None else newest_webhook
-    start = oldest_allowed if known is None else known - OVERLAP_SECONDS
+    if listed_until is not None:
+        start = listed_until - LISTED_OVERLAP_SECONDS
+    elif newest_webhook is not None:
+        start = newest_webhook - OVERLAP_SECONDS
+    else:
+        start = oldest_allowed
     if list_from is not None:
         start = min(start, list_from)
     return max(oldest_allowed, start)

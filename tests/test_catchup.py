@@ -9,7 +9,7 @@ import time
 from sqlalchemy import select, text
 
 from domain import catchup
-from domain.catchup import OVERLAP_SECONDS, catch_up
+from domain.catchup import LISTED_OVERLAP_SECONDS, OVERLAP_SECONDS, catch_up
 from domain.dispatch import handled_types, process_event
 from domain.inbox import INSERT_EVENTS_SQL, event_from_dict, insert_params
 from domain.stripe_api import get_client
@@ -98,7 +98,7 @@ def test_each_window_starts_an_overlap_before_what_its_scope_last_had(db, stripe
     retention_floor = now - 30 * 24 * HOUR + 60
     assert catchup.window_start(None, None, None, now) == retention_floor
     assert catchup.window_start(None, now - 100, None, now) == now - 100 - OVERLAP_SECONDS
-    assert catchup.window_start(now - 50, now - 100, None, now) == now - 50 - OVERLAP_SECONDS
+    assert catchup.window_start(now - 50, now - 100, None, now) == now - 50 - LISTED_OVERLAP_SECONDS
     assert catchup.window_start(now - 50, None, now - 5 * HOUR, now) == now - 5 * HOUR  # a gap reaches back
     assert catchup.window_start(None, now - 40 * 24 * HOUR, None, now) == retention_floor
 
