@@ -113,6 +113,8 @@ def sync_account(
     )):
         return "stale"
     tie = newest is not None and newest.event_created == created
+    if tie and _kept(session, provider, account) == snapshot:
+        return "unchanged"  # whichever of the two is newer, the provider ends the same
     if tie:
         session.execute(_REQUEST_READ, {"account": account, "second": created})
         log.info("two snapshots of %s in second %d: the account will be read from Stripe", account, created,
@@ -132,6 +134,15 @@ def sync_account(
              snapshot.onboarding_complete, snapshot.payouts_enabled,
              extra={"account": account, "provider_id": provider.id})
     return "tie" if tie else "updated"
+
+
+def _kept(session: Session, provider: Provider, account: str) -> AccountSnapshot:
+    deauthorized = session.execute(
+        text("SELECT deauthorized FROM marketplace_worker.connect_account_states WHERE account = :account"),
+        {"account": account},
+    ).scalar()
+    return AccountSnapshot(bool(provider.stripeConnectOnboardingComplete), bool(provider.stripeConnectPayoutsEnabled),
+                           deauthorized is True)
 
 
 # --- the to-do of API reads ----------------------------------------------------------------

@@ -48,6 +48,7 @@ import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 
 import stripe
 from sqlalchemy import select, text
@@ -179,8 +180,6 @@ def _deliveries(session: Session, endpoint: str, after, upto):
 def detect_connect_gap(session: Session, now: int) -> tuple[str, int | None] | None:
     """Whether the Connect endpoint's deliveries since the last run show a gap: (why, where the
     gap may begin) or None. A few index range reads; no Stripe call."""
-    from datetime import UTC, datetime, timedelta
-
     upto = datetime.fromtimestamp(now - COMMIT_LAG_SECONDS, UTC)
     checked = session.execute(_WATERMARK, {"name": DELIVERIES_WATERMARK}).scalar()
     session.execute(_SAVE_WATERMARK, {"name": DELIVERIES_WATERMARK, "at": upto})

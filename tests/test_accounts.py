@@ -99,3 +99,13 @@ def test_an_event_newer_than_the_read_still_wins(db, stripe_api):
     restricted = se.account_updated(done["data"]["object"], created=int(time.time()) + 5, payouts_enabled=False)
     assert deliver(db, restricted) == "processed"
     assert flags(db, provider.id) == (True, False)
+
+
+def test_a_tie_between_snapshots_that_agree_needs_no_read(db, stripe_api):
+    provider, account, done, half = onboarding_tie(db, stripe_api)
+    same = se.account_updated(done["data"]["object"], created=int(done["created"]), email="new@example.com")
+    deliver(db, done)
+    deliver(db, same)
+    catch_up(session_scope, get_client())
+    assert account_reads(stripe_api, account) == 0
+    assert flags(db, provider.id) == (True, True)
