@@ -45,6 +45,7 @@ BatchHandler = Callable[..., list[StripeEvent]]
 class Registered:
     fn: Handler | BatchHandler
     batch: bool
+    platform_only: bool
 
 
 HANDLERS: dict[str, Registered] = {}
@@ -78,15 +79,19 @@ def event_object(event: StripeEvent, kind: str) -> dict:
     return obj
 
 
-def handles(*event_types: str, batch: bool = False) -> Callable:
+def handles(*event_types: str, batch: bool = False, platform_only: bool = False) -> Callable:
     """Register a handler of `event_types`: `fn(session, event)`, or with `batch=True`
     `fn(session, events, skip_busy=...) -> events left`, called once with all of a batch's
-    events of those types (in order), for handlers that can share their lookups and locks."""
+    events of those types (in order), for handlers that can share their lookups and locks.
+
+    With `platform_only`, the types describe the platform's own money (invoices, charges,
+    refunds, disputes, transfers): the same types from a connected account are about that
+    account's own objects, whatever their metadata says, and are recorded as ignored."""
     def register(fn):
         for event_type in event_types:
             if event_type in HANDLERS:
                 raise RuntimeError(f"two handlers for {event_type}")
-            HANDLERS[event_type] = Registered(fn, batch)
+            HANDLERS[event_type] = Registered(fn, batch, platform_only)
         return fn
 
     return register
@@ -154,12 +159,12 @@ def process_batch(session: Session, event_ids: list[str]) -> dict[str, str]:
             outcomes[event_id] = "unknown"
         elif event.status in ("processed", "ignored", "parked"):
             outcomes[event_id] = f"already {event.status}"
-        elif (registered := HANDLERS.get(event.type)) is None:
+        elif (reason := _ignored_reason(event)) is not None:
             event.status = "ignored"
-            event.last_error = "no handler for this event type"
+            event.last_error = reason
             event.processed_at = now
             outcomes[event_id] = "ignored"
-        elif registered.batch:
+        elif (registered := HANDLERS[event.type]).batch:
             batches.setdefault(registered.fn, []).append(event)
         else:
             singles.append((registered.fn, event))
@@ -187,6 +192,15 @@ def process_batch(session: Session, event_ids: list[str]) -> dict[str, str]:
         event.processed_at = now
         outcomes[event.id] = "processed"
     return outcomes
+
+
+def _ignored_reason(event: StripeEvent) -> str | None:
+    registered = HANDLERS.get(event.type)
+    if registered is None:
+        return "no handler for this event type"
+    if registered.platform_only and event.account:
+        return f"connected account {event.account}: its {event.type} changes no platform record"
+    return None
 
 
 def _call(session: Session, fn: Callable, events: list[StripeEvent], takes_batch: bool, *,

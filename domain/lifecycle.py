@@ -3,8 +3,13 @@ poller, completion) moves a transaction only through `merge`.
 
     pending_invoice < invoiced < paid < completed     (by rank, never backwards)
     pending_invoice | invoiced -> cancelled           (void or uncollectible before payment)
-    paid | completed -> refunded                      (fully refunded)
-    cancelled, refunded: terminal
+    paid | completed -> refunded                      (fully refunded, or a dispute lost in full)
+    cancelled -> paid                                 (money collected after "uncollectible")
+    refunded, and cancelled by a void: terminal
+
+Money is the one way back out of `cancelled`: Stripe (and the app) can still collect an
+invoice marked uncollectible, and what was collected must be counted. A void invoice can
+never be paid, so a transaction cancelled by a void stays cancelled.
 
 `merge` is monotone: a late or replayed fact about an earlier state changes nothing. With
 `target_from_invoice` reading Stripe's `status_transitions` (later snapshots keep earlier
@@ -33,8 +38,11 @@ INVOICED_STATES = frozenset({INVOICED}) | PAID_STATES
 T = TypeVar("T")
 
 
-def allowed(current: str, target: str) -> bool:
-    """Whether `current` may move to `target` (a move to itself is not a move)."""
+def allowed(current: str, target: str, *, voided: bool = False) -> bool:
+    """Whether `current` may move to `target` (a move to itself is not a move); `voided`:
+    the invoice was voided, which no payment can follow."""
+    if current == CANCELLED and target == PAID:
+        return not voided
     if current == target or current in TERMINAL:
         return False
     if target == CANCELLED:
@@ -44,9 +52,9 @@ def allowed(current: str, target: str) -> bool:
     return target in RANK and RANK[target] > RANK.get(current, -1)
 
 
-def merge(current: str, target: str) -> str:
+def merge(current: str, target: str, *, voided: bool = False) -> str:
     """The status after learning that the invoice reached `target`."""
-    return target if allowed(current, target) else current
+    return target if allowed(current, target, voided=voided) else current
 
 
 def target_from_invoice(
@@ -59,16 +67,15 @@ def target_from_invoice(
 ) -> str:
     """The transaction status an invoice snapshot stands for (Stripe's invoice or the app's).
 
-    An invoice voided or marked uncollectible before it was paid stands for `cancelled` even
-    in a later snapshot that shows it paid, so the answer does not depend on which snapshot
-    of the invoice is seen first.
+    A payment wins over "uncollectible" (the money was collected after all); a void before
+    the payment (which Stripe never allows) keeps it cancelled whatever a later snapshot says.
     """
-    ended = min((t for t in (voided_at, uncollectible_at) if t is not None), default=None)
-    if ended is not None and (paid_at is None or ended < paid_at):
+    if voided_at is not None and (paid_at is None or voided_at < paid_at):
         return CANCELLED
-    if status in ("void", "uncollectible") and paid_at is None:
+    paid = status == "paid" or paid_at is not None
+    if not paid and (status in ("void", "uncollectible") or uncollectible_at is not None):
         return CANCELLED
-    if status == "paid" or paid_at is not None:
+    if paid:
         return PAID
     if status == "open" or finalized_at is not None:
         return INVOICED

@@ -36,10 +36,10 @@ from models import Invoice, InvoiceTransaction, ServiceListing, StripeCharge, Tr
 
 log = logging.getLogger(__name__)
 
-# Dispute statuses after which the money is settled in the provider's favour; any other
-# status (open, or `lost`: the payment was taken back) keeps the transaction from completing.
-DISPUTE_SETTLED = ("won", "warning_closed", "prevented")
-DISPUTE_CLOSED = ("won", "lost", "warning_closed", "prevented")
+# Dispute statuses after which a dispute no longer holds its transaction back from completing:
+# won (or closed without a chargeback), or lost, which is then counted as a refund of its
+# amount (`_REFUNDED_SQL`). Any other status is an open dispute.
+DISPUTE_SETTLED = ("won", "lost", "warning_closed", "prevented")
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,7 @@ class InvoiceFacts:
     invoiced_at: datetime | None
     paid_at: datetime | None
     at: datetime  # when this was true: the event's time, else now; the fallback timestamp
+    voided: bool = False  # a void invoice can never be paid
 
 
 @dataclass
@@ -205,19 +206,38 @@ def sync_invoice(
         if known is not None:
             known[invoice.id] = row
     outcome.provider_id = row.providerId
-    outcome.advanced = _merge(row, facts, invoice.id)
+    if row.status not in lifecycle.PAID_STATES:
+        _follow_amount(row, invoice)
+    outcome.advanced = _merge(row, facts, invoice)
     if outcome.created or refresh_refunds or (outcome.advanced and row.status in lifecycle.PAID_STATES):
         outcome.refunds_changed = _apply_refunds(session, invoice, row)
     return outcome
 
 
-def _merge(row: Transaction, facts: InvoiceFacts, invoice_id: int) -> bool:
+def _follow_amount(row: Transaction, invoice: Invoice) -> None:
+    """Until it is paid, a transaction's amounts are the invoice's: the app may edit a draft or
+    open invoice. From payment on they are what was paid (the caller stops calling)."""
+    if row.totalCents == invoice.amountCents:
+        return
+    fee = platform_fee_cents(invoice.amountCents, get_settings().platform_fee_bps)
+    log.info("invoice %s amount changed from %s to %s; transaction %s follows", invoice.id, row.totalCents,
+             invoice.amountCents, row.id, extra={"invoice_id": invoice.id})
+    row.totalCents, row.platformFeeCents, row.providerPayoutCents = (
+        invoice.amountCents, fee, invoice.amountCents - fee)
+
+
+def _merge(row: Transaction, facts: InvoiceFacts, invoice: Invoice) -> bool:
+    invoice_id = invoice.id
     before = row.status
-    row.status = lifecycle.merge(before, facts.target)
+    voided = facts.voided or invoice.voidedAt is not None
+    row.status = lifecycle.merge(before, facts.target, voided=voided)
+    if row.status == lifecycle.PAID and before == lifecycle.CANCELLED:
+        log.warning("invoice %s was paid after it was marked uncollectible; transaction paid", invoice_id,
+                    extra={"invoice_id": invoice_id})
     if row.status == before and facts.target != before:
         if before == lifecycle.CANCELLED and facts.target == lifecycle.PAID:
             log.warning(
-                "invoice %s shows a payment but its transaction is cancelled; left cancelled", invoice_id,
+                "invoice %s shows a payment but it was voided; transaction left cancelled", invoice_id,
                 extra={"invoice_id": invoice_id},
             )
         elif facts.target == lifecycle.CANCELLED and before in lifecycle.PAID_STATES:
@@ -236,7 +256,8 @@ def _merge(row: Transaction, facts: InvoiceFacts, invoice_id: int) -> bool:
 
 
 # Refunded cents of an invoice's payment: per charge, the cumulative `amount_refunded` of its
-# newest snapshot when one was seen, else the sum of its counted refunds.
+# newest snapshot when one was seen, else the sum of its counted refunds; plus every lost
+# dispute's amount (the money went back; a lost dispute leaves `amount_refunded` as it was).
 _REFUNDED_SQL = text(
     """
     WITH charges AS (
@@ -248,8 +269,11 @@ _REFUNDED_SQL = text(
         FROM marketplace_worker.stripe_refunds
         WHERE charge_id = :charge_id OR payment_intent_id = :payment_intent_id
         GROUP BY 1
+    ), lost AS (
+        SELECT coalesce(sum(amount), 0) AS cents FROM marketplace_worker.stripe_disputes
+        WHERE (charge_id = :charge_id OR payment_intent_id = :payment_intent_id) AND status = 'lost'
     )
-    SELECT coalesce(sum(coalesce(c.amount_refunded, r.counted)), 0) AS refunded_cents,
+    SELECT coalesce(sum(coalesce(c.amount_refunded, r.counted)), 0) + (SELECT cents FROM lost) AS refunded_cents,
            coalesce(bool_or(c.refunded), false) AS fully_refunded
     FROM charges c FULL JOIN refunds r ON r.charge_key = c.charge_id
     """
@@ -272,7 +296,8 @@ _CLEAR_REFUND = text(
 
 
 def _apply_refunds(session: Session, invoice: Invoice, row: Transaction) -> bool:
-    """Bring the transaction's refunded cents (and a full refund's status) up to date."""
+    """Bring the transaction's refunded cents (refunds and lost disputes) and a full refund's
+    status up to date."""
     if invoice.stripeChargeId is None and invoice.stripePaymentIntentId is None:
         return False  # no payment linked, so no refund either (links are never removed)
     if row.id is None:
@@ -314,6 +339,7 @@ def facts_from_stripe(obj: dict[str, Any], created: int) -> InvoiceFacts:
         invoiced_at=from_unix(times["finalized_at"]),
         paid_at=from_unix(times["paid_at"]),
         at=from_unix(created),
+        voided=times["voided_at"] is not None or obj.get("status") == "void",
     )
 
 
@@ -326,6 +352,7 @@ def facts_from_app(invoice: Invoice, now: datetime) -> InvoiceFacts:
         invoiced_at=invoice.issuedAt,
         paid_at=invoice.paidAt,
         at=now,
+        voided=invoice.voidedAt is not None or invoice.status == "void",
     )
 
 
@@ -448,7 +475,8 @@ def _mirror(session: Session, invoice: Invoice, obj: dict[str, Any], created: in
     the payment ids. Returns whether the invoice got linked to a new charge or PaymentIntent."""
     stripe_id = obj["id"]
     values: dict[str, Any] = {}
-    if invoice.stripeInvoiceId is None:
+    newly_known = invoice.stripeInvoiceId is None
+    if newly_known:
         values["stripeInvoiceId"] = stripe_id
     rank = INVOICE_STATUS_RANK.get(obj.get("status"), 0) if isinstance(obj.get("status"), str) else 0
     if versions.advance(session, stripe_id, "invoice", created, event_id, rank):
@@ -460,22 +488,56 @@ def _mirror(session: Session, invoice: Invoice, obj: dict[str, Any], created: in
             "status": status,
             "amountPaidCents": amount_paid,
             "paidAt": from_unix(transitions.get("paid_at")),
-            "voidedAt": from_unix(transitions.get("voided_at")),
+            # A void is final in Stripe: no later snapshot takes it back.
+            "voidedAt": from_unix(transitions.get("voided_at")) or invoice.voidedAt,
         }
-    charge_id, payment_intent_id = payment_of_invoice(obj)
-    new_links = []
-    # Each link follows the newest snapshot that names one (a retried payment changes the charge).
-    for column, value in (("stripeChargeId", charge_id), ("stripePaymentIntentId", payment_intent_id)):
-        if value and versions.advance(session, f"{stripe_id}#{column}", "invoice_link", created, event_id, rank):
-            values[column] = value
-            if getattr(invoice, column) != value:
-                new_links.append(value)
     changed = {name: value for name, value in values.items() if getattr(invoice, name) != value}
     if changed:
         for name, value in changed.items():
             setattr(invoice, name, value)
         invoice.updatedAt = utcnow()
+    charge_id, payment_intent_id = payment_of_invoice(obj)
+    linked = link_payment(session, invoice, charge_id, payment_intent_id, created, event_id, rank)
+    if newly_known:
+        # An invoice_payment.paid that came before the app's invoice was known by its Stripe
+        # id was recorded; the lock pairs with `apply_invoice_payment`'s second look.
+        _lock_keys(session, [f"stripe-invoice:{stripe_id}"])
+        for payment in session.execute(_RECORDED_PAYMENTS, {"stripe_invoice_id": stripe_id}):
+            linked |= link_payment(session, invoice, payment.charge_id, payment.payment_intent_id,
+                                   payment.event_created, payment.event_id, PAYMENT_LINK_RANK)
+    return linked
+
+
+# The rank of an `invoice_payment.paid`'s link: a paid payment, as a paid invoice's snapshot.
+PAYMENT_LINK_RANK = 3
+
+_RECORDED_PAYMENTS = text(
+    """
+    SELECT charge_id, payment_intent_id, event_created, event_id
+    FROM marketplace_worker.stripe_invoice_payments
+    WHERE stripe_invoice_id = :stripe_invoice_id AND status = 'paid'
+    ORDER BY event_created, event_id
+    """
+)
+
+
+def link_payment(
+    session: Session, invoice: Invoice, charge_id: str | None, payment_intent_id: str | None,
+    created: int, event_id: str, rank: int,
+) -> bool:
+    """Link the (locked) invoice to the charge and PaymentIntent that paid it, from whatever
+    told: an invoice snapshot, an `invoice_payment.paid`, a read of Stripe's invoice payments.
+    Each link follows the newest source that names one (a retried payment changes the charge).
+    Returns whether a link is new; the caller then brings the refunds up to date."""
+    stripe_id = invoice.stripeInvoiceId
+    new_links = []
+    for column, value in (("stripeChargeId", charge_id), ("stripePaymentIntentId", payment_intent_id)):
+        if value and versions.advance(session, f"{stripe_id}#{column}", "invoice_link", created, event_id, rank):
+            if getattr(invoice, column) != value:
+                setattr(invoice, column, value)
+                new_links.append(value)
     if new_links:
+        invoice.updatedAt = utcnow()
         lock_payments(session, new_links)
         if invoice.stripeChargeId is None and invoice.stripePaymentIntentId is not None:
             _charge_from_facts(session, invoice)
@@ -516,13 +578,17 @@ def payment_of_invoice(obj: dict[str, Any]) -> tuple[str | None, str | None]:
 # --- charges, refunds, disputes --------------------------------------------------------------
 
 
-_LOCK_PAYMENT = text("SELECT pg_advisory_xact_lock(hashtextextended(:key, 0))")
+_LOCK_KEY = text("SELECT pg_advisory_xact_lock(hashtextextended(:key, 0))")
+
+
+def _lock_keys(session: Session, keys: list[str]) -> None:
+    for key in sorted(set(keys)):
+        session.execute(_LOCK_KEY, {"key": key})
 
 
 def lock_payments(session: Session, payment_ids: list[str]) -> None:
     """Serialize the recording of a payment's facts with the linking of an invoice to it."""
-    for payment_id in sorted(set(payment_ids)):
-        session.execute(_LOCK_PAYMENT, {"key": f"stripe-payment:{payment_id}"})
+    _lock_keys(session, [f"stripe-payment:{payment_id}" for payment_id in payment_ids])
 
 
 def _lock_invoice_for_payment(
@@ -673,12 +739,62 @@ def apply_dispute(session: Session, obj: dict[str, Any], created: int, event_id:
             "id": dispute_id, "charge_id": charge_id, "payment_intent_id": payment_intent_id,
             "amount": _cents(obj, "amount"), "status": status,
         })
-        if status not in DISPUTE_CLOSED:
+        if status not in DISPUTE_SETTLED:
             log.warning("dispute %s on charge %s is open (%s)", dispute_id, charge_id, status)
+    # A lost dispute counts as a refund of its amount; a won one undoes nothing counted.
+    return _after_payment_fact(session, invoice, f"dispute {dispute_id}")
+
+
+_UPSERT_INVOICE_PAYMENT = text(
+    """
+    INSERT INTO marketplace_worker.stripe_invoice_payments AS p
+        (invoice_payment_id, stripe_invoice_id, charge_id, payment_intent_id, status, event_created, event_id,
+         updated_at)
+    VALUES (:id, :stripe_invoice_id, :charge_id, :payment_intent_id, :status, :created, :event_id, now())
+    ON CONFLICT (invoice_payment_id) DO UPDATE SET
+        charge_id = excluded.charge_id, payment_intent_id = excluded.payment_intent_id, status = excluded.status,
+        event_created = excluded.event_created, event_id = excluded.event_id, updated_at = now()
+    """
+)
+
+
+def apply_invoice_payment(session: Session, obj: dict[str, Any], created: int, event_id: str) -> Outcome:
+    """An InvoicePayment snapshot (`invoice_payment.paid`): on current API versions the one
+    event that says which charge or PaymentIntent paid an invoice. Recorded, then linked to the
+    app's invoice if it is known by its Stripe id; else linked when it becomes known."""
+    payment_id = _required_id(obj, "invoice_payment")
+    stripe_invoice_id, status, payment = _ref(obj.get("invoice")), obj.get("status"), obj.get("payment")
+    if stripe_invoice_id is None or not isinstance(status, str) or not isinstance(payment, dict):
+        raise InvalidPayload(f"invoice_payment {payment_id} lacks its invoice, status or payment")
+    charge_id, payment_intent_id = _ref(payment.get("charge")), _ref(payment.get("payment_intent"))
+    if versions.advance(session, payment_id, "invoice_payment", created, event_id, 1 if status == "paid" else 0):
+        session.execute(_UPSERT_INVOICE_PAYMENT, {
+            "id": payment_id, "stripe_invoice_id": stripe_invoice_id, "charge_id": charge_id,
+            "payment_intent_id": payment_intent_id, "status": status, "created": created, "event_id": event_id,
+        })
+    invoice = _lock_one(session, Invoice.stripeInvoiceId == stripe_invoice_id)
     if invoice is None:
-        log.info("dispute %s matches no invoice yet; recorded", dispute_id)
-        return Outcome(skipped="unlinked_payment")
-    return Outcome()
+        # The mirror that fills the Stripe id takes this lock before reading what was recorded.
+        _lock_keys(session, [f"stripe-invoice:{stripe_invoice_id}"])
+        invoice = _lock_one(session, Invoice.stripeInvoiceId == stripe_invoice_id)
+    if invoice is None:
+        log.info("invoice payment %s of %s recorded until the app's invoice is known", payment_id, stripe_invoice_id)
+        return Outcome(skipped="unknown_invoice")
+    if not invoice.isMarketplaceInvoice:
+        return Outcome(skipped="not_marketplace")
+    if status != "paid" or not link_payment(
+            session, invoice, charge_id, payment_intent_id, created, event_id, PAYMENT_LINK_RANK):
+        return Outcome()
+    return _after_payment_fact(session, invoice, f"invoice payment {payment_id}")
+
+
+def apply_charge_link(session: Session, invoice_id: int, charge_id: str, created: int, event_id: str) -> Outcome:
+    """The charge of an invoice's PaymentIntent, read from Stripe: link it and count what was
+    recorded against it."""
+    invoice = _lock_one(session, Invoice.id == invoice_id)
+    if invoice is None or not link_payment(session, invoice, charge_id, None, created, event_id, PAYMENT_LINK_RANK):
+        return Outcome()
+    return _after_payment_fact(session, invoice, f"charge {charge_id}")
 
 
 # --- payload helpers -----------------------------------------------------------------------

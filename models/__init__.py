@@ -28,11 +28,12 @@ from models.ledger import (
     InvoiceTransaction,
     StripeCharge,
     StripeDispute,
+    StripeInvoicePayment,
     StripeRefund,
     TouchedProvider,
     TransactionRefund,
 )
-from models.state import ObjectVersion, Watermark
+from models.state import ObjectVersion, StripeInvoiceRead, Watermark
 from models.stats import ProviderStatsRecomputed
 
 __all__ = [
@@ -57,6 +58,8 @@ __all__ = [
     "StripeCharge",
     "StripeDispute",
     "StripeEvent",
+    "StripeInvoicePayment",
+    "StripeInvoiceRead",
     "StripeRefund",
     "Tenant",
     "TouchedProvider",

@@ -73,6 +73,27 @@ class StripeDispute(Base):
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
 
+class StripeInvoicePayment(Base):
+    """An InvoicePayment as last seen (`invoice_payment.paid`): which charge or PaymentIntent
+    paid a Stripe invoice. Kept so that a payment seen before the app's invoice is known by
+    its Stripe id is linked when it becomes known."""
+
+    __tablename__ = "stripe_invoice_payments"
+    __table_args__ = (
+        Index("ix_stripe_invoice_payments_stripe_invoice_id", "stripe_invoice_id"),
+        {"schema": WORKER_SCHEMA},
+    )
+
+    invoice_payment_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    stripe_invoice_id: Mapped[str] = mapped_column(Text)
+    charge_id: Mapped[str | None] = mapped_column(Text)
+    payment_intent_id: Mapped[str | None] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(Text)
+    event_created: Mapped[int] = mapped_column(BigInteger)
+    event_id: Mapped[str] = mapped_column(Text)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
 class InvoiceTransaction(Base):
     """The worker's key from an invoice to its one transaction: `marketplace.transactions` has
     no unique key (nor any index) on "invoiceId", and its DDL is Prisma's, so the uniqueness

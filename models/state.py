@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import BigInteger, DateTime, SmallInteger, Text, func
+from sqlalchemy import BigInteger, DateTime, Index, Integer, SmallInteger, Text, func
 from sqlalchemy.orm import Mapped, mapped_column
 
 from models.base import WORKER_SCHEMA, Base
@@ -44,3 +44,26 @@ class Watermark(Base):
     updated_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), server_default=func.now()
     )
+
+
+class StripeInvoiceRead(Base):
+    """The poller's to-do list of Stripe invoices to read from the API, each with when it is
+    due: paid ones not yet linked to their charge (`unlinked`: retried with backoff until
+    linked, never dropped), and draft or open ones with no news from Stripe for long
+    (`stale`; open ones past their due date sooner). A run reads what is due, most overdue
+    first, so its cost follows what is due, not how many invoices are open."""
+
+    __tablename__ = "stripe_invoice_reads"
+    __table_args__ = (
+        Index("ix_stripe_invoice_reads_reason_due_at", "reason", "due_at"),
+        {"schema": WORKER_SCHEMA},
+    )
+
+    invoice_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    stripe_invoice_id: Mapped[str] = mapped_column(Text)
+    reason: Mapped[str] = mapped_column(Text)  # unlinked | stale
+    due_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    # Failed or fruitless reads in a row: the backoff of the next one.
+    attempts: Mapped[int] = mapped_column(Integer, server_default="0")
+    last_error: Mapped[str | None] = mapped_column(Text)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())

@@ -33,12 +33,9 @@ def account_deauthorized(session: Session, event: StripeEvent) -> None:
     sync_account(session, event.account, DEAUTHORIZED, created=event.created, version_id=event.id)
 
 
-@handles("transfer.created", "transfer.updated", "transfer.reversed")
+# A connected account's own transfer (Connect endpoint) is not money the platform sent.
+@handles("transfer.created", "transfer.updated", "transfer.reversed", platform_only=True)
 def transfer_event(session: Session, event: StripeEvent) -> None:
-    if event.account:
-        # A connected account's own transfer (Connect endpoint): not money the platform sent.
-        log.info("%s of connected account %s ignored", event.type, event.account, extra={"event_id": event.id})
-        return
     reconcile.record_transfers(session, [reconcile.transfer_row(event_object(event, "transfer"), event.created, event.id)])
 
 

@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
     "invoice.marked_uncollectible",
     "invoice.updated",
     batch=True,
+    platform_only=True,
 )
 def invoice_events(session: Session, events: list[StripeEvent], *, skip_busy: bool) -> list[StripeEvent]:
     snapshots = []

@@ -1,8 +1,12 @@
 """Realistic Stripe v1 objects and snapshot events for tests, signed exactly as Stripe signs webhooks.
 
-Field names and behaviour follow /work/shared/stripe-facts.md. Invoices come in two shapes:
-"legacy" (API 2024-06-20: top-level `charge`, `payment_intent`, `paid`) and "basil"
-(2025-03-31.basil+: those are gone, the payment lives in `payments.data[].payment`).
+Field names and behaviour follow /work/shared/stripe-facts.md and Stripe's published fixtures
+(stripe/openapi, openapi/fixtures3.json). Invoices come in two shapes: "legacy" (API 2024-06-20:
+top-level `charge`, `payment_intent`, `paid`) and "basil" (2025-03-31.basil and later: those are
+gone; the payment is an InvoicePayment, told by `invoice_payment.paid` from 2025-05-28 on, or
+read from the API). Events are built as Stripe sends them at the version they name: a webhook
+expands nothing, so an invoice carries `payments` only when a test asks for it (an API read
+with `expand[]=payments`), and a current-version charge has no `invoice`.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import stripe
 
 LEGACY_API_VERSION = "2024-06-20"
 BASIL_API_VERSION = "2025-03-31.basil"
+CURRENT_API_VERSION = "2026-10-28.endive"  # what stripe-python 16 pins
 _INVOICE_PAYMENT_PAID_SINCE = "2025-05-28"  # first API version that emits invoice_payment.paid
 SHAPES = ("legacy", "basil")
 OUTCOMES = (
@@ -168,14 +173,14 @@ def invoice(
     charge: str | None = None,
     payment_intent: str | None = None,
     payments: list[dict] | None = None,
-    include_payments: bool = True,
+    include_payments: bool = False,
     status_transitions: dict | None = None,
     attempt_count: int | None = None,
     livemode: bool = False,
     **overrides: Any,
 ) -> dict:
-    """An Invoice in either shape. Real webhooks omit the includable `payments`; pass include_payments=False
-    to get that form (the worker must then call /v1/invoice_payments or expand)."""
+    """An Invoice in either shape, as a webhook carries it: without the includable `payments`.
+    `include_payments=True` gives the form an API read with `expand[]=payments` returns."""
     if shape not in SHAPES:
         raise ValueError(f"shape must be one of {SHAPES}")
     id = id or new_id("in")
@@ -595,7 +600,7 @@ def account(
 
 def _default_api_version(obj: dict) -> str:
     legacy = (obj.get("object") == "invoice" and "paid" in obj) or (obj.get("object") == "charge" and "invoice" in obj)
-    return LEGACY_API_VERSION if legacy else BASIL_API_VERSION
+    return LEGACY_API_VERSION if legacy else CURRENT_API_VERSION
 
 
 def event(
@@ -682,19 +687,22 @@ def invoice_lifecycle(
     customer: str | None = None,
     api_version: str | None = None,
     collection_method: str = "charge_automatically",
-    include_payments: bool = True,
+    include_payments: bool = False,
     refund_amounts: Sequence[int] | None = None,
     dispute_outcome: str | None = None,
     livemode: bool = False,
 ) -> Timeline:
-    """All events of one invoice, oldest first. Ids: invoice_id, payment_intent_id, charge_id,
-    failed_charge_id, invoice_payment_id (basil), refund_ids, dispute_id, customer_id."""
+    """All events of one invoice, oldest first, at `api_version` (default: the current one for
+    the basil shape, which sends `invoice_payment.paid`; 2025-03-31.basil does not). Ids:
+    invoice_id, payment_intent_id, charge_id, failed_charge_id, invoice_payment_id (basil),
+    refund_ids, dispute_id, customer_id. `include_payments` puts the expanded `payments` on the
+    invoice snapshots, which no webhook does: only for tests of what a read would return."""
     if outcome not in OUTCOMES:
         raise ValueError(f"outcome must be one of {OUTCOMES}")
     if dispute_outcome not in (None, "won", "lost"):
         raise ValueError("dispute_outcome must be None, 'won' or 'lost'")
     basil = shape == "basil"
-    version = api_version or (BASIL_API_VERSION if basil else LEGACY_API_VERSION)
+    version = api_version or (CURRENT_API_VERSION if basil else LEGACY_API_VERSION)
     t0 = _ts(start)
     pi = new_id("pi")
     inv = invoice(shape=shape, app_invoice_id=app_invoice_id, amount=amount_cents, status="draft", currency=currency,
