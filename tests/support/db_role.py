@@ -44,6 +44,8 @@ def worker_role(database_url: str, prefix: str = "mw_worker") -> Iterator[tuple[
 
 def drop_role(admin_url: str, role: str) -> None:
     with psycopg.connect(_libpq(admin_url), autocommit=True) as conn:
+        # Handing the tables back locks them: a test's open transaction fails it, not hangs it.
+        conn.execute("SET lock_timeout = '30s'")
         # Its sessions (a worker that did not stop) would keep DROP ROLE from succeeding.
         conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", (role,))
         conn.execute(revoke_sql(role))
