@@ -1,36 +1,50 @@
 """Stripe Connect: account sync, the transfer/payout mirror, and payouts reconciliation (SPEC §5).
 
-For a `stripe_connect` provider, money reaches the provider in two hops: the platform's
-transfer to the connected account (`tr_...`, which creates a `py_...` payment there), then
-the account's payout to its bank (`po_...`). Reconciliation proves the second hop the way
-Stripe documents it: the transfer's `destination_payment` appears as the `source` of a
-balance transaction inside a **paid** automatic payout (`GET /v1/balance_transactions?payout=`
-with `Stripe-Account`). A payout that failed or was canceled returns its money to the
-account's balance; the `payout_failure` / `payout_cancel` balance transaction then rides in
-a later payout, which is followed to see the money leave again.
+For a `stripe_connect` provider, money reaches the provider in two hops: a transfer to the
+connected account (`tr_...`, which creates a `py_...` payment there), then the account's
+payout to its bank (`po_...`). The transfer comes from either fund flow: the platform's own
+(separate charges and transfers, `providerPayoutCents`), or Stripe's for a destination charge
+(`transfer_data.destination`: the whole charge, its application fee collected back from the
+account). Reconciliation proves the second hop the way Stripe documents it: the transfer's
+`destination_payment` appears as the `source` of a balance transaction inside a **paid**
+automatic payout (`GET /v1/balance_transactions?payout=` with `Stripe-Account`). A payout that
+failed or was canceled returns its money to the account's balance; the `payout_failure` /
+`payout_cancel` balance transaction then rides in a later payout, which is followed to see the
+money leave again. Stripe itemizes no manual payout: on an account on manual payouts the
+transfer's money being available on the account (its `payment` balance transaction's
+`available_on`) is what completes a transaction.
 
 One account's run:
   1. takes a per-account advisory lock (two workers on one account: one does the work);
-  2. lists, read-only and `limit=100`, the platform's transfers to the account and the
-     account's payouts created in the window, then the balance transactions of every
-     finished automatic payout not listed before (a payout's contents never change);
-  3. stores them in the mirror (`connect_transfers`, `connect_payouts`, `connect_payout_items`),
-     which webhook events also feed, so each listing only needs the window since the last;
-  4. classifies, in SQL, every paid transaction of the provider (and the completed ones
-     whose payout may still fail, whose transfer was reversed, or with an open discrepancy),
-     completes the paid-out ones (unless a dispute holds them), and upserts discrepancies:
-     seen ones get `last_seen_at`, open ones no longer seen get `resolved_at`.
+  2. lists, read-only and `limit=100`, the platform's transfers to the account (each with its
+     source charge and application fee expanded) and the account's payouts created in the
+     window;
+  3. stores them in the mirror (`connect_transfers`, `connect_payouts`), which webhook events
+     also feed, so each listing only needs the window since the last, and matches the
+     transfers that are new or matched nothing yet to the provider's transactions;
+  4. reads what the mirror now calls for: the balance transactions of every finished
+     automatic payout not listed before (a payout's contents never change); on manual payouts,
+     the account's `payment` balance transactions not stored yet (`connect_payments`); the
+     application fees of destination charges reversed since their fee was last read; and, when
+     no standard payout tells whether the account is on manual payouts, its payout schedule;
+  5. classifies, in SQL, every paid transaction of the provider (and the completed ones
+     whose payout may still fail, whose transfer changed after a reversal, or with an open
+     discrepancy), completes the paid-out ones (unless a dispute holds them), and upserts
+     discrepancies: seen ones get `last_seen_at`, open ones no longer seen get `resolved_at`.
 
 The run holds no database transaction open while it talks to Stripe.
 
-What a transaction comes out as, from its transfers (their sum, net of reversals) and the
-payouts that carried them: `paid_out` (then `completed`), `awaiting_payout`,
-`awaiting_transfer` (paid less than RECONCILE_TRANSFER_GRACE_HOURS ago), or a discrepancy:
-`missing_transfer`, `amount_mismatch` (net transferred is not `providerPayoutCents`, no
-reversal), `transfer_reversed` (short of it after a reversal; a reversal that corrects an
-over-transfer is fine), `payout_failed`. Transfers: `orphan_transfer` (no transaction of the
-provider), `transfer_not_reversed` (money left with the provider for a refunded or cancelled
-transaction), and, over all accounts, `unknown_destination` (no stripe_connect provider).
+The provider's expected net is `providerPayoutCents` less its share of what was refunded
+(lost disputes included), rounded half up; the net it got is its transfers less their
+reversals and, for destination charges, less the application fee net of its refunds. What a
+transaction comes out as: `paid_out` (then `completed`), `awaiting_payout`, `funds_available`
+(manual payouts; then `completed`), `awaiting_funds` (manual payouts), `awaiting_transfer`
+(paid less than RECONCILE_TRANSFER_GRACE_HOURS ago), or a discrepancy: `missing_transfer`,
+`transfer_reversed` (after a reversal, short of the expected net by more than a cent per
+refund), `amount_mismatch` (any other difference), `payout_failed`. Transfers:
+`orphan_transfer` (no transaction of the provider), `transfer_not_reversed` (money left with
+the provider for a refunded or cancelled transaction), and, over all accounts,
+`unknown_destination` (no stripe_connect provider).
 """
 
 from __future__ import annotations
