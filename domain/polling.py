@@ -12,6 +12,8 @@
    retried with backoff until linked, whatever fails), then draft/open ones with no news from
    Stripe for long or open past their due date. A bounded number per run; what the budget
    leaves stays due for the next run. Each read is applied through the webhook's own function.
+"""
+
 from __future__ import annotations
 
 import logging
@@ -348,13 +350,19 @@ def refresh_from_stripe(
             break
         except (stripe.StripeError, InvalidPayload, NotYetKnown) as error:
             log.warning("could not read invoice %s (app invoice %s) from Stripe: %s", stripe_id, invoice_id, error)
-            result.skipped["stripe_error" if isinstance(error, stripe.StripeError) else "stripe_unappliable"] += 1
+            result.skipped[_failure_kind(error)] += 1
             _failed(session_factory, invoice_id, error, settings)
             continue
         result.refreshed_from_stripe += 1
         result.count(outcome)
         with session_factory() as session:
             read_done(session, invoice_id, obj, settings)
+
+
+def _failure_kind(error: BaseException) -> str:
+    if isinstance(error, stripe.InvalidRequestError) and error.http_status == 404:
+        return "stripe_not_found"
+    return "stripe_error" if isinstance(error, stripe.StripeError) else "stripe_unappliable"
 
 
 def _payment_intent_without_charge(session: Session, invoice_id: int) -> str | None:

@@ -36,7 +36,7 @@ def test_handlers():
 
     dispatch.load_handlers()
     added = {"test.ok": ok, "test.fails": fails, "test.not_yet": not_yet, "test.invalid": invalid}
-    dispatch.HANDLERS.update({name: dispatch.Registered(fn, batch=False) for name, fn in added.items()})
+    dispatch.HANDLERS.update({name: dispatch.Registered(fn, batch=False, platform_only=False) for name, fn in added.items()})
     CALLS.clear()
     yield
     for name in added:
@@ -105,7 +105,7 @@ def test_a_handler_failure_rolls_back_everything_it_wrote(db, test_handlers):
         session.execute(update(StripeEvent).where(StripeEvent.id == event.id).values(account="acct_written"))
         raise RuntimeError("crashed midway")
 
-    dispatch.HANDLERS["test.half"] = dispatch.Registered(half_done, batch=False)
+    dispatch.HANDLERS["test.half"] = dispatch.Registered(half_done, batch=False, platform_only=False)
     try:
         event_id = store(db, "test.half")
         assert run(db, event_id) == "retrying"

@@ -14,10 +14,11 @@ from hypothesis import strategies as st
 from sqlalchemy import select, text
 
 from domain import lifecycle
-from domain.clock import from_unix
+from domain.clock import from_unix, utcnow
 from domain.lifecycle import CANCELLED, COMPLETED, INVOICED, PAID, PENDING_INVOICE, REFUNDED
 from domain.transactions import platform_fee_cents
 from models import Invoice, Transaction
+from models.db import session_scope
 from tests.support import factories
 from tests.support import stripe_events as se
 from tests.support.lifecycle import deliver, event_status, ledger_state, run, run_batch, store
@@ -432,6 +433,128 @@ def test_disputes_keep_their_newest_status(db):
 def test_a_wrong_object_type_is_parked(db):
     event = evt("invoice.paid", se.charge(amount=100), T0)
     assert deliver(db, event) == ["parked"]
+
+
+# --- money as Stripe moves it ------------------------------------------------------------------
+
+
+def provider_stats(db, inv: Invoice) -> tuple[int, int]:
+    from domain import stats
+    from models import Provider
+
+    with session_scope() as session:
+        stats.recompute_providers(session, [inv.marketplaceProviderId])
+    db.expire_all()
+    row = db.get(Provider, inv.marketplaceProviderId)
+    return row.totalTransactions, row.totalRevenueCents
+
+
+def test_a_connected_accounts_invoice_charge_refund_or_dispute_changes_no_platform_record(db):
+    """A connected account's own invoice of 1 cent, paid, naming the platform's invoice in its
+    metadata; then its refund and dispute on a charge id the platform's invoice knows."""
+    inv = app_invoice(db)
+    deliver(db, evt("invoice.finalized", opened(inv), T0))
+    linked = app_invoice(db, stripeInvoiceId="in_platform0002", stripeChargeId="ch_platform0002", status="paid")
+    before = ledger_state(db, inv.id), ledger_state(db, linked.id)
+    account = "acct_1Connected00001"
+    foreign = se.invoice(id="in_connected001", app_invoice_id=str(inv.id), amount=1, status="paid", created=T0)
+    charge = se.charge(id="ch_platform0002", amount=10_000, amount_refunded=10_000, created=T0)
+    events = [
+        evt("invoice.paid", foreign, T0 + HOUR, account=account),
+        evt("invoice_payment.paid", se.invoice_payment(invoice="in_platform0002", amount=1, charge="ch_other0001"),
+            T0 + HOUR, account=account),
+        evt("charge.refunded", charge, T0 + HOUR, account=account),
+        evt("refund.created", se.refund(charge="ch_platform0002", amount=10_000), T0 + HOUR, account=account),
+        evt("charge.dispute.closed", se.dispute(charge="ch_platform0002", amount=10_000, status="lost"),
+            T0 + HOUR, account=account),
+    ]
+    store(db, *events, endpoint="connect")
+    assert run_batch([e["id"] for e in events]) == dict.fromkeys((e["id"] for e in events), "ignored")
+    for event in events:
+        status, reason = event_status(db, event["id"])
+        assert status == "ignored" and reason.startswith(f"connected account {account}"), (status, reason)
+    assert (ledger_state(db, inv.id), ledger_state(db, linked.id)) == before
+    assert transaction(db, inv).status == INVOICED
+
+
+def test_amounts_follow_the_invoice_until_it_is_paid_then_stay(db):
+    from domain import polling
+
+    inv = app_invoice(db, amount=10_000)
+    deliver(db, evt("invoice.finalized", opened(inv), T0))
+    assert ledger_state(db, inv.id)["transactions"][0][:4] == (INVOICED, 10_000, 500, 9_500)
+    inv.amountCents, inv.updatedAt = 12_010, utcnow()  # the app edits the open invoice
+    db.commit()
+    polling.poll_invoices(session_scope, None)
+    assert ledger_state(db, inv.id)["transactions"][0][:4] == (INVOICED, 12_010, 601, 11_409)
+
+    inv.amountCents, inv.updatedAt = 12_500, utcnow()  # edited again, then paid before the next poll
+    db.commit()
+    deliver(db, evt("invoice.paid", paid(inv), T0 + HOUR))
+    assert ledger_state(db, inv.id)["transactions"][0][:4] == (PAID, 12_500, 625, 11_875)
+    inv.amountCents, inv.updatedAt = 99, utcnow()  # after payment nothing the app does changes them
+    db.commit()
+    polling.poll_invoices(session_scope, None)
+    assert ledger_state(db, inv.id)["transactions"][0][:4] == (PAID, 12_500, 625, 11_875)
+
+
+def uncollectible(inv, at=T0 + HOUR, **kw):
+    return stripe_invoice(inv, status="uncollectible", status_transitions={
+        "finalized_at": T0, "paid_at": None, "voided_at": None, "marked_uncollectible_at": at}, **kw)
+
+
+@pytest.mark.parametrize("paid_first", [False, True])
+def test_money_collected_after_uncollectible_makes_the_transaction_paid(db, paid_first):
+    inv = app_invoice(db)
+    marked = evt("invoice.marked_uncollectible", uncollectible(inv), T0 + DAY)
+    collected = evt("invoice.paid", stripe_invoice(inv, status="paid", status_transitions={
+        "finalized_at": T0, "paid_at": T0 + 2 * DAY, "voided_at": None, "marked_uncollectible_at": T0 + DAY}),
+        T0 + 2 * DAY)
+    deliver(db, evt("invoice.finalized", opened(inv), T0))
+    deliver(db, *((collected, marked) if paid_first else (marked, collected)))
+    state = ledger_state(db, inv.id)
+    assert state["transactions"][0][:6:5] == (PAID, from_unix(T0 + 2 * DAY))
+    assert state["invoice"][0][:3] == ("paid", 10_000, from_unix(T0 + 2 * DAY))
+    assert provider_stats(db, inv) == (1, 10_000)
+
+
+@pytest.mark.parametrize(("amount", "status", "refunded", "stats"), [
+    (4_000, PAID, 4_000, (1, 6_000)),  # part of the payment went back
+    (10_000, REFUNDED, 10_000, (0, 0)),  # all of it: counted out
+])
+def test_a_lost_dispute_counts_as_a_refund_of_its_amount(db, amount, status, refunded, stats):
+    inv = app_invoice(db)
+    deliver(db, evt("invoice.paid", paid(inv, shape="legacy", charge="ch_lost0000001"), T0 + HOUR))
+    dispute = se.dispute(id="dp_lost0000001", charge="ch_lost0000001", amount=amount)
+    deliver(db, evt("charge.dispute.created", dispute, T0 + DAY))
+    assert ledger_state(db, inv.id)["transactions"][0][::7] == (PAID, None)  # open: only held back
+    deliver(db, evt("charge.dispute.closed", dict(dispute, status="lost"), T0 + 60 * DAY))
+    assert ledger_state(db, inv.id)["transactions"][0][::7] == (status, refunded)
+    assert provider_stats(db, inv) == stats
+
+
+def test_a_won_dispute_takes_nothing_back(db):
+    inv = app_invoice(db)
+    deliver(db, evt("invoice.paid", paid(inv, shape="legacy", charge="ch_won00000001"), T0 + HOUR))
+    dispute = se.dispute(id="dp_won00000002", charge="ch_won00000001", amount=10_000)
+    deliver(db, evt("charge.dispute.created", dispute, T0 + DAY),
+            evt("charge.dispute.closed", dict(dispute, status="won"), T0 + 60 * DAY))
+    assert ledger_state(db, inv.id)["transactions"][0][::7] == (PAID, None)
+    assert provider_stats(db, inv) == (1, 10_000)
+
+
+def test_an_invoice_payment_seen_before_the_invoice_is_known_links_it_when_it_is(db):
+    inv = app_invoice(db)  # the app has not stored the Stripe id: only the metadata tells
+    payment = se.invoice_payment(invoice="in_lifecycle0001", amount=10_000, payment_intent="pi_before00001")
+    charge = se.charge(id="ch_before00001", amount=10_000, payment_intent="pi_before00001",
+                       amount_refunded=10_000, created=T0 + HOUR)
+    assert deliver(db, evt("invoice_payment.paid", payment, T0 + HOUR),
+                   evt("charge.refunded", charge, T0 + DAY)) == ["processed", "processed"]
+    assert ledger_state(db, inv.id)["transactions"] == []
+    deliver(db, evt("invoice.paid", paid(inv), T0 + HOUR))
+    state = ledger_state(db, inv.id)
+    assert state["invoice"][0][4:] == ("in_lifecycle0001", "ch_before00001", "pi_before00001")
+    assert state["transactions"][0][::7] == (REFUNDED, 10_000)
 
 
 # --- order independence ---------------------------------------------------------------------

@@ -126,6 +126,16 @@ def test_a_run_is_bounded_and_the_next_one_carries_on(db):
     assert all(len(transactions_of(db, i)) == 1 for i in invoices)
 
 
+def test_a_run_stopped_by_its_budget_resumes_with_the_overlap(db):
+    first = [manual_invoice(db, status="open", updatedAt=utcnow() - timedelta(seconds=30)) for _ in range(3)]
+    assert poll(stripe=False, poll_batch_size=2, poll_max_invoices_per_run=2).created == 2
+    # Stamped before where that run stopped, committed only now.
+    late = manual_invoice(db, status="open", updatedAt=utcnow() - timedelta(seconds=40))
+    result = poll(stripe=False, poll_batch_size=2, poll_max_invoices_per_run=2)
+    assert result.created == 2  # the late one and the third: re-reading the window costs no budget
+    assert all(len(transactions_of(db, i)) == 1 for i in [*first, late])
+
+
 def test_the_page_query_reads_the_status_updated_at_index(db):
     db.execute(text(
         """
@@ -164,21 +174,27 @@ def test_a_missed_invoice_paid_webhook_is_recovered_from_stripe(db, stripe_api):
     paid_at = 1_790_003_600
     stripe_api.add("invoices", se.invoice(
         id=invoice.stripeInvoiceId, app_invoice_id=str(invoice.id), amount=10_000, status="paid", created=paid_at,
-        payment_intent="pi_recovered001",
         status_transitions={"finalized_at": paid_at - HOUR, "paid_at": paid_at, "voided_at": None,
                             "marked_uncollectible_at": None}))
+    # What `expand[]=payments` renders, and the PaymentIntent's charge.
+    stripe_api.add("invoice_payments", se.invoice_payment(
+        invoice=invoice.stripeInvoiceId, amount=10_000, payment_intent="pi_recovered001", created=paid_at))
+    stripe_api.add("charges", se.charge(id="ch_recovered001", amount=10_000, payment_intent="pi_recovered001",
+                                        created=paid_at))
 
     result = poll(poll_overlap_seconds=0)
     assert (result.refreshed_from_stripe, result.advanced) == (1, 1)
     [row] = transactions_of(db, invoice)
     assert (row.status, row.paidAt) == (PAID, from_unix(paid_at))
     db.refresh(invoice)
-    assert (invoice.status, invoice.amountPaidCents, invoice.paidAt, invoice.stripePaymentIntentId) == (
-        "paid", 10_000, from_unix(paid_at), "pi_recovered001")
+    assert (invoice.status, invoice.amountPaidCents, invoice.paidAt, invoice.stripePaymentIntentId,
+            invoice.stripeChargeId) == ("paid", 10_000, from_unix(paid_at), "pi_recovered001", "ch_recovered001")
     [call] = [c for c in stripe_api.calls if c.path.startswith("/v1/invoices/")]
     assert call.params.get("expand") == ["payments"]
+    [call] = [c for c in stripe_api.calls if c.path == "/v1/charges"]
+    assert call.params.get("payment_intent") == "pi_recovered001"
 
-    assert poll().refreshed_from_stripe == 0  # paid now: nothing looks stuck
+    assert poll().refreshed_from_stripe == 0  # paid and linked now: nothing is due
 
 
 def test_stuck_reads_are_bounded_and_a_recent_sighting_is_not_read_again(db, stripe_api):
@@ -217,8 +233,9 @@ def test_a_basil_payment_missing_from_webhooks_is_linked_from_stripe_and_its_ref
     provider = factories.provider(db, payment_mode="stripe")
     invoice = factories.invoice(db, provider, stripe=False, status="draft")
     db.commit()
-    timeline = se.invoice_lifecycle(str(invoice.id), 10_000, shape="basil", start=1_790_000_000,
-                                    outcome="paid_full_refund", include_payments=False)
+    # 2025-03-31.basil: no invoice_payment.paid yet, and no webhook ties the payment to the invoice.
+    timeline = se.invoice_lifecycle(str(invoice.id), 10_000, shape="basil", api_version=se.BASIL_API_VERSION,
+                                    start=1_790_000_000, outcome="paid_full_refund")
     deliver(db, *timeline)
     assert ledger_state(db, invoice.id)["transactions"][0][::7] == (PAID, None)  # refund not linked yet
     se.publish(stripe_api, timeline)
@@ -227,7 +244,87 @@ def test_a_basil_payment_missing_from_webhooks_is_linked_from_stripe_and_its_ref
     assert result.refreshed_from_stripe == 1
     state = ledger_state(db, invoice.id)
     assert state["transactions"][0][::7] == (REFUNDED, 10_000)
-    assert state["invoice"][0][-1] == timeline.payment_intent_id
+    # The charge comes from the charge events recorded meanwhile: one read, no charge lookup.
+    assert state["invoice"][0][-2:] == (timeline.charge_id, timeline.payment_intent_id)
+    assert stripe_api.call_count("/v1/charges") == 0
+
+
+def paid_unlinked(db, stripe_api, n: int, *, refunded: bool = False) -> tuple[Invoice, se.Timeline]:
+    """A Stripe-paid invoice whose webhooks (2025-03-31.basil: no invoice_payment.paid) never
+    tie the payment to it; Stripe's side is published to the fake API."""
+    provider = factories.provider(db, payment_mode="stripe")
+    invoice = factories.invoice(db, provider, stripe=False, status="draft")
+    db.commit()
+    timeline = se.invoice_lifecycle(str(invoice.id), 10_000, shape="basil", api_version=se.BASIL_API_VERSION,
+                                    start=1_790_000_000 + n, outcome="paid_full_refund" if refunded else "paid")
+    se.publish(stripe_api, timeline)
+    return invoice, timeline
+
+
+def reads(db) -> dict[int, tuple]:
+    db.expire_all()
+    return {r.invoice_id: (r.reason, r.attempts, r.due_at > utcnow_aware()) for r in db.execute(text(
+        "SELECT invoice_id, reason, attempts, due_at FROM marketplace_worker.stripe_invoice_reads"))}
+
+
+def utcnow_aware():
+    from datetime import UTC, datetime
+    return datetime.now(UTC)
+
+
+def test_an_unlinked_paid_invoice_stays_due_through_budget_and_failures_until_linked(db, stripe_api):
+    (one, t1), (two, t2) = paid_unlinked(db, stripe_api, 1, refunded=True), paid_unlinked(db, stripe_api, 2)
+    deliver(db, *t1, *t2)
+    assert ledger_state(db, one.id)["transactions"][0][::7] == (PAID, None)  # its refund waits for the link
+
+    stripe_api.fail_next(429, count=20, path_prefix="/v1/invoices/")
+    result = poll(poll_stripe_reads_per_run=1)
+    assert result.skipped["stripe_rate_limited"] == 1
+    # Rate limited: due again after a backoff. Left by the budget: still due now.
+    assert reads(db) == {one.id: ("unlinked", 1, True), two.id: ("unlinked", 0, False)}
+    stripe_api.clear_faults()
+    stripe_api.fail_next(404, count=20, path_prefix="/v1/invoices/")
+    assert poll(poll_stripe_reads_per_run=1).skipped["stripe_not_found"] == 1
+    assert reads(db)[two.id] == ("unlinked", 1, True)  # failed: due again later, never dropped
+    stripe_api.clear_faults()
+
+    db.execute(text("UPDATE marketplace_worker.stripe_invoice_reads SET due_at = now()"))  # time passes
+    db.commit()
+    assert poll(poll_stripe_reads_per_run=2).refreshed_from_stripe == 2
+    assert reads(db) == {}
+    assert ledger_state(db, one.id)["transactions"][0][::7] == (REFUNDED, 10_000)
+    assert ledger_state(db, two.id)["transactions"][0][::7] == (PAID, None)
+    assert ledger_state(db, one.id)["invoice"][0][-2:] == (t1.charge_id, t1.payment_intent_id)
+
+
+def test_a_read_is_stamped_before_its_request_and_never_outranks_a_newer_event(db, stripe_api):
+    import time
+
+    invoice = stripe_invoice_row(db)
+    stripe_api.add("invoices", se.invoice(id=invoice.stripeInvoiceId, app_invoice_id=str(invoice.id),
+                                          status="open", created=1_790_000_000))
+    stripe_api.latency_s = 2.0
+    before = int(time.time())
+    assert poll().refreshed_from_stripe == 1
+    # Stripe created this while the read was in flight; it arrives after the read was applied.
+    deliver(db, se.event("invoice.paid", se.invoice(
+        id=invoice.stripeInvoiceId, app_invoice_id=str(invoice.id), status="paid", created=1_790_000_000),
+        created=before + 1))
+    db.refresh(invoice)
+    assert invoice.status == "paid"
+
+
+def test_what_is_due_is_read_without_scanning_the_open_invoices(db, stripe_api):
+    open_rows = [stripe_invoice_row(db, updated_hours_ago=1) for _ in range(3)]
+    poll()  # the first run puts them on the list, due in POLL_STALE_AFTER_SECONDS
+    assert {reason for reason, _, later in reads(db).values()} == {"stale"}
+    assert all(later for _, _, later in reads(db).values())
+    assert stripe_api.call_count("/v1/invoices/") == 0
+    plan = "\n".join(db.execute(text("EXPLAIN " + polling._DUE_READS_SQL.text),
+                                {"reason": "stale", "limit": 50}).scalars())
+    db.rollback()
+    assert "ix_stripe_invoice_reads_reason_due_at" in plan, plan
+    assert len(open_rows) == 3
 
 
 # --- completion -------------------------------------------------------------------------------
@@ -259,7 +356,7 @@ def test_completion_after_the_hold_for_manual_and_stripe_providers_only(db):
     assert completion.complete_transactions(session_scope, hold_days=7) == 0
 
 
-def test_a_refund_or_an_open_or_lost_dispute_holds_completion(db):
+def test_a_refund_or_an_open_dispute_holds_completion_and_a_lost_one_is_a_refund(db):
     refunded = paid_transaction(db)
     db.execute(text("INSERT INTO marketplace_worker.transaction_refunds (transaction_id, refunded_cents)"
                     " VALUES (:id, 100)"), {"id": refunded.id})
@@ -273,7 +370,8 @@ def test_a_refund_or_an_open_or_lost_dispute_holds_completion(db):
     completion.complete_transactions(session_scope, hold_days=7)
     assert status_of(db, refunded) == PAID
     assert {s: status_of(db, r) for s, r in holds.items()} == {
-        "needs_response": PAID, "under_review": PAID, "lost": PAID, "won": COMPLETED, "warning_closed": COMPLETED}
+        "needs_response": PAID, "under_review": PAID, "lost": REFUNDED, "won": COMPLETED,
+        "warning_closed": COMPLETED}
 
 
 def test_a_dispute_opened_then_won_releases_the_transaction(db):
@@ -421,6 +519,49 @@ def test_stripe_events_processed_by_the_worker_create_and_pay_the_transaction(ce
     state = wait_for(settled, message="partial refund recorded")
     assert state["transactions"][0][:4] == (PAID, 12_345, 617, 11_728)
     assert state["invoice"][0][0] == "paid"
+
+
+@pytest.mark.flow
+def test_current_version_payments_reach_refunded_or_paid_through_failing_reads_one_a_run(celery_worker, db,
+                                                                                        stripe_api):
+    """Current-version webhooks (no `payments`, no `charge.invoice`), their invoice_payment.paid and
+    charge.succeeded deliveries lost: every link comes from a poller read, one invoice a run, the
+    first reads rate limited or failing. Every fully refunded invoice ends refunded, every other
+    paid, with nothing done by hand."""
+    from tasks.events import process_event
+
+    invoices = []
+    for n in range(20):
+        provider = factories.provider(db, payment_mode="stripe")
+        invoice = factories.invoice(db, provider, stripe=False, status="draft")
+        db.commit()
+        timeline = se.invoice_lifecycle(str(invoice.id), 10_000, start=1_790_000_000 + n * HOUR,
+                                        outcome="paid_full_refund" if n % 3 == 0 else "paid")
+        assert timeline[0]["api_version"] == se.CURRENT_API_VERSION
+        for event in timeline:
+            obj = event["data"]["object"]
+            assert "payments" not in obj and "invoice" not in obj if obj["object"] == "charge" else True
+            assert "payments" not in obj
+        se.publish(stripe_api, timeline)
+        delivered = [e for e in timeline if e["type"] not in ("invoice_payment.paid", "charge.succeeded")]
+        for event_id in store(db, *delivered):
+            process_event.delay(event_id)
+        invoices.append((invoice, n % 3 == 0))
+    wait_for(lambda: all(ledger_state(db, i.id)["transactions"][0][0] == PAID
+                         if ledger_state(db, i.id)["transactions"] else False for i, _ in invoices),
+             message="every invoice paid by its webhooks")
+    assert all(ledger_state(db, i.id)["transactions"][0][7] is None for i, _ in invoices)  # no link yet
+
+    stripe_api.fail_next(429, count=4, path_prefix="/v1/invoices/")
+    stripe_api.fail_next(500, count=4, path_prefix="/v1/")
+
+    def settled():
+        poll(poll_stripe_reads_per_run=1, poll_link_retry_base_seconds=1)
+        states = [ledger_state(db, i.id)["transactions"][0] for i, _ in invoices]
+        return not reads(db) and all((s[0], s[7]) == ((REFUNDED, 10_000) if refunded else (PAID, None))
+                                     for s, (_, refunded) in zip(states, invoices))
+    wait_for(settled, timeout=180, message="every refunded invoice refunded, every other paid")
+    assert all(ledger_state(db, i.id)["invoice"][0][5] is not None for i, _ in invoices)  # every charge known
 
 
 @pytest.mark.flow

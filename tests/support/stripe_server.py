@@ -232,6 +232,11 @@ class FakeStripe:
         with self._lock:
             self._faults.append([status, count, path_prefix, code])
 
+    def clear_faults(self) -> None:
+        """Forget the faults `fail_next` queued and no request has taken yet."""
+        with self._lock:
+            self._faults.clear()
+
     # --- request handling ----------------------------------------------------------------------
 
     def handle(self, method: str, path: str, pairs: Iterable[tuple[str, str]], *, authorization: str | None = None,
