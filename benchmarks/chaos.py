@@ -1,6 +1,6 @@
 """The chaos run (issue 8): nothing accepted is lost or applied twice, whatever the faults.
 
-    python -m benchmarks.chaos [--events 20000] [--seed N] [--rate DELIVERIES_PER_S] [--logs DIR]
+    python -m benchmarks.chaos [--events 20000] [--broker redis|amqp] [--seed N] [--rate DELIVERIES_PER_S] [--logs DIR]
 
 Starts its own embedded Postgres and Redis (so its faults hit nothing else, whatever
 DATABASE_URL / REDIS_URL say), a receiver process, two worker processes and beat, then
@@ -8,9 +8,12 @@ delivers `--events` events of realistic Stripe histories (invoice lifecycles of 
 in both invoice shapes, refunds, disputes, Connect onboarding, transfers and reversals,
 payouts, deauthorizations): 30 % of them twice, all in random order, mixed with 5 % hostile
 requests (forged, wrongly signed, stale, unsigned, malformed, not an event, oversize), while
-it SIGKILLs a worker process tree 5 times (restarting it), restarts Redis once with messages
-in flight and restarts Postgres once (connections cut; the receiver answers 503 meanwhile and
-the client retries as Stripe does).
+it SIGKILLs a worker process tree 5 times (restarting it), restarts the broker once with
+messages in flight and restarts Postgres once (connections cut; the receiver answers 503
+meanwhile and the client retries as Stripe does). The broker is the embedded Redis, or with
+`--broker amqp` the machine's RabbitMQ (a vhost of the run's own; RABBITMQ_URL names another
+server), restarted with `rabbitmqctl stop_app` / `start_app`. The receiver, workers and beat
+run as the worker's least-privilege database role.
 
 After the drain it builds the reference: the accepted distinct events processed once each, in
 order (created, then id), by the same domain code in this process, on a second database seeded
@@ -45,12 +48,22 @@ def main() -> int:
     parser.add_argument("--rate", type=float, default=None,
                         help="deliveries per second (default: as fast as the receiver answers)")
     parser.add_argument("--worker-kills", type=int, default=5)
+    parser.add_argument("--broker", choices=("redis", "amqp"), default="redis",
+                        help="amqp: the machine's RabbitMQ (quorum queues), restarted during the run")
     parser.add_argument("--logs", type=Path, default=None, help="copy the processes' logs here")
     args = parser.parse_args()
     # A SIGTERM (a `timeout`, a CI cancel) unwinds like Ctrl-C: the servers started are stopped.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
-    config = ChaosConfig(events=args.events, seed=args.seed, rate=args.rate, worker_kills=args.worker_kills)
+    if args.broker == "amqp":
+        from tests.support.brokers import rabbitmq_missing
+
+        missing = rabbitmq_missing()
+        if missing:
+            print(f"--broker amqp: {missing}", file=sys.stderr)
+            return 2
+    config = ChaosConfig(events=args.events, seed=args.seed, rate=args.rate, worker_kills=args.worker_kills,
+                         broker=args.broker)
     began = time.monotonic()
 
     def log(message: str) -> None:

