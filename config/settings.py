@@ -162,6 +162,12 @@ class Settings(BaseSettings):
     def _sqlalchemy_url(cls, value: str) -> str:
         return sqlalchemy_url(value)
 
+    @field_validator("celery_broker_url", "celery_result_backend", mode="before")
+    @classmethod
+    def _empty_url_is_unset(cls, value: object) -> object:
+        # Compose passes CELERY_BROKER_URL empty unless the operator chose a broker of its own.
+        return None if value == "" else value
+
     @field_validator("redis_url", "celery_broker_url", "celery_result_backend")
     @classmethod
     def _redis_url(cls, value: str | None) -> str | None:

@@ -1,6 +1,7 @@
 """The worker's database role: least privilege on the main app's tables, owner of its own schema.
 
     python -m models.grants ROLE | psql "$ADMIN_DATABASE_URL"    # as a superuser or the tables' owner
+    python -m models.grants ROLE --apply                         # the same, run here (docker-compose's migrate)
 
 prints the SQL that creates ROLE (LOGIN, no password: set one with ALTER ROLE, or use the
 server's own authentication) if it does not exist and grants it exactly what the worker does:
@@ -28,6 +29,7 @@ column says so in its changelog and here.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 
@@ -99,15 +101,37 @@ def revoke_sql(role: str) -> str:
     )
 
 
+def apply(admin_url: str, role: str, password: str) -> None:
+    """Run grants_sql as the admin, and give the role its password."""
+    import psycopg
+    from psycopg import sql
+
+    with psycopg.connect(admin_url.replace("postgresql+psycopg://", "postgresql://", 1), autocommit=True) as conn:
+        conn.execute(grants_sql(role))
+        conn.execute(sql.SQL("ALTER ROLE {} PASSWORD {}").format(sql.Identifier(role), sql.Literal(password)))
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Print the SQL that sets up the worker's database role.")
+    parser = argparse.ArgumentParser(description="Print (or apply) the SQL that sets up the worker's database role.")
     parser.add_argument("role", help="the role the worker connects as, e.g. marketplace_worker_app")
+    parser.add_argument("--apply", action="store_true",
+                        help="run it against ADMIN_DATABASE_URL (a superuser, or the owner of the app's tables) "
+                             "and set the role's password to WORKER_DB_PASSWORD")
     args = parser.parse_args(argv)
     try:
-        sys.stdout.write(grants_sql(args.role))
+        text = grants_sql(args.role)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    if not args.apply:
+        sys.stdout.write(text)
+        return 0
+    for name in ("ADMIN_DATABASE_URL", "WORKER_DB_PASSWORD"):
+        if not os.environ.get(name):
+            print(f"configuration error: {name} is not set", file=sys.stderr)
+            return 2
+    apply(os.environ["ADMIN_DATABASE_URL"], args.role, os.environ["WORKER_DB_PASSWORD"])
+    print(f"role {args.role}: grants applied")
     return 0
 
 

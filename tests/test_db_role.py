@@ -134,6 +134,29 @@ def test_the_grants_command_prints_the_sql_and_refuses_a_strange_role_name():
     assert refused.returncode == 2 and "role name" in refused.stderr
 
 
+def test_compose_s_apply_sets_up_the_role_and_refuses_without_its_secrets(services):
+    import os
+
+    from tests.support.db_role import as_role, drop_role
+
+    clean = {k: v for k, v in os.environ.items() if k not in ("ADMIN_DATABASE_URL", "WORKER_DB_PASSWORD")}
+    refused = subprocess.run([sys.executable, "-m", "models.grants", "mw_apply_probe", "--apply"],
+                             capture_output=True, text=True, timeout=60, env=clean)
+    assert refused.returncode == 2
+    assert refused.stderr.strip() == "configuration error: ADMIN_DATABASE_URL is not set"
+    role = f"mw_apply_{os.getpid()}"
+    env = {**clean, "ADMIN_DATABASE_URL": services["DATABASE_URL"], "WORKER_DB_PASSWORD": "s3cret-pass"}
+    try:
+        done = subprocess.run([sys.executable, "-m", "models.grants", role, "--apply"],
+                              capture_output=True, text=True, timeout=60, env=env)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip() == f"role {role}: grants applied"
+        with psycopg.connect(as_role(services["DATABASE_URL"], role)) as conn:
+            assert conn.execute("SELECT count(*) FROM marketplace_worker.fanout_items").fetchone() == (0,)
+    finally:
+        drop_role(services["DATABASE_URL"], role)
+
+
 @pytest.mark.parametrize("name", ["Worker", "1worker", "a" * 64, "w-k"])
 def test_role_names_are_plain_identifiers(name):
     with pytest.raises(ValueError):
