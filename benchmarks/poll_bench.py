@@ -1,6 +1,7 @@
 """Invoice poll cost against table size: it must follow what changed, not the table.
 
     python -m benchmarks.poll_bench [--sizes 1000000 100000] [--changed 1000]
+                                    [--open 100000 1000] [--due 100] [--part changes|reads|both]
 
 Uses the Postgres named by DATABASE_URL (a scratch database per size, dropped afterwards),
 else an embedded one. For each size it seeds that many marketplace invoices (and their
@@ -14,6 +15,13 @@ slowest three, what it did, and the plan of its page query; then the ratios of t
 size to the smallest. Cost that
 follows the change gives ratios near 1, not the ratio of the sizes. Two idle runs (nothing
 changed) before the change warm the process and give the floor.
+
+Part two (`reads`): the Stripe reads of a run must follow what is due, not how many Stripe
+invoices are open. For each `--open` count it seeds that many open Stripe-backed invoices with
+no news from Stripe, on the to-do list as earlier runs left them, `--due` of them due now and
+the rest later, and serves the due ones from the fake Stripe API (tests/support/stripe_server.py,
+through the real SDK). One poll run reads them (nothing else changed); printed per count: time,
+statements, Stripe calls; then the ratios of the largest count to the smallest.
 """
 
 from __future__ import annotations
@@ -161,10 +169,87 @@ def measure(server_env: dict[str, str], work_dir: Path, size: int, changed: int)
                 "sql_seconds": sum(t for t, _ in timings), "slowest": sorted(timings, reverse=True)[:3]}
 
 
+READS_SEED_SQL = [
+    SEED_SQL[0],
+    SEED_SQL[1],
+    # Open invoices collected through Stripe, no event for 7 hours (past POLL_STALE_AFTER_SECONDS).
+    """
+    INSERT INTO "Invoice" ("invoiceNumber", status, "amountCents", "isMarketplaceInvoice",
+                           "marketplaceInvoiceType", "clientUserId", "marketplaceProviderId", description,
+                           "stripeInvoiceId", "issuedAt", "createdAt", "updatedAt")
+    SELECT 'S-' || g, 'open', 10000, true, 'service', 'bench-user-' || (:providers + 1 + g % :providers),
+           1 + g % :providers, 'Service ' || g, 'in_bench' || lpad(g::text, 16, '0'), t.at, t.at, t.at
+    FROM generate_series(1, :invoices) g
+    CROSS JOIN LATERAL (SELECT (now() AT TIME ZONE 'UTC') - interval '7 hours' AS at) t
+    """,
+    SEED_SQL[3],
+    SEED_SQL[4],
+    SEED_SQL[5],
+    # The to-do list as earlier runs left it: `due` invoices due now, the others within hours.
+    """
+    INSERT INTO marketplace_worker.stripe_invoice_reads (invoice_id, stripe_invoice_id, reason, due_at)
+    SELECT id, "stripeInvoiceId", 'stale',
+           CASE WHEN id <= :due THEN now() - interval '1 minute'
+                ELSE now() + make_interval(secs => 60 + id % 18000) END
+    FROM "Invoice"
+    """,
+]
+
+
+def measure_reads(server_env: dict[str, str], open_count: int, due: int) -> dict:
+    from tests.support import stripe_events as se
+    from tests.support.services import scratch_database
+    from tests.support.stripe_server import FakeStripe, serve
+
+    fake = FakeStripe()
+    with scratch_database(server_env["DATABASE_URL"], prefix="mw_pollbench") as url, serve(fake) as api:
+        os.environ.update({"DATABASE_URL": url, "STRIPE_API_KEY": "sk_test_pollbench", "STRIPE_API_BASE": api})
+        from config import get_settings
+        from domain import polling
+        from domain.stripe_api import get_client
+        from models.db import dispose_engines, get_engine, session_scope
+        from models.migrate import create_app_tables_if_absent, upgrade
+
+        get_settings.cache_clear()
+        settings = get_settings().model_copy(update={"poll_stripe_reads_per_run": due,
+                                                     "stripe_rate_limit_per_s": 10_000.0})
+        create_app_tables_if_absent(settings.database_url)
+        upgrade(settings.database_url)
+        engine = get_engine()
+        with engine.begin() as conn:
+            for sql in READS_SEED_SQL:
+                conn.execute(text(sql), {"providers": N_PROVIDERS, "invoices": open_count, "due": due})
+            due_ids = conn.execute(text(
+                'SELECT id, "stripeInvoiceId" FROM "Invoice" WHERE id <= :due ORDER BY id'), {"due": due}).all()
+        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            conn.execute(text("VACUUM ANALYZE"))
+        for invoice_id, stripe_id in due_ids:
+            fake.add("invoices", se.invoice(id=stripe_id, app_invoice_id=str(invoice_id), status="open"))
+        client = get_client(settings)
+        statements = 0
+
+        def count(*_args) -> None:
+            nonlocal statements
+            statements += 1
+
+        event.listen(engine, "after_cursor_execute", count)
+        started = time.perf_counter()
+        result = polling.poll_invoices(session_scope, client, settings)
+        elapsed = time.perf_counter() - started
+        event.remove(engine, "after_cursor_execute", count)
+        dispose_engines()
+        get_settings.cache_clear()
+        return {"open": open_count, "seconds": elapsed, "statements": statements, "result": result.as_dict(),
+                "calls": fake.call_count()}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 100_000])
     parser.add_argument("--changed", type=int, default=1_000)
+    parser.add_argument("--open", type=int, nargs="+", default=[100_000, 1_000])
+    parser.add_argument("--due", type=int, default=100)
+    parser.add_argument("--part", choices=("changes", "reads", "both"), default="both")
     args = parser.parse_args(argv)
 
     from tests.support.services import test_services
@@ -174,7 +259,9 @@ def main(argv: list[str] | None = None) -> None:
         env = {"DATABASE_URL": db_url, "REDIS_URL": redis}
         os.environ.update(env)
         os.environ.pop("STRIPE_API_KEY", None)
-        runs = [measure(env, Path(tmp), size, args.changed) for size in args.sizes]
+        runs = [measure(env, Path(tmp), size, args.changed) for size in args.sizes] \
+            if args.part != "reads" else []
+        reads = [measure_reads(env, count, args.due) for count in args.open] if args.part != "changes" else []
 
     for run in runs:
         print(f"{run['invoices']:>10,} invoices, {args.changed:,} changed: poll {run['seconds'] * 1000:8.1f} ms "
@@ -183,11 +270,20 @@ def main(argv: list[str] | None = None) -> None:
         for seconds, statement in run["slowest"]:
             print(f"            {seconds * 1000:7.1f} ms  {statement[:110]}")
         print("            page query plan: " + " / ".join(line.strip() for line in run["plan"]))
-    big, small = max(runs, key=lambda r: r["size"]), min(runs, key=lambda r: r["size"])
-    if big is not small:
-        print(f"ratio {big['size'] // small['size']}x invoices: time x{big['seconds'] / small['seconds']:.2f}, "
-              f"time in SQL x{big['sql_seconds'] / small['sql_seconds']:.2f}, "
-              f"statements x{big['statements'] / small['statements']:.2f}")
+    if runs:
+        big, small = max(runs, key=lambda r: r["size"]), min(runs, key=lambda r: r["size"])
+        if big is not small:
+            print(f"ratio {big['size'] // small['size']}x invoices: time x{big['seconds'] / small['seconds']:.2f}, "
+                  f"time in SQL x{big['sql_seconds'] / small['sql_seconds']:.2f}, "
+                  f"statements x{big['statements'] / small['statements']:.2f}")
+    for run in reads:
+        print(f"{run['open']:>10,} open Stripe invoices, {args.due} due: poll {run['seconds'] * 1000:8.1f} ms, "
+              f"{run['statements']:>5} statements, {run['calls']} Stripe calls  {run['result']}")
+    if len(reads) > 1:
+        big, small = max(reads, key=lambda r: r["open"]), min(reads, key=lambda r: r["open"])
+        print(f"ratio {big['open'] // small['open']}x open invoices: time x{big['seconds'] / small['seconds']:.2f}, "
+              f"statements x{big['statements'] / small['statements']:.2f}, "
+              f"Stripe calls x{big['calls'] / small['calls']:.2f}")
 
 
 if __name__ == "__main__":
