@@ -25,6 +25,11 @@ SecretList = Annotated[list[SecretStr], NoDecode]
 CadenceSetting = Annotated[Cadence, NoDecode, BeforeValidator(parse_cadence)]
 
 
+def is_amqp_url(url: str | None) -> bool:
+    """A RabbitMQ broker URL (README, "RabbitMQ")."""
+    return (url or "").split("://", 1)[0] in ("amqp", "amqps", "pyamqp")
+
+
 def sqlalchemy_url(value: str) -> str:
     """Accept the usual `postgresql://` form and use psycopg 3 for it."""
     for prefix in ("postgresql+psycopg://", "postgresql://", "postgres://"):
@@ -181,7 +186,7 @@ class Settings(BaseSettings):
 
     @property
     def broker_is_amqp(self) -> bool:
-        return self.broker_url.split("://", 1)[0] in ("amqp", "amqps", "pyamqp")
+        return is_amqp_url(self.broker_url)
 
     @property
     def result_backend(self) -> str:

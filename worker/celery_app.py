@@ -19,6 +19,7 @@ from celery.signals import setup_logging, worker_process_init
 from kombu import Exchange, Queue
 
 from config import Settings, get_settings
+from config.settings import is_amqp_url
 from domain.jobs import SCHEDULED_SLOT, JobSkipped
 from worker.schedule import SLOT_HEADER, beat_schedule
 
@@ -65,13 +66,9 @@ class Task(celery.Task):
         # RabbitMQ's native delayed delivery counts whole seconds and refuses a countdown that
         # truncates to 0: a sub-second retry waits one second there.
         countdown = options.get("countdown")
-        if countdown is not None and 0 < countdown < 1 and _is_amqp(self.app.conf.broker_url):
+        if countdown is not None and 0 < countdown < 1 and is_amqp_url(self.app.conf.broker_url):
             options["countdown"] = 1
         return super().apply_async(args, kwargs, task_id, producer, link, link_error, shadow, **options)
-
-
-def _is_amqp(url: str | None) -> bool:
-    return (url or "").split("://", 1)[0] in ("amqp", "amqps", "pyamqp")
 
 
 def create_app(settings: Settings | None = None, *, set_as_current: bool = True) -> Celery:
