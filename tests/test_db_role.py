@@ -6,6 +6,7 @@ test_fanout.py and the chaos run's workers run as that role.)"""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from functools import partial
@@ -71,6 +72,47 @@ def test_the_role_holds_exactly_the_listed_privileges_on_the_app_tables(services
             assert _updatable_columns(conn, role, table) == set(), table
         for table in NOT_TOUCHED:
             assert _privileges(conn, role, table) == set(), table
+
+
+RUN_EVERY_JOB = """
+import json
+from worker import app
+from worker.schedule import JOBS
+
+app.loader.import_default_modules()
+for job in JOBS:
+    app.tasks[job.task]()  # in this process, as beat's message would run it
+print(json.dumps([job.name for job in JOBS]))
+"""
+
+
+def test_every_scheduled_job_runs_as_the_role(db, services, stripe_api):
+    """Polling, completion, both stats passes, reconciliation, catch-up, retention and the
+    sweepers, each on rows that make it write, with nothing but the role's grants."""
+    from domain.clock import utcnow
+    from tests.support.brokers import private_redis_url
+
+    manual = factories.provider(db, payment_mode="manual")
+    factories.invoice(db, manual, stripe=False, status="paid", paidAt=utcnow())  # polled into a transaction
+    old = factories.invoice(db, manual, stripe=False, status="paid", paidAt=factories.at(30))
+    paid = factories.transaction(db, old, status="paid", paidAt=factories.at(30))  # completed
+    factories.review(db, paid, 4)
+    factories.listing(db, manual)
+    connect = factories.provider(db, payment_mode="stripe_connect")
+    connected = factories.invoice(db, connect, status="paid", paidAt=factories.at(3))
+    factories.transaction(db, connected, status="paid", paidAt=factories.at(3))  # reconciled
+    db.commit()
+    with worker_role(services["DATABASE_URL"]) as (_, role_url):
+        env = {**os.environ, **services, "DATABASE_URL": role_url,
+               "CELERY_BROKER_URL": private_redis_url(services["REDIS_URL"])}
+        done = subprocess.run([sys.executable, "-c", RUN_EVERY_JOB], env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        with psycopg.connect(services["DATABASE_URL"]) as conn:
+            runs = dict(conn.execute("SELECT job, outcome FROM marketplace_worker.job_runs").fetchall())
+            statuses = {row[0] for row in conn.execute("SELECT status FROM marketplace.transactions")}
+    assert runs == {name: "ok" for name in json.loads(done.stdout.splitlines()[-1])}
+    assert "completed" in statuses and len(statuses) >= 2
 
 
 def test_a_missing_grant_fails_the_path_with_one_line_naming_the_table(db, services):
