@@ -9,6 +9,7 @@ README, "RabbitMQ". The amqp variants skip, naming the reason, when no RabbitMQ 
 from __future__ import annotations
 
 import json
+import subprocess
 
 import httpx
 import pytest
@@ -19,10 +20,11 @@ from models import StripeEvent
 from tests.conftest import WEBHOOK_SECRET
 from tests.support import factories
 from tests.support import stripe_events as se
-from tests.support.brokers import BROKERS, broker_run
+from tests.support.brokers import BROKERS, broker_run, vhost_of
 from tests.support.db_role import worker_role
 from tests.support.flow import ReceiverProcess, WorkerProcess, wait_for
 from tests.test_reconcile import paid_transaction, pay_out, send_transfer
+from worker.celery_app import ACK_DEADLINE_SECONDS, LONGEST_TASK_SECONDS, QUEUES
 
 pytestmark = pytest.mark.flow
 
@@ -56,10 +58,6 @@ def idle_broker(broker, db):
 def test_the_worker_declares_quorum_queues_on_rabbitmq(idle_broker):
     if idle_broker.name != "amqp":
         pytest.skip("RabbitMQ only")
-    from worker.celery_app import ACK_DEADLINE_SECONDS, LONGEST_TASK_SECONDS, QUEUES
-    from tests.support.brokers import vhost_of
-    import subprocess
-
     out = subprocess.run(
         ["rabbitmqctl", "-q", "list_queues", "-p", vhost_of(idle_broker.url), "name", "type", "arguments",
          "--no-table-headers"], capture_output=True, text=True, check=True, timeout=120,
