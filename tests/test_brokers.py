@@ -131,3 +131,25 @@ def test_a_reconciliation_fans_out_to_every_account(idle_broker, db, stripe_api)
     statuses = db.execute(text("SELECT status FROM marketplace.transactions WHERE id = ANY(:ids)"),
                           {"ids": transactions}).scalars().all()
     assert statuses == ["completed"] * 3
+
+
+def test_the_broker_options_follow_the_broker_url(monkeypatch):
+    from config import load_settings
+    from tests.support.brokers import app_for
+
+    monkeypatch.setenv("DATABASE_URL", "postgresql://u@h/db")
+    monkeypatch.setenv("REDIS_URL", "redis://h:6379/0")
+    monkeypatch.setenv("CELERY_BROKER_URL", "")  # as compose passes it unset
+    settings = load_settings()
+    assert settings.broker_url == "redis://h:6379/0" and not settings.broker_is_amqp
+    redis_app = app_for({"DATABASE_URL": "postgresql://u@h/db", "REDIS_URL": "redis://h:6379/0"})
+    assert redis_app.conf.broker_transport_options == {"visibility_timeout": ACK_DEADLINE_SECONDS}
+    amqp_app = app_for({"DATABASE_URL": "postgresql://u@h/db", "REDIS_URL": "redis://h:6379/0",
+                        "CELERY_BROKER_URL": "amqp://u:p@h:5672/v"})
+    assert [q.queue_arguments["x-queue-type"] for q in amqp_app.conf.task_queues] == ["quorum"] * len(QUEUES)
+    assert {q.exchange.type for q in amqp_app.conf.task_queues} == {"topic"}
+    # The same routes on both brokers.
+    for task in ("tasks.events.process_events", "tasks.reconciliation.reconcile_account", "tasks.fanout.sweep_fanout",
+                 "tasks.stats.full_stats", "tasks.maintenance.purge_inbox"):
+        assert (redis_app.amqp.router.route({}, task)["queue"].name
+                == amqp_app.amqp.router.route({}, task)["queue"].name)
