@@ -172,15 +172,3 @@ def purge_finished(session: Session, older_than_days: int, limit: int = 1000) ->
                SELECT id FROM marketplace_worker.fanout_items
                WHERE finished_at < now() - make_interval(days => :days) LIMIT :limit)"""
     ), {"days": older_than_days, "limit": limit}).rowcount
-
-
-def counts(session: Session) -> dict[str, int]:
-    """Pieces by state, for `marketplace-worker`-style reports and tests."""
-    row = session.execute(text(
-        """SELECT count(*) FILTER (WHERE finished_at IS NULL AND started_at IS NULL) AS queued,
-                  count(*) FILTER (WHERE finished_at IS NULL AND started_at IS NOT NULL) AS running,
-                  count(*) FILTER (WHERE outcome = 'ok') AS ok,
-                  count(*) FILTER (WHERE outcome = 'failed') AS failed
-           FROM marketplace_worker.fanout_items"""
-    )).one()
-    return dict(row._mapping)
