@@ -433,10 +433,6 @@ def list_transfers_and_payouts(reader: StripeReader, account: str, plan: Plan, n
     )
 
 
-def list_payout_items(reader: StripeReader, account: str, payout_ids: list[str]) -> Listing:
-    return _read_after_store(reader, account, payout_ids, None, [])
-
-
 def _read_after_store(reader: StripeReader, account: str, payout_ids: list[str], payments_since: int | None,
                       fees: list[tuple[str, str, int]]) -> Listing:
     """The reads the stored listing calls for, independent of each other: the balance transactions
@@ -1036,14 +1032,15 @@ def resolve_unseen(session: Session, kinds: Iterable[str], account: str | None, 
 
 def classify_and_apply(
     session: Session, account: str, provider_id: int, *, completed_since: int, grace: timedelta, now: datetime,
-    payouts: str | None = None, changed_since: datetime | None = None,
+    payouts: str | None = None, changed_since: datetime | None = None, matched: bool = False,
 ) -> AccountResult:
     """Classify the account's transactions and transfers from the mirror, complete the paid-out
     transactions and bring its discrepancies up to date. Completed transactions are looked at
     again when completed after `completed_since` (unix seconds), or when one of their reversed
     transfers changed after `changed_since`. `payouts` is the account's payout mode (read from
-    the mirror when not given)."""
-    match_transfers(session, account, provider_id)
+    the mirror when not given); `matched` when the caller has just matched the transfers."""
+    if not matched:
+        match_transfers(session, account, provider_id)
     result = AccountResult(account, payouts=payouts or payout_mode(session, account))
     rows = session.execute(_CLASSIFY, {
         "account": account, "provider": provider_id, "completed_since": from_unix(completed_since),
@@ -1127,12 +1124,19 @@ def reconcile_account(
                 changed_since = _changed_since(session, account)
             calls_before = reader.calls
             listing = list_transfers_and_payouts(reader, account, plan, now)
+            def what_to_read(session: Session, mode: str) -> tuple[list[str], int | None, list]:
+                return (payouts_to_itemize(session, account),
+                        _payments_since(session, account, provider_id) if mode == "manual" else None,
+                        _fees_to_read(session, account, changed_since))
+
             with session_factory() as session:
                 store(session, listing)
                 match_transfers(session, account, provider_id)
                 mode = payout_mode(session, account)
                 read_schedule = mode == "unknown" and _schedule_read_due(session, account, provider_id,
                                                                          from_unix(now).replace(tzinfo=UTC))
+                if not read_schedule:
+                    to_read = what_to_read(session, mode)
             if read_schedule:
                 try:
                     account_obj = reader.retrieve("accounts", account)
@@ -1144,16 +1148,13 @@ def reconcile_account(
                 with session_factory() as session:
                     _store_schedule(session, account, account_obj)
                     mode = payout_mode(session, account)
-            with session_factory() as session:
-                due_items = payouts_to_itemize(session, account)
-                payments_since = _payments_since(session, account, provider_id) if mode == "manual" else None
-                fees = _fees_to_read(session, account, changed_since)
-            reads = _read_after_store(reader, account, due_items, payments_since, fees)
+                    to_read = what_to_read(session, mode)
+            reads = _read_after_store(reader, account, *to_read)
             with session_factory() as session:
                 store(session, reads)
                 result = classify_and_apply(session, account, provider_id, completed_since=plan.payouts_since,
                                             grace=grace, now=from_unix(now), payouts=mode,
-                                            changed_since=changed_since)
+                                            changed_since=changed_since, matched=True)
                 _finish_state(session, account, now if plan.covers_default_window else None, started)
             result.calls = reader.calls - calls_before
         finally:
