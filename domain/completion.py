@@ -1,6 +1,6 @@
 """Completion for `manual` and `stripe` providers (SPEC §3): a `paid` transaction becomes
-`completed` once COMPLETION_HOLD_DAYS have passed since payment, with nothing refunded and
-no dispute holding it. (`stripe_connect` transactions complete in reconciliation, when their
+`completed` once COMPLETION_HOLD_DAYS have passed since payment, with nothing refunded, no
+dispute holding it, and its payment linked to its charge (until then its refunds are unknown). (`stripe_connect` transactions complete in reconciliation, when their
 transfer is inside a paid payout.)
 
 Set-based, in batches of transaction rows locked FOR UPDATE SKIP LOCKED: completion locks
@@ -38,6 +38,11 @@ _COMPLETE_SQL = text(
           AND t."paidAt" <= :paid_before
           AND NOT EXISTS (
               SELECT 1 FROM marketplace_worker.transaction_refunds r WHERE r.transaction_id = t.id)
+          -- a payment not yet linked to its charge may have refunds and disputes recorded
+          -- against it that are not counted yet
+          AND NOT EXISTS (
+              SELECT 1 FROM marketplace_worker.stripe_invoice_reads u
+              WHERE u.invoice_id = t."invoiceId" AND u.reason = 'unlinked')
           AND NOT EXISTS (
               SELECT 1 FROM marketplace_worker.stripe_disputes d
               WHERE (d.charge_id = i."stripeChargeId" OR d.payment_intent_id = i."stripePaymentIntentId")

@@ -374,6 +374,19 @@ def test_a_refund_or_an_open_dispute_holds_completion_and_a_lost_one_is_a_refund
         "warning_closed": COMPLETED}
 
 
+def test_a_payment_not_yet_linked_to_its_charge_does_not_complete(db, stripe_api):
+    invoice, timeline = paid_unlinked(db, stripe_api, 1, refunded=True)
+    deliver(db, *[e for e in timeline if not e["type"].startswith(("charge.", "refund."))])
+    poll(stripe=False)  # puts it on the list; no Stripe read
+    row = transactions_of(db, invoice)[0]
+    row.paidAt = utcnow() - timedelta(days=30)
+    db.commit()
+    assert completion.complete_transactions(session_scope, hold_days=7) == 0
+    deliver(db, *timeline)  # the refund is recorded; the read links it
+    poll()
+    assert status_of(db, row) == REFUNDED
+
+
 def test_a_dispute_opened_then_won_releases_the_transaction(db):
     row = paid_transaction(db, stripeChargeId="ch_dispute_won1")
     dispute = se.dispute(id="dp_won00000001", charge="ch_dispute_won1", amount=10_000)
