@@ -60,6 +60,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 DAY = 86_400
+HOUR = 3_600
 FEE_BPS = 500
 
 
@@ -160,9 +161,12 @@ def generate(accounts: int, transfers: int, payouts: int, now: int, seed: int = 
             data.transactions.append(txn)
             account.transfers.append(transfer)
             if account.manual:
+                available_on = at + 4 * DAY
+                if now - HOUR < available_on < now + DAY:  # not while the run goes on: its outcome would change
+                    available_on = now + DAY
                 account.payments.append(se.balance_transaction(
                     id=f"txn_{py_id}", amount=transfer["amount"], type="payment", source=py_id, fee=0, created=at,
-                    available_on=at + 4 * DAY, status="available" if at + 4 * DAY <= now else "pending"))
+                    available_on=available_on, status="available" if available_on <= now else "pending"))
         # Payout k carries the k-th slice of the transfers; the last slice waits for the next one.
         slices = payouts_of[a] + 1
         bounds = [len(created) * k // slices for k in range(slices + 1)]
@@ -182,12 +186,13 @@ def generate(accounts: int, transfers: int, payouts: int, now: int, seed: int = 
                         for t in carried]
             account.payouts.append((payout, bts))
             paid_out_in.update((t["id"], status) for t in carried)
+        available_on = {bt["source"]: bt["available_on"] for bt in account.payments}
         for t in account.transfers:
             if kinds[t["id"]] != "fine":
                 data.expected[kinds[t["id"]]] += 1
             elif account.manual:
-                available = t["created"] + 4 * DAY <= now
-                data.expected["funds_available" if available else "awaiting_funds"] += 1
+                data.expected["funds_available" if available_on[t["destination_payment"]] <= now
+                              else "awaiting_funds"] += 1
             else:
                 data.expected[{"paid": "paid_out", "failed": "payout_failed"}.get(paid_out_in.get(t["id"]),
                                                                                   "awaiting_payout")] += 1
