@@ -66,12 +66,6 @@ def queue_counts(url: str) -> dict[str, tuple[int, int]]:
     return counts
 
 
-def purge_queues(url: str, queues: tuple[str, ...]) -> None:
-    """Drop every ready message of the queues, as a lost broker would."""
-    for queue in queues:
-        _ctl("purge_queue", "-p", vhost_of(url), queue)
-
-
 def restart_rabbitmq(down_seconds: float) -> None:
     """Stop and start the RabbitMQ application (the Erlang node stays up): every connection
     is cut and the queues are recovered from disk, as in a broker restart."""
