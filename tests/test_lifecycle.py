@@ -435,6 +435,15 @@ def test_a_wrong_object_type_is_parked(db):
     assert deliver(db, event) == ["parked"]
 
 
+@pytest.mark.parametrize("broken", [{"invoice": None}, {"payment": None}, {"status": 7}, {"id": ""}])
+def test_an_invoice_payment_without_its_invoice_payment_or_status_is_parked_and_stores_nothing(db, broken):
+    payment = se.invoice_payment(invoice="in_lifecycle0001", amount=10_000, payment_intent="pi_broken0001")
+    event = evt("invoice_payment.paid", {**payment, **broken}, T0)
+    assert deliver(db, event) == ["parked"]
+    assert "InvalidPayload" in event_status(db, event["id"])[1]
+    assert db.execute(text("SELECT count(*) FROM marketplace_worker.stripe_invoice_payments")).scalar() == 0
+
+
 # --- money as Stripe moves it ------------------------------------------------------------------
 
 
