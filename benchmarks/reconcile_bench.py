@@ -487,6 +487,8 @@ def measure(args: argparse.Namespace, mixed: bool, server_env: dict[str, str | N
                 time.sleep(0.5)
                 statuses, kinds, reconciled = outcome(database_url)
                 if reconciled >= len(data.accounts):
+                    # Read again: the last account may have committed between the reads above.
+                    statuses, kinds, _ = outcome(database_url)
                     break
                 if any(w.poll() is not None for w in workers):
                     raise RuntimeError("a worker died: " + (Path(work) / "worker0.log").read_text()[-2000:])
