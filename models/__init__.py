@@ -12,6 +12,7 @@ from models.app import (
     Transaction,
     User,
 )
+from models.backfill import BackfillCursor as BackfillCursor
 from models.base import WORKER_SCHEMA, Base
 from models.connect import (
     ConnectAccount,

@@ -68,6 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--since", help="list from this date, YYYY-MM-DD (UTC), at most 30 days back; "
                                    "without --account, every connected account too")
 
+    p = sub.add_parser(
+        "backfill", help="build the ledger from Stripe's history (list endpoints); resumable; exits 1 if a part failed"
+    )
+    p.add_argument("--since", required=True, help="invoices, charges, refunds, disputes, transfers and payouts "
+                                                  "created from this date, YYYY-MM-DD (UTC)")
+    p.add_argument("--account", help="only this connected account's transfers and payouts (acct_...)")
+    p.add_argument("--restart", action="store_true", help="start over even where a run with this date got")
+
     p = sub.add_parser("jobs", help="recent scheduled job runs")
     p.add_argument("--limit", type=int, default=30)
     p.add_argument("--job", help="one job, e.g. poll_invoices")
@@ -328,6 +336,74 @@ def _catch_up(args: argparse.Namespace) -> int:
         first = sorted(result.failed)[0]
         print(f"marketplace-worker catch-up: {len(result.failed)} scope(s) could not be listed "
               f"(first: {first}); they stay flagged and are retried", file=sys.stderr)
+        return 1
+    return 0
+
+
+@command("backfill")
+def _backfill(args: argparse.Namespace) -> int:
+    """Exit 0: everything backfilled; 1: a stream or an account failed (rerun to resume); 2: bad arguments."""
+    import time
+    from datetime import UTC, datetime
+
+    from domain import backfill, catchup
+    from domain.jobs import run_once
+    from domain.stripe_api import get_client
+    from models.db import session_scope
+
+    try:
+        since = int(datetime.strptime(args.since, "%Y-%m-%d").replace(tzinfo=UTC).timestamp())
+    except ValueError:
+        print("marketplace-worker backfill: --since must be a date, YYYY-MM-DD", file=sys.stderr)
+        return 2
+    if since > time.time():
+        print("marketplace-worker backfill: --since is in the future", file=sys.stderr)
+        return 2
+    if args.account:
+        with session_scope() as session:
+            known = args.account in catchup.connect_accounts(session) or catchup.is_deauthorized(session, args.account)
+        if not known:
+            print(f"marketplace-worker backfill: {args.account} belongs to no stripe_connect provider",
+                  file=sys.stderr)
+            return 1
+    client = get_client()
+    # One line per page for someone watching; nothing when the output goes to a file or a pipe.
+    show = sys.stderr.isatty()
+
+    def progress(page: backfill.Progress) -> None:
+        if show:
+            what = "transaction(s) reconciled" if page.stream == backfill.CONNECT else "object(s) so far"
+            print(f"backfill {page.stream:<8} {page.scope:<24} page {page.pages:>5}: {page.objects} {what}",
+                  file=sys.stderr)
+
+    try:
+        with run_once("backfill", slot=None) as run:
+            result = backfill.backfill(session_scope, client, since=since, account=args.account,
+                                       restart=args.restart, on_page=progress)
+            run.counts = result.counts()
+    except backfill.BackfillBusy as error:
+        print(f"marketplace-worker backfill: {error}", file=sys.stderr)
+        return 1
+    objects = ", ".join(f"{stream} {n}" for stream, n in result.objects.items()) or "nothing new"
+    print(f"backfill from {args.since}: {result.pages} page(s) with {result.calls} Stripe call(s): {objects}; "
+          f"{len(result.accounts)} account(s) reconciled")
+    if result.already_done:
+        print(f"already done by an earlier run: {', '.join(result.already_done)}")
+    if result.skipped:
+        print("not applied: " + ", ".join(f"{reason} {n}" for reason, n in sorted(result.skipped.items())))
+    for account in result.accounts:
+        print(account.describe())
+    if result.deauthorized:
+        print(f"deauthorized, not listed: {', '.join(result.deauthorized)}")
+    if result.failed:
+        for scope, error in sorted(result.failed.items()):
+            print(f"{scope}: {error}")
+    if result.waiting:
+        print(f"connected accounts wait for the platform streams: {result.waiting}")
+    if not result.complete:
+        first = sorted(result.failed)[0]
+        print(f"marketplace-worker backfill: {len(result.failed)} part(s) failed (first: {first}: "
+              f"{result.failed[first]}); rerun the same command to resume", file=sys.stderr)
         return 1
     return 0
 
