@@ -324,8 +324,16 @@ def record_failure(
 
 
 def describe(error: BaseException) -> str:
-    """One line for `last_error`: the kind of failure and its first line, never a payload."""
-    first = (str(error).strip().splitlines() or [""])[0][:500]
+    """One line for `last_error`: the kind of failure and its first line, never a payload.
+
+    A database error names the driver's own error and its message, not SQLAlchemy's wrapping
+    (whose first line may be a note about autoflush instead of the cause)."""
+    from sqlalchemy.exc import DBAPIError
+
+    cause = error.orig if isinstance(error, DBAPIError) and error.orig is not None else error
+    first = (str(cause).strip().splitlines() or [""])[0][:500]
+    if cause is not error:
+        first = f"({type(cause).__module__}.{type(cause).__name__}) {first}"
     return f"{type(error).__name__}: {first}" if first else type(error).__name__
 
 

@@ -17,6 +17,7 @@ import pytest
 from config.settings import sqlalchemy_url
 from domain import dispatch
 from domain.inbox import INSERT_EVENTS_SQL, event_from_dict, insert_params
+from models import StripeEvent
 from models.db import get_engine, session_scope
 from models.grants import INSERTS, READ_ONLY, UPDATES, grants_sql
 from models.migrate import create_app_tables_if_absent, upgrade
@@ -142,6 +143,11 @@ def test_a_missing_grant_fails_the_path_with_one_line_naming_the_table(db, servi
         get_engine(as_role).dispose()
 
 
+def event_status_line(event_id: str) -> str:
+    with session_scope() as session:
+        return session.get(StripeEvent, event_id).last_error
+
+
 def test_an_invoice_event_without_its_grant_is_retried_not_applied(db, services):
     provider = factories.provider(db, payment_mode="stripe")
     invoice = factories.invoice(db, provider, stripe=False, status="draft", amount_cents=5_000)
@@ -159,6 +165,8 @@ def test_an_invoice_event_without_its_grant_is_retried_not_applied(db, services)
         assert attempt.outcome == "retrying"
         assert isinstance(attempt.error.orig, psycopg.errors.InsufficientPrivilege)
         assert str(attempt.error.orig) == "permission denied for table Invoice"
+        assert event_status_line(event["id"]).endswith(
+            "(psycopg.errors.InsufficientPrivilege) permission denied for table Invoice")
 
         with psycopg.connect(services["DATABASE_URL"], autocommit=True) as conn:
             conn.execute(grants_sql(role))
