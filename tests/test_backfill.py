@@ -8,8 +8,10 @@ import json
 import time
 from datetime import UTC, datetime, timedelta
 
+import pytest
 from sqlalchemy import text
 
+from config import get_settings
 from domain import backfill, reconcile
 from domain.inbox import INSERT_EVENTS_SQL, event_from_dict, insert_params
 from domain.stripe_api import get_client
@@ -34,27 +36,28 @@ def account_id(n: int) -> str:
     return f"acct_backfill{n:04d}"
 
 
-def seed_app(db) -> list[int]:
+def seed_app(db, invoices: int = 200, accounts: int = ACCOUNTS) -> list[int]:
     """The main app's rows, the same ids and values every time (on emptied tables): providers,
-    clients, and 200 open marketplace invoices the app made before the worker existed."""
+    a client, and open marketplace invoices the app made before the worker existed; ten to each
+    connected account's provider, then the rest to manual providers."""
     providers = []
-    for n in range(ACCOUNTS + MANUAL_PROVIDERS):
-        connect = n < ACCOUNTS
+    for n in range(accounts + MANUAL_PROVIDERS):
+        connect = n < accounts
         owner = factories.user(db, id=f"cuser_bf_owner{n:03d}", email=f"owner{n}@backfill.test", name=f"Owner {n}")
         providers.append(factories.provider(
             db, owner=owner, payment_mode="stripe_connect" if connect else "manual",
             stripeConnectAccountId=account_id(n) if connect else None, businessName=f"Backfill groomers {n}"))
     client = factories.user(db, id="cuser_bf_client", email="client@backfill.test", name="Client")
-    invoices = []
-    for n in range(200):
-        provider = providers[n // 10] if n < 100 else providers[ACCOUNTS + n % MANUAL_PROVIDERS]
-        invoices.append(factories.invoice(db, provider, client=client, amount_cents=10_000 + 37 * n, stripe=False,
+    ids = []
+    for n in range(invoices):
+        provider = providers[n // 10] if n < 10 * accounts else providers[accounts + n % MANUAL_PROVIDERS]
+        ids.append(factories.invoice(db, provider, client=client, amount_cents=10_000 + 37 * n, stripe=False,
                                           invoiceNumber=f"INV-BF-{n:04d}").id)
     db.commit()
-    return invoices
+    return ids
 
 
-def fresh(db) -> list[int]:
+def fresh(db, **seed) -> list[int]:
     """Empty tables, then the app's rows again: a worker installed on the app's data."""
     db.rollback()
     worker_tables = db.execute(text(
@@ -62,7 +65,7 @@ def fresh(db) -> list[int]:
         "WHERE schemaname = 'marketplace_worker' AND tablename <> 'alembic_version'")).scalars().all()
     db.execute(text(f"TRUNCATE {', '.join(TABLES + list(worker_tables))} RESTART IDENTITY CASCADE"))
     db.commit()
-    return seed_app(db)
+    return seed_app(db, **seed)
 
 
 def outcome_of(n: int) -> tuple[str, dict]:
@@ -169,7 +172,7 @@ def ledger(db) -> dict[str, list[tuple]]:
     return {name: [tuple(row) for row in db.execute(text(sql))] for name, sql in _LEDGER.items()}
 
 
-def run_backfill(since: int, **kw) -> tuple[backfill.BackfillResult, list]:
+def run_backfill(since: int, client=None, **kw) -> tuple[backfill.BackfillResult, list]:
     pages: list[backfill.Progress] = []
     on_page = kw.pop("on_page", None)
 
@@ -178,7 +181,11 @@ def run_backfill(since: int, **kw) -> tuple[backfill.BackfillResult, list]:
         if on_page:
             on_page(page)
 
-    return backfill.backfill(session_scope, get_client(), since=since, on_page=progress, **kw), pages
+    return backfill.backfill(session_scope, client or get_client(), since=since, on_page=progress, **kw), pages
+
+
+class Killed(Exception):
+    """The process stopped between two pages."""
 
 
 # --- the test ------------------------------------------------------------------------------------
@@ -201,21 +208,16 @@ def test_backfill_builds_the_ledger_the_events_build_and_resumes_without_asking_
     assert {"amount_mismatch", "transfer_not_reversed", "payout_failed"} <= kinds
     assert len(expected["payout_items"]) > 90 and len(expected["payments"]) == 10  # one manual-payout account
 
-    # Over those events, a backfill changes nothing: its reads never outrank them.
-    result, _ = run_backfill(since, restart=True)
-    assert result.complete and not result.failed
-    assert ledger(db) == expected
-
-    # From no events at all, interrupted twice.
+    # From no events at all, and interrupted three times.
     fresh(db)
     first_call = len(stripe_api.calls)
-    retries = 4  # the SDK's own retries of a 500 (STRIPE_MAX_NETWORK_RETRIES) and the request
+    no_retries = get_client(get_settings().model_copy(update={"stripe_max_network_retries": 0}))
 
     def fail_second_charges_page(page: backfill.Progress) -> None:
         if page.stream == "charges" and page.pages == 1:
-            stripe_api.fail_next(500, count=retries, path_prefix="/v1/charges")
+            stripe_api.fail_next(500, path_prefix="/v1/charges")
 
-    first, pages = run_backfill(since, on_page=fail_second_charges_page)
+    first, pages = run_backfill(since, no_retries, on_page=fail_second_charges_page)
     assert list(first.failed) == ["charges platform"] and first.waiting and not first.accounts
     assert [(p.stream, p.pages) for p in pages] == [("invoices", 1), ("invoices", 2), ("charges", 1),
                                                     ("refunds", 1), ("disputes", 1)]
@@ -224,23 +226,29 @@ def test_backfill_builds_the_ledger_the_events_build_and_resumes_without_asking_
         failed = [c for c in backfill.cursors(session) if c.last_error]
         assert [(c.stream, c.pages) for c in failed] == [("charges", 1)]
 
-    stripe_api.fail_next(403, count=1, path_prefix="/v1/payouts")  # the first account's listing
-    second, pages = run_backfill(since)
-    assert list(second.failed) == [f"connect {account_id(0)}"]
-    assert "PermissionError" in second.failed[f"connect {account_id(0)}"]
-    assert sorted(second.already_done) == ["disputes platform", "invoices platform", "refunds platform"]
-    assert (pages[0].stream, pages[0].pages) == ("charges", 2)  # the page that failed, not the first
-    assert [p.objects for p in pages if p.stream == "charges"][-1] == 200  # succeeded ones; 20 failed
-    assert len(second.accounts) == ACCOUNTS - 1
-    third_call = len(stripe_api.calls)
+    def kill_after_second_charges_page(page: backfill.Progress) -> None:
+        if page.stream == "charges" and page.pages == 2:
+            raise Killed
 
-    third, _ = run_backfill(since)
-    assert third.complete and [a.account for a in third.accounts] == [account_id(0)]
+    with pytest.raises(Killed):
+        run_backfill(since, on_page=kill_after_second_charges_page)
+
+    stripe_api.fail_next(403, path_prefix="/v1/payouts")  # the first account's listing
+    third, pages = run_backfill(since)
+    assert list(third.failed) == [f"connect {account_id(0)}"]
+    assert "PermissionError" in third.failed[f"connect {account_id(0)}"]
+    assert sorted(third.already_done) == ["disputes platform", "invoices platform", "refunds platform"]
+    assert (pages[0].stream, pages[0].pages, pages[0].objects) == ("charges", 3, 200)  # 20 failed ones left out
+    assert len(third.accounts) == ACCOUNTS - 1
+    fourth_call = len(stripe_api.calls)
+
+    fourth, _ = run_backfill(since)
+    assert fourth.complete and [a.account for a in fourth.accounts] == [account_id(0)]
     assert all(account_id(0) in (c.stripe_account, c.params.get("destination"))
-               for c in stripe_api.calls[third_call:])
+               for c in stripe_api.calls[fourth_call:])
 
-    fourth, _ = run_backfill(since)  # everything done: no call at all
-    assert fourth.complete and fourth.calls == 0 and fourth.pages == 0
+    fifth, _ = run_backfill(since)  # everything done: no call at all
+    assert fifth.complete and fifth.calls == 0 and fifth.pages == 0
 
     assert ledger(db) == expected
 
@@ -257,14 +265,36 @@ def test_backfill_builds_the_ledger_the_events_build_and_resumes_without_asking_
     assert again == {(account_id(0), "/v1/transfers", None)}
 
 
+def test_events_before_or_after_a_backfill_leave_the_ledger_they_leave_alone(db, stripe_api):
+    invoice_ids = fresh(db, invoices=5, accounts=0)
+    start = int(time.time()) - 100 * DAY
+    outcomes = [("paid", {}), ("paid_partial_refund", {}), ("paid_full_refund", {}), ("payment_failed_then_paid", {}),
+                ("paid_disputed", {"dispute_outcome": "lost"})]
+    history = se.Timeline.merge(*[se.invoice_lifecycle(str(invoice_id), 10_000 + 37 * n, start=start + n * 600,
+                                                       outcome=outcome, **extra)
+                                  for n, (invoice_id, (outcome, extra)) in enumerate(zip(invoice_ids, outcomes))])
+    se.publish(stripe_api, history)
+    deliver_all(db, list(history))
+    expected = ledger(db)
+    assert [row[3] for row in expected["transactions"]] == ["paid", "paid", "refunded", "paid", "refunded"]
+
+    assert run_backfill(start - DAY)[0].complete  # the events came first
+    assert ledger(db) == expected
+
+    fresh(db, invoices=5, accounts=0)
+    assert run_backfill(start - DAY)[0].complete
+    deliver_all(db, list(history))  # the events come after: older than the reads, they change nothing
+    assert ledger(db) == expected
+
+
 def test_a_run_with_another_date_starts_over_and_bad_input_is_refused(db, stripe_api, capsys):
     from worker import cli
 
-    fresh(db)
+    fresh(db, invoices=1, accounts=1)
     invoice = se.invoice_lifecycle("1", 10_000, start=int(time.time()) - 40 * DAY)
     se.publish(stripe_api, invoice)
     since = int(time.time()) - 50 * DAY
-    assert run_backfill(since, account=None)[0].objects["invoices"] == 1
+    assert run_backfill(since)[0].objects["invoices"] == 1
     assert run_backfill(since)[0].calls == 0
     calls = len(stripe_api.calls)
     again, _ = run_backfill(since - DAY)
