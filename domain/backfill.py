@@ -128,7 +128,8 @@ _READ_CURSOR = text(
 _PAGE_DONE = text(
     """
     UPDATE marketplace_worker.backfill_cursors
-    SET starting_after = coalesce(:starting_after, starting_after), last_created = coalesce(:last_created, last_created),
+    SET starting_after = coalesce(:starting_after, starting_after),
+        last_created = coalesce(:last_created, last_created),
         pages = pages + 1, objects = objects + :objects, last_error = NULL, updated_at = now(),
         done_at = CASE WHEN :done THEN now() END
     WHERE stream = :stream AND scope = :scope

@@ -302,6 +302,17 @@ def test_a_run_with_another_date_starts_over_and_bad_input_is_refused(db, stripe
     assert again.objects["invoices"] == 1 and again.calls > 0
     assert stripe_api.calls[calls].params.get("starting_after") is None
 
+    # The object a cursor names is gone from Stripe (a deleted draft): the stream goes on from its second.
+    with session_scope() as session:
+        session.execute(text("UPDATE marketplace_worker.backfill_cursors SET starting_after = 'in_deleted',"
+                             " done_at = NULL WHERE stream = 'invoices'"))
+    calls = len(stripe_api.calls)
+    resumed, _ = run_backfill(since - DAY)
+    assert resumed.complete and resumed.objects == {"invoices": 1}
+    assert [(c.status, c.params.get("starting_after"), c.params["created"]) for c in stripe_api.calls[calls:]] == [
+        (400, "in_deleted", {"gte": str(since - DAY)}),
+        (200, None, {"gte": str(since - DAY), "lte": str(invoice[0]["created"])})]
+
     assert cli.main(["backfill", "--since", "2026-13-01"]) == 2
     assert cli.main(["backfill", "--since", "2999-01-01"]) == 2
     assert cli.main(["backfill", "--since", "2026-01-01", "--account", "acct_nobody"]) == 1

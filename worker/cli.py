@@ -361,11 +361,12 @@ def _backfill(args: argparse.Namespace) -> int:
         return 2
     if args.account:
         with session_scope() as session:
-            known = args.account in catchup.connect_accounts(session) or catchup.is_deauthorized(session, args.account)
-        if not known:
-            print(f"marketplace-worker backfill: {args.account} belongs to no stripe_connect provider",
-                  file=sys.stderr)
-            return 1
+            if args.account not in catchup.connect_accounts(session):
+                reason = ("is deauthorized: Stripe no longer shows the platform its payouts"
+                          if catchup.is_deauthorized(session, args.account)
+                          else "belongs to no stripe_connect provider")
+                print(f"marketplace-worker backfill: {args.account} {reason}", file=sys.stderr)
+                return 1
     client = get_client()
     # One line per page for someone watching; nothing when the output goes to a file or a pipe.
     show = sys.stderr.isatty()
@@ -390,7 +391,8 @@ def _backfill(args: argparse.Namespace) -> int:
     if result.already_done:
         print(f"already done by an earlier run: {', '.join(result.already_done)}")
     if result.skipped:
-        print("not applied: " + ", ".join(f"{reason} {n}" for reason, n in sorted(result.skipped.items())))
+        skipped = ", ".join(f"{reason} {n}" for reason, n in sorted(result.skipped.items()))
+        print(f"left without a transaction: {skipped}")
     for account in result.accounts:
         print(account.describe())
     if result.deauthorized:
