@@ -1209,9 +1209,10 @@ class ChaosReport:
                        f"one second keeps the snapshot with the greatest (random) event id, e.g.")
             out += [f"    {line}" for line in same_second[:3]]
         if self.unlinkable_refunds:
-            out.append(f"  not checked: {self.unlinkable_refunds} refunded basil invoices whose webhooks never name "
-                       f"their payment (`payments` is not sent unexpanded): the poller links those from the API, "
-                       f"and it does not run here")
+            out.append(f"  not checked: {self.unlinkable_refunds} refunded invoices on 2025-03-31.basil endpoints, whose "
+                       f"webhooks never name their payment (no `payments` unexpanded, no invoice_payment.paid "
+                       f"before 2025-05-28): the poller links those from the API (tests/test_polling.py), and it "
+                       f"does not run here")
         out.append(f"time to drain after the last fault: {self.drain_after_last_fault:.1f} s "
                    f"(after the last delivery: {self.drain_after_last_delivery:.1f} s)"
                    + ("" if self.drained else " -- DID NOT DRAIN"))
