@@ -219,3 +219,33 @@ def test_ids_stored_moments_apart_share_one_message(services):
     publisher.submit(full)
     wait_for(lambda: len(messages) == 2, message="the full batch to be published")
     assert messages[1] == full
+
+
+@pytest.mark.flow
+def test_a_connected_accounts_invoice_paid_goes_through_the_worker_and_changes_no_platform_invoice(
+        receiver, db, celery_worker):
+    """A connected account's own invoice of 1 cent, paid, naming a platform invoice in its
+    metadata, delivered to the Connect endpoint and taken by a real worker."""
+    from models import Transaction
+    from tests.support import factories
+
+    provider = factories.provider(db, payment_mode="stripe")
+    invoice = factories.invoice(db, provider, stripe=False, status="open", amount_cents=10_000)
+    db.commit()
+    before = (invoice.status, invoice.stripeInvoiceId, invoice.amountPaidCents, invoice.paidAt)
+    foreign = se.invoice(app_invoice_id=str(invoice.id), amount=1, status="paid")
+    event = se.event("invoice.paid", foreign, account="acct_1ConnectedAccount")
+    body, headers = se.webhook(event, CONNECT_WEBHOOK_SECRET)
+    assert post(receiver, CONNECT, body, headers).json()["status"] == "stored"
+
+    def taken():
+        db.expire_all()
+        row = db.get(StripeEvent, event["id"])
+        return row if row.status not in ("received", "retrying") else None
+
+    row = wait_for(taken, message="the worker to take the connected account's event")
+    assert row.status == "ignored", (row.status, row.last_error)
+    assert row.last_error == "connected account acct_1ConnectedAccount: its invoice.paid changes no platform record"
+    db.refresh(invoice)
+    assert (invoice.status, invoice.stripeInvoiceId, invoice.amountPaidCents, invoice.paidAt) == before
+    assert db.execute(select(Transaction).where(Transaction.invoiceId == invoice.id)).first() is None
