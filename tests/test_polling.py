@@ -578,6 +578,41 @@ def test_current_version_payments_reach_refunded_or_paid_through_failing_reads_o
 
 
 @pytest.mark.flow
+def test_the_worker_pays_after_uncollectible_refunds_a_lost_dispute_and_follows_an_edited_amount(celery_worker, db):
+    from tasks.events import process_event
+    from tasks.polling import poll_invoices
+
+    def invoice_of(amount: int, status: str = "draft") -> Invoice:
+        row = factories.invoice(db, factories.provider(db, payment_mode="stripe"), stripe=False, status=status,
+                                amount_cents=amount)
+        db.commit()
+        return row
+
+    collected, disputed, edited = invoice_of(10_000), invoice_of(10_000), invoice_of(10_000, "open")
+    uncollectible = se.invoice_lifecycle(str(collected.id), 10_000, outcome="uncollectible")
+    paid_at = uncollectible[-1]["created"] + DAY
+    late_payment = se.event("invoice.paid", dict(
+        uncollectible[-1]["data"]["object"], status="paid", amount_paid=10_000, amount_remaining=0,
+        status_transitions={**uncollectible[-1]["data"]["object"]["status_transitions"], "paid_at": paid_at}),
+        created=paid_at)
+    lost = se.invoice_lifecycle(str(disputed.id), 10_000, outcome="paid_disputed", dispute_outcome="lost")
+    for event_id in store(db, *uncollectible, late_payment, *lost):
+        process_event.delay(event_id)
+    edited.amountCents, edited.updatedAt = 12_000, utcnow()  # the app edits its open invoice
+    db.commit()
+    poll_invoices.delay()
+
+    def settled():
+        rows = [ledger_state(db, i.id)["transactions"] for i in (collected, disputed, edited)]
+        return rows if all(rows) and [r[0][0] for r in rows] == [PAID, REFUNDED, INVOICED] else None
+
+    collected_row, disputed_row, edited_row = wait_for(settled, message="uncollectible paid, dispute lost, amount")
+    assert collected_row[0][5] == from_unix(paid_at)
+    assert disputed_row[0][7] == 10_000
+    assert edited_row[0][1:4] == (12_000, 600, 11_400)
+
+
+@pytest.mark.flow
 def test_the_poll_task_runs_on_the_worker(celery_worker, db):
     from tasks.polling import poll_invoices
 
