@@ -64,8 +64,8 @@ import stripe
 from sqlalchemy import Engine, bindparam, select, text
 from sqlalchemy.orm import Session
 
-from domain import lifecycle, versions
-from domain.clock import from_unix, utcnow
+from domain import lifecycle
+from domain.clock import from_unix
 from domain.dispatch import InvalidPayload
 from domain.stats_touch import touch_providers
 from domain.stripe_api import with_rate_limit_retry

@@ -12,7 +12,7 @@ from models.app import (
     Transaction,
     User,
 )
-from models.backfill import BackfillCursor as BackfillCursor
+from models.backfill import BackfillCursor
 from models.base import WORKER_SCHEMA, Base
 from models.connect import (
     ConnectAccount,
@@ -21,8 +21,8 @@ from models.connect import (
     ConnectTransfer,
     ReconcileDiscrepancy,
 )
+from models.catchup import CatchupWindow, ConnectAccountState
 from models.fanout import FanoutItem
-from models.catchup import CatchupWindow as CatchupWindow, ConnectAccountState as ConnectAccountState
 from models.inbox import StripeEvent
 from models.jobs import JobRun
 from models.ledger import (
@@ -39,8 +39,11 @@ from models.stats import ProviderStatsRecomputed
 
 __all__ = [
     "WORKER_SCHEMA",
+    "BackfillCursor",
     "Base",
+    "CatchupWindow",
     "ConnectAccount",
+    "ConnectAccountState",
     "ConnectPayout",
     "ConnectPayoutItem",
     "ConnectTransfer",

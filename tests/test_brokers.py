@@ -23,7 +23,7 @@ from tests.support import stripe_events as se
 from tests.support.brokers import BROKERS, broker_run, vhost_of
 from tests.support.db_role import worker_role
 from tests.support.flow import ReceiverProcess, WorkerProcess, wait_for
-from tests.test_reconcile import paid_transaction, pay_out, send_transfer
+from tests.test_reconcile import paid_out_accounts
 from worker.celery_app import ACK_DEADLINE_SECONDS, LONGEST_TASK_SECONDS, QUEUES
 
 pytestmark = pytest.mark.flow
@@ -109,15 +109,7 @@ def test_a_failing_event_is_retried_with_backoff_then_parked(idle_broker, db):
 
 
 def test_a_reconciliation_fans_out_to_every_account(idle_broker, db, stripe_api):
-    accounts, transactions = [], []
-    for _ in range(3):
-        provider = factories.provider(db, payment_mode="stripe_connect")
-        db.commit()
-        account = provider.stripeConnectAccountId
-        txn = paid_transaction(db, provider)
-        pay_out(stripe_api, account, [send_transfer(stripe_api, account, txn)])
-        accounts.append(account)
-        transactions.append(txn.id)
+    accounts, transactions = paid_out_accounts(db, stripe_api, 3)
     idle_broker.app.send_task("tasks.reconciliation.reconcile_all")
 
     def pieces():

@@ -17,12 +17,11 @@ from sqlalchemy import text
 
 from domain import fanout
 from models.db import session_scope
-from tests.support import factories
 from tests.support.brokers import BROKERS, broker_run
 from tests.support.chaos import schedule_env
 from tests.support.db_role import worker_role
 from tests.support.flow import WorkerProcess, wait_for
-from tests.test_reconcile import paid_transaction, pay_out, send_transfer
+from tests.test_reconcile import paid_out_accounts
 
 TASK = "tasks.reconciliation.reconcile_account"
 
@@ -131,15 +130,7 @@ def fleet(request, role_env, work_dir):
 @pytest.mark.flow
 @pytest.mark.timeout(600)
 def test_a_fan_out_the_broker_lost_is_done_by_the_sweeper(fleet, db, stripe_api):
-    accounts, transactions = [], []
-    for _ in range(50):
-        provider = factories.provider(db, payment_mode="stripe_connect")
-        db.commit()
-        account = provider.stripeConnectAccountId
-        txn = paid_transaction(db, provider)
-        pay_out(stripe_api, account, [send_transfer(stripe_api, account, txn)])
-        accounts.append(account)
-        transactions.append(txn.id)
+    accounts, transactions = paid_out_accounts(db, stripe_api, 50)
     stripe_api.latency_s = 0.5  # a slow Stripe: the worker takes the accounts a few at a time
 
     fleet.app.send_task("tasks.reconciliation.reconcile_all")

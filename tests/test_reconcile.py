@@ -70,6 +70,30 @@ def pay_out(fake, account: str, transfers: list[dict], *, status: str = "paid", 
     return payout
 
 
+def paid_out_accounts(db, fake, count: int) -> tuple[list[str], list[int]]:
+    """(accounts, transaction ids) of `count` Connect providers, each with a paid transaction
+    whose transfer a paid payout carries: reconciling them completes every transaction."""
+    accounts, transactions = [], []
+    for _ in range(count):
+        provider = factories.provider(db, payment_mode="stripe_connect")
+        db.commit()
+        txn = paid_transaction(db, provider)
+        pay_out(fake, provider.stripeConnectAccountId, [send_transfer(fake, provider.stripeConnectAccountId, txn)])
+        accounts.append(provider.stripeConnectAccountId)
+        transactions.append(txn.id)
+    return accounts, transactions
+
+
+def enqueue_connect_event(db, event: dict) -> None:
+    """Store a Connect-endpoint event as the receiver would, and send it to the worker."""
+    from tasks.events import enqueue_events
+
+    incoming = event_from_dict(event, json.dumps(event), "connect", livemode=False)
+    db.connection().exec_driver_sql(INSERT_EVENTS_SQL, insert_params([incoming]))
+    db.commit()
+    enqueue_events([event["id"]])
+
+
 def reader(retry_base: float = 0.01) -> reconcile.StripeReader:
     return reconcile.StripeReader(get_client(), retry_base_seconds=retry_base)
 
@@ -584,19 +608,13 @@ def test_cli_exits_non_zero_while_discrepancies_are_open(db, stripe_api, capsys)
 
 @pytest.mark.flow
 def test_a_payout_event_gets_the_transaction_completed_by_the_worker(celery_worker, db, stripe_api):
-    from tasks.events import enqueue_events
     from tasks.reconciliation import reconcile_dirty
 
     provider = connect_provider(db)
     account = provider.stripeConnectAccountId
     txn = paid_transaction(db, provider)
     payout = pay_out(stripe_api, account, [send_transfer(stripe_api, account, txn)])
-    event = se.event("payout.paid", payout, account=account)
-    incoming = event_from_dict(event, json.dumps(event), "connect", livemode=False)
-    db.connection().exec_driver_sql(INSERT_EVENTS_SQL, insert_params([incoming]))
-    db.commit()
-
-    enqueue_events([event["id"]])
+    enqueue_connect_event(db, se.event("payout.paid", payout, account=account))
     wait_for(lambda: reconcile.dirty_accounts(db) == [account] or db.rollback(), message="account marked")
     reconcile_dirty.delay()
 
@@ -888,7 +906,6 @@ def test_an_account_without_payouts_is_asked_for_its_schedule_once(db, stripe_ap
 
 @pytest.mark.flow
 def test_a_destination_charge_is_completed_by_the_worker_after_its_payout_event(celery_worker, db, stripe_api):
-    from tasks.events import enqueue_events
     from tasks.reconciliation import reconcile_dirty
 
     provider = connect_provider(db)
@@ -896,12 +913,8 @@ def test_a_destination_charge_is_completed_by_the_worker_after_its_payout_event(
     txn, history = destination_charge(stripe_api, db, provider, refund_amounts=[2_500])
     record_refunds(txn, history.charge_id, [2_500])
     payout_id = paid_out(stripe_api, account, history)
-    event = se.event("payout.paid", stripe_api.get("payout", payout_id, account=account), account=account)
-    incoming = event_from_dict(event, json.dumps(event), "connect", livemode=False)
-    db.connection().exec_driver_sql(INSERT_EVENTS_SQL, insert_params([incoming]))
-    db.commit()
-
-    enqueue_events([event["id"]])
+    enqueue_connect_event(db, se.event("payout.paid", stripe_api.get("payout", payout_id, account=account),
+                                       account=account))
     wait_for(lambda: reconcile.dirty_accounts(db) == [account] or db.rollback(), message="account marked")
     reconcile_dirty.delay()
 
