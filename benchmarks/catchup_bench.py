@@ -6,7 +6,7 @@ in the same run.
         python -m benchmarks.catchup_bench [--accounts 2000] [--small 200] [--runs 3] [--traffic 100]
 
 Uses the Postgres and Redis named by DATABASE_URL / REDIS_URL (a scratch database is created
-and dropped), else embedded ones; the fake Stripe API (tests/support/stripe_server.py) runs in
+and dropped), else embedded ones; the fake Stripe API (harness/stripe_server.py) runs in
 this process and counts the requests of the real SDK. Calls are what is measured, so the
 worker's shared rate cap is lifted for the run.
 
@@ -43,8 +43,8 @@ def main() -> int:
     parser.add_argument("--traffic", type=int, default=100, help="webhooks delivered before each steady-state run")
     args = parser.parse_args()
 
-    from tests.support.services import test_services
-    from tests.support.stripe_server import FakeStripe, serve
+    from harness.services import test_services
+    from harness.stripe_server import FakeStripe, serve
 
     fake = FakeStripe()
     with tempfile.TemporaryDirectory(prefix="mw-catchup-bench-") as work, \
@@ -74,8 +74,8 @@ class Bench:
 
     def add_accounts(self, n: int) -> None:
         from models.db import session_scope
-        from tests.support import factories
-        from tests.support import stripe_events as se
+        from harness import factories
+        from harness import stripe_events as se
 
         with session_scope() as session:
             new = [factories.provider(session, payment_mode="stripe_connect").stripeConnectAccountId
@@ -91,7 +91,7 @@ class Bench:
 
         from domain.inbox import INSERT_EVENTS_SQL, event_from_dict, insert_params
         from models.db import session_scope
-        from tests.support import stripe_events as se
+        from harness import stripe_events as se
 
         se.publish(self.fake, events)
         incoming = [event_from_dict(e, json.dumps(e), "connect" if e.get("account") else "platform", livemode=False)
@@ -103,7 +103,7 @@ class Bench:
                             {"ago": received_ago, "ids": [e.id for e in incoming]})
 
     def traffic(self) -> None:
-        from tests.support import stripe_events as se
+        from harness import stripe_events as se
 
         now = int(time.time())
         half = self.args.traffic // 2
@@ -150,7 +150,7 @@ class Bench:
         return steady[-1][0]
 
     def run(self) -> int:
-        from tests.support import stripe_events as se
+        from harness import stripe_events as se
 
         self.add_accounts(self.args.small)
         first, first_s, _ = self.calls(self.catch_up)

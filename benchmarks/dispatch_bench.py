@@ -27,7 +27,7 @@ from sqlalchemy import event
 
 from benchmarks.receiver_bench import seed_invoices, signed_lines
 from domain.inbox import INSERT_EVENTS_SQL, event_from_dict, insert_params
-from tests.support.services import test_services
+from harness.services import test_services
 
 WARM_UP = 100
 

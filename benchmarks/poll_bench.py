@@ -19,7 +19,7 @@ changed) before the change warm the process and give the floor.
 Part two (`reads`): the Stripe reads of a run must follow what is due, not how many Stripe
 invoices are open. For each `--open` count it seeds that many open Stripe-backed invoices with
 no news from Stripe, on the to-do list as earlier runs left them, `--due` of them due now and
-the rest later, and serves the due ones from the fake Stripe API (tests/support/stripe_server.py,
+the rest later, and serves the due ones from the fake Stripe API (harness/stripe_server.py,
 through the real SDK). One poll run reads them (nothing else changed); printed per count: time,
 statements, Stripe calls; then the ratios of the largest count to the smallest.
 """
@@ -103,7 +103,7 @@ CHANGE_SQL = [
 
 
 def measure(server_env: dict[str, str], work_dir: Path, size: int, changed: int) -> dict:
-    from tests.support.services import scratch_database
+    from harness.services import scratch_database
 
     with scratch_database(server_env["DATABASE_URL"], prefix="mw_pollbench") as url:
         os.environ["DATABASE_URL"] = url
@@ -197,9 +197,9 @@ READS_SEED_SQL = [
 
 
 def measure_reads(server_env: dict[str, str], open_count: int, due: int) -> dict:
-    from tests.support import stripe_events as se
-    from tests.support.services import scratch_database
-    from tests.support.stripe_server import FakeStripe, serve
+    from harness import stripe_events as se
+    from harness.services import scratch_database
+    from harness.stripe_server import FakeStripe, serve
 
     fake = FakeStripe()
     with scratch_database(server_env["DATABASE_URL"], prefix="mw_pollbench") as url, serve(fake) as api:
@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--part", choices=("changes", "reads", "both"), default="both")
     args = parser.parse_args(argv)
 
-    from tests.support.services import test_services
+    from harness.services import test_services
 
     with tempfile.TemporaryDirectory(prefix="mw-pollbench-") as tmp, test_services(Path(tmp)) as (db_url, redis):
         # test_services made a scratch database beside the server's; each size gets its own.

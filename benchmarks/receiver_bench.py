@@ -31,9 +31,9 @@ from pathlib import Path
 import psycopg
 
 from domain.inbox import INSERT_EVENTS_SQL, event_from_dict, insert_params
-from tests.support import stripe_events as se
-from tests.support.flow import ReceiverProcess, WorkerProcess
-from tests.support.services import test_services
+from harness import stripe_events as se
+from harness.flow import ReceiverProcess, WorkerProcess
+from harness.services import test_services
 
 SECRET = "whsec_benchmark_secret_0123456789"
 

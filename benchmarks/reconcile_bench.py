@@ -23,7 +23,7 @@ fake Stripe and workers:
   accounts are on manual payouts (their payouts are not itemized; their transfers' `payment`
   balance transactions say when the money is available).
 
-The fake Stripe API (tests/support/stripe_server.py, with the transfers indexed by
+The fake Stripe API (harness/stripe_server.py, with the transfers indexed by
 destination, see indexed_fake) runs in a process of its own (so it does not share a GIL with the workers),
 seeded with the same data, `--latency-ms` added to every request and its own 429 limit at
 1.1x the worker's cap. The reconciliation runs in `--workers`
@@ -104,7 +104,7 @@ def _share(part: int, of: int, whole: int) -> int:
 def generate(accounts: int, transfers: int, payouts: int, now: int, seed: int = 7, mixed: bool = False) -> Dataset:
     """The same data in every process that calls it with the same arguments. The mixed
     workload's choices come from a second generator, so the baseline stays what it was."""
-    from tests.support import stripe_events as se
+    from harness import stripe_events as se
 
     rng = random.Random(seed)
     mix = random.Random(seed + 1)
@@ -235,7 +235,7 @@ def indexed_fake():
     CPU on its one event loop per call, more than the latency being simulated (Stripe's
     latency is what `--latency-ms` stands for). Requests are handled under the fake's lock,
     so the destination being listed can ride on the instance."""
-    from tests.support.stripe_server import FakeStripe
+    from harness.stripe_server import FakeStripe
 
     class IndexedFakeStripe(FakeStripe):
         def reset(self) -> None:
@@ -277,7 +277,7 @@ def serve(args: argparse.Namespace) -> None:
     from starlette.responses import JSONResponse
     from starlette.routing import Mount, Route
 
-    from tests.support.stripe_server import make_app
+    from harness.stripe_server import make_app
 
     data = generate(args.accounts, args.transfers, args.payouts, args.now, mixed=args.mixed)
     fake = indexed_fake()
@@ -424,7 +424,7 @@ class Measured:
 def measure(args: argparse.Namespace, mixed: bool, server_env: dict[str, str | None]) -> Measured:
     """One workload on its own scratch database, fake Stripe and workers."""
     from models.migrate import create_app_tables_if_absent, upgrade
-    from tests.support.services import test_services
+    from harness.services import test_services
 
     name = "mixed" if mixed else "baseline"
     for key, value in server_env.items():  # the servers, not the previous workload's scratch database

@@ -59,7 +59,7 @@ def main() -> int:
     from domain import retention
     from models.db import session_scope
     from models.migrate import create_app_tables_if_absent, upgrade
-    from tests.support.services import test_services
+    from harness.services import test_services
 
     events = int(EVENTS * args.scale)
     with tempfile.TemporaryDirectory(prefix="mw-retention-bench-") as work, test_services(Path(work)) as (db, _):

@@ -3,7 +3,7 @@ processing lag.
 
     python -m benchmarks.soak [--minutes 10] [--rate 500]
 
-Starts its own embedded Postgres and Redis (tests/support/chaos.py `Servers`, whatever
+Starts its own embedded Postgres and Redis (harness/chaos.py `Servers`, whatever
 DATABASE_URL / REDIS_URL say), one receiver process (`marketplace-worker webhook`), two worker
 processes (`celery -A worker worker`, 2 pool processes each) and `celery -A worker beat` (inbox
 sweeper and incremental provider stats at their default cadences; the jobs that call Stripe
@@ -40,8 +40,8 @@ from pathlib import Path
 import psutil
 import psycopg
 
-from tests.support import stripe_events as se
-from tests.support.chaos import (
+from harness import stripe_events as se
+from harness.chaos import (
     PATHS,
     SECRETS,
     Beat,
@@ -54,8 +54,8 @@ from tests.support.chaos import (
     wait_drained,
     worker_env,
 )
-from tests.support.flow import ReceiverProcess
-from tests.support.services import scratch_database
+from harness.flow import ReceiverProcess
+from harness.services import scratch_database
 
 ACTIVE_INVOICES = 200
 PROVIDERS = 200

@@ -226,7 +226,7 @@ def main() -> int:
     from domain import stats
     from models.db import get_engine, session_scope
     from models.migrate import create_app_tables_if_absent, upgrade
-    from tests.support.services import test_services
+    from harness.services import test_services
 
     with tempfile.TemporaryDirectory(prefix="mw-stats-bench-") as work, test_services(Path(work)) as (db, _):
         create_app_tables_if_absent(db)

@@ -51,7 +51,7 @@ from sqlalchemy.orm import Session
 
 from config import Settings, get_settings
 from domain import catchup, reconcile, transactions
-from domain.dispatch import InvalidPayload, NotYetKnown, describe
+from domain.errors import InvalidPayload, NotYetKnown, describe
 from domain.polling import API_READ_EVENT_ID
 from domain.stripe_api import with_rate_limit_retry
 

@@ -55,12 +55,11 @@ from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
 from config import get_settings
-from domain import dispatch
+from domain.handlers import HANDLERS, handled_types
 from domain.accounts import AccountReads, read_accounts
 from domain.inbox import INSERT_EVENTS_SQL, IncomingEvent, event_from_dict, insert_params
 from domain.stripe_api import with_rate_limit_retry
-from models import ConnectAccountState, Provider
-from models.inbox import EVENT_STATUSES
+from models import ConnectAccountState, EventStatus, Provider
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +172,7 @@ _SAVE_WATERMARK = text(
 
 def _deliveries(session: Session, endpoint: str, after, upto):
     # (status, received_at) is the inbox's index: one range per status.
-    return session.execute(_DELIVERIES, {"statuses": list(EVENT_STATUSES), "endpoint": endpoint,
+    return session.execute(_DELIVERIES, {"statuses": list(EventStatus), "endpoint": endpoint,
                                          "late": LATE_DELIVERY_SECONDS, "after": after, "upto": upto}).one()
 
 
@@ -301,13 +300,13 @@ _FAILED = text(
 def account_types() -> list[str]:
     """Handled types a connected account's event can be applied for: the registry's, less the
     platform-only ones (a connected account's invoices, charges... change no platform record)."""
-    return [t for t in dispatch.handled_types() if not getattr(dispatch.HANDLERS[t], "platform_only", False)]
+    return [t for t in handled_types() if not HANDLERS[t].platform_only]
 
 
 def list_missed_events(client: stripe.StripeClient, since: int, account: str | None,
                        types: list[str] | None = None) -> tuple[list[dict], int]:
     """Every event of `types` (default: all handled) created since `since`; and the calls made."""
-    types = list(dispatch.handled_types()) if types is None else types
+    types = list(handled_types()) if types is None else types
     options = {"stripe_account": account} if account else {}
     events: list[dict] = []
     calls = 0
@@ -395,7 +394,7 @@ def catch_up(session_factory: SessionFactory, client: stripe.StripeClient, *, ac
     with session_factory() as session:
         windows = [] if accounts is not None else [platform_window(session, now)]
         windows += account_windows(session, scopes, now)
-    types = {PLATFORM: list(dispatch.handled_types())}
+    types = {PLATFORM: list(handled_types())}
     for window in windows:
         scope_types = types[PLATFORM] if window.scope == PLATFORM else types.setdefault("account", account_types())
         _catch_up_scope(session_factory, client, window, scope_types, result, clock)

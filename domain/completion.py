@@ -21,7 +21,6 @@ from sqlalchemy.orm import Session
 from domain import lifecycle
 from domain.clock import utcnow
 from domain.stats_touch import touch_providers
-from domain.transactions import DISPUTE_SETTLED
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +66,7 @@ def complete_batch(session: Session, hold_days: int, now: datetime | None = None
         _COMPLETE_SQL,
         {
             "paid": lifecycle.PAID, "completed": lifecycle.COMPLETED, "now": now,
-            "paid_before": now - timedelta(days=hold_days), "settled": list(DISPUTE_SETTLED), "batch": batch,
+            "paid_before": now - timedelta(days=hold_days), "settled": list(lifecycle.DISPUTE_SETTLED), "batch": batch,
         },
     ).all()
     touch_providers(session, [row.providerId for row in rows])

@@ -31,83 +31,11 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import select, text, update
 from sqlalchemy.orm import Session
 
-from models import StripeEvent
+from domain.errors import describe, is_permanent
+from domain.handlers import HANDLERS
+from models import EventStatus, StripeEvent
 
 log = logging.getLogger(__name__)
-
-Handler = Callable[[Session, StripeEvent], None]
-# Called with all of a batch's events of its types; with skip_busy, it may leave the events
-# whose rows another transaction holds, and returns them.
-BatchHandler = Callable[..., list[StripeEvent]]
-
-
-@dataclass(frozen=True)
-class Registered:
-    fn: Handler | BatchHandler
-    batch: bool
-    platform_only: bool
-
-
-HANDLERS: dict[str, Registered] = {}
-
-
-class NotYetKnown(Exception):
-    """The event refers to something the database does not hold yet (an invoice the app
-    has not committed): retried with backoff, then parked, never dropped."""
-
-
-class InvalidPayload(Exception):
-    """The event cannot be applied as it is: parked at once with this message."""
-
-
-def is_permanent(error: BaseException) -> bool:
-    """Failures that no retry can fix: park the event at once with its message.
-
-    A payload whose fields have the wrong shape, or a value the database refuses (a number
-    beyond bigint), fails the same way every time.
-    """
-    from sqlalchemy.exc import DataError
-
-    return isinstance(error, (InvalidPayload, DataError, KeyError, TypeError, AttributeError))
-
-
-def event_object(event: StripeEvent, kind: str) -> dict:
-    """The event's `data.object`, which must be a Stripe `kind` (a charge, a payout, ...)."""
-    obj = event.payload["data"]["object"]
-    if obj.get("object") != kind:
-        raise InvalidPayload(f"{event.type} carries a {obj.get('object')!r}, not a {kind}")
-    return obj
-
-
-def handles(*event_types: str, batch: bool = False, platform_only: bool = False) -> Callable:
-    """Register a handler of `event_types`: `fn(session, event)`, or with `batch=True`
-    `fn(session, events, skip_busy=...) -> events left`, called once with all of a batch's
-    events of those types (in order), for handlers that can share their lookups and locks.
-
-    With `platform_only`, the types describe the platform's own money (invoices, charges,
-    refunds, disputes, transfers): the same types from a connected account are about that
-    account's own objects, whatever their metadata says, and are recorded as ignored."""
-    def register(fn):
-        for event_type in event_types:
-            if event_type in HANDLERS:
-                raise RuntimeError(f"two handlers for {event_type}")
-            HANDLERS[event_type] = Registered(fn, batch, platform_only)
-        return fn
-
-    return register
-
-
-def load_handlers() -> None:
-    """Import the modules that register handlers (they register on import)."""
-    import domain.handlers  # noqa: F401
-
-
-def handled_types() -> tuple[str, ...]:
-    """The event types the worker acts on (SPEC §2), read from the registered handlers: the
-    one list, which catch-up asks Stripe for. Every other type is stored and ignored."""
-    load_handlers()
-    return tuple(sorted(HANDLERS))
-
 
 # The event's effects and its `processed` mark commit together, so a commit lost in a server
 # crash loses both: the event is still `received` and the sweeper re-enqueues it. Waiting for
@@ -138,7 +66,6 @@ def process_batch(session: Session, event_ids: list[str]) -> dict[str, str]:
     A failure outside the handlers propagates; the caller's transaction must roll back. The
     inbox rows are all locked first, in id order, before any invoice: the lock order above.
     """
-    load_handlers()
     several = len(set(event_ids)) > 1
     session.execute(_ASYNC_COMMIT)
     if several:
@@ -157,10 +84,10 @@ def process_batch(session: Session, event_ids: list[str]) -> dict[str, str]:
         event = locked.get(event_id)
         if event is None:
             outcomes[event_id] = "unknown"
-        elif event.status in ("processed", "ignored", "parked"):
+        elif event.status in EventStatus.settled():
             outcomes[event_id] = f"already {event.status}"
         elif (reason := _ignored_reason(event)) is not None:
-            event.status = "ignored"
+            event.status = EventStatus.IGNORED
             event.last_error = reason
             event.processed_at = now
             outcomes[event_id] = "ignored"
@@ -185,7 +112,7 @@ def process_batch(session: Session, event_ids: list[str]) -> dict[str, str]:
         applied += [event for event in events if event.id not in outcomes]
         _forget_rows(session)
     for event in applied:
-        event.status = "processed"
+        event.status = EventStatus.PROCESSED
         event.attempts += 1
         event.last_error = None
         event.next_attempt_at = None
@@ -304,7 +231,7 @@ def record_failure(
     message = describe(error)
     attempts = session.execute(
         update(StripeEvent)
-        .where(StripeEvent.id == event_id, StripeEvent.status.in_(("received", "retrying")))
+        .where(StripeEvent.id == event_id, StripeEvent.status.in_(EventStatus.pending()))
         .values(attempts=StripeEvent.attempts + 1, last_error=message)
         .returning(StripeEvent.attempts)
     ).scalar_one_or_none()
@@ -316,25 +243,11 @@ def record_failure(
         update(StripeEvent)
         .where(StripeEvent.id == event_id)
         .values(
-            status="parked" if parked else "retrying",
+            status=EventStatus.PARKED if parked else EventStatus.RETRYING,
             next_attempt_at=None if parked else datetime.now(UTC) + timedelta(seconds=delay),
         )
     )
     return Failure(attempts=attempts, parked=parked, retry_in=delay)
-
-
-def describe(error: BaseException) -> str:
-    """One line for `last_error`: the kind of failure and its first line, never a payload.
-
-    A database error names the driver's own error and its message, not SQLAlchemy's wrapping
-    (whose first line may be a note about autoflush instead of the cause)."""
-    from sqlalchemy.exc import DBAPIError
-
-    cause = error.orig if isinstance(error, DBAPIError) and error.orig is not None else error
-    first = (str(cause).strip().splitlines() or [""])[0][:500]
-    if cause is not error:
-        first = f"({type(cause).__module__}.{type(cause).__name__}) {first}"
-    return f"{type(error).__name__}: {first}" if first else type(error).__name__
 
 
 def due_for_sweep(session: Session, threshold_seconds: int, limit: int = 1000) -> list[str]:
@@ -370,11 +283,11 @@ def mark_for_replay(session: Session, event_id: str | None = None) -> list[str]:
     Replaying a processed event changes nothing: it is left as it is and the task
     that runs for it finds it processed.
     """
-    query = update(StripeEvent).values(status="received", attempts=0, next_attempt_at=None)
+    query = update(StripeEvent).values(status=EventStatus.RECEIVED, attempts=0, next_attempt_at=None)
     if event_id is None:
-        query = query.where(StripeEvent.status == "parked")
+        query = query.where(StripeEvent.status == EventStatus.PARKED)
     else:
-        query = query.where(StripeEvent.id == event_id, StripeEvent.status == "parked")
+        query = query.where(StripeEvent.id == event_id, StripeEvent.status == EventStatus.PARKED)
     replayed = list(session.execute(query.returning(StripeEvent.id)).scalars())
     if event_id is not None and not replayed:
         exists = session.get(StripeEvent, event_id)

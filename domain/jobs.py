@@ -52,7 +52,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from config import get_settings
-from domain.dispatch import describe
+from domain.errors import describe
 from models import JobRun
 
 log = logging.getLogger(__name__)

@@ -35,6 +35,11 @@ REFUNDABLE = frozenset({PAID, COMPLETED})
 PAID_STATES = frozenset({PAID, COMPLETED, REFUNDED})
 INVOICED_STATES = frozenset({INVOICED}) | PAID_STATES
 
+# Dispute statuses after which a dispute no longer holds its transaction back from completing:
+# won (or closed without a chargeback), or lost, which is then counted as a refund of its
+# amount (the ledger's refunded total). Any other status is an open dispute.
+DISPUTE_SETTLED = ("won", "lost", "warning_closed", "prevented")
+
 T = TypeVar("T")
 
 

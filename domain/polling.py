@@ -31,7 +31,7 @@ from sqlalchemy.orm import Session
 from config import Settings, get_settings
 from domain import transactions
 from domain.clock import utcnow
-from domain.dispatch import InvalidPayload, NotYetKnown, describe
+from domain.errors import InvalidPayload, NotYetKnown, describe
 from domain.stripe_api import with_rate_limit_retry
 from models import Invoice, StripeInvoiceRead, Watermark
 

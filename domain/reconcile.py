@@ -66,10 +66,9 @@ from sqlalchemy.orm import Session
 
 from domain import lifecycle
 from domain.clock import from_unix
-from domain.dispatch import InvalidPayload
+from domain.errors import InvalidPayload
 from domain.stats_touch import touch_providers
 from domain.stripe_api import with_rate_limit_retry
-from domain.transactions import DISPUTE_SETTLED
 from models import ConnectAccount, Provider
 
 log = logging.getLogger(__name__)
@@ -1048,7 +1047,7 @@ def classify_and_apply(
         "account": account, "provider": provider_id, "completed_since": from_unix(completed_since),
         "grace_cutoff": now - grace, "now_unix": _unix(now) if now.tzinfo is None else int(now.timestamp()), "manual": result.payouts == "manual",
         "changed_since": changed_since or datetime(1970, 1, 1, tzinfo=UTC),
-        "paid": lifecycle.PAID, "completed": lifecycle.COMPLETED, "settled": list(DISPUTE_SETTLED),
+        "paid": lifecycle.PAID, "completed": lifecycle.COMPLETED, "settled": list(lifecycle.DISPUTE_SETTLED),
     }).all()
     findings: list[Finding] = []
     due: list[tuple[int, datetime]] = []

@@ -30,17 +30,11 @@ from sqlalchemy.orm import Session
 from config import get_settings
 from domain import lifecycle, versions
 from domain.clock import from_unix, utcnow
-from domain.dispatch import InvalidPayload, NotYetKnown
+from domain.errors import InvalidPayload, NotYetKnown
 from domain.stats_touch import touch_providers
 from models import Invoice, InvoiceTransaction, ServiceListing, StripeCharge, Transaction
 
 log = logging.getLogger(__name__)
-
-# Dispute statuses after which a dispute no longer holds its transaction back from completing:
-# won (or closed without a chargeback), or lost, which is then counted as a refund of its
-# amount (`_REFUNDED_SQL`). Any other status is an open dispute.
-DISPUTE_SETTLED = ("won", "lost", "warning_closed", "prevented")
-
 
 @dataclass(frozen=True)
 class InvoiceFacts:
@@ -739,7 +733,7 @@ def apply_dispute(session: Session, obj: dict[str, Any], created: int, event_id:
             "id": dispute_id, "charge_id": charge_id, "payment_intent_id": payment_intent_id,
             "amount": _cents(obj, "amount"), "status": status,
         })
-        if status not in DISPUTE_SETTLED:
+        if status not in lifecycle.DISPUTE_SETTLED:
             log.warning("dispute %s on charge %s is open (%s)", dispute_id, charge_id, status)
     # A lost dispute counts as a refund of its amount; a won one undoes nothing counted.
     return _after_payment_fact(session, invoice, f"dispute {dispute_id}")

@@ -23,8 +23,8 @@ from models.connect import (
 )
 from models.catchup import CatchupWindow, ConnectAccountState
 from models.fanout import FanoutItem
-from models.inbox import StripeEvent
-from models.jobs import JobRun
+from models.inbox import Endpoint, EventStatus, StripeEvent
+from models.jobs import JobOutcome, JobRun
 from models.ledger import (
     InvoiceTransaction,
     StripeCharge,
@@ -47,9 +47,12 @@ __all__ = [
     "ConnectPayout",
     "ConnectPayoutItem",
     "ConnectTransfer",
+    "Endpoint",
+    "EventStatus",
     "FanoutItem",
     "Invoice",
     "InvoiceTransaction",
+    "JobOutcome",
     "JobRun",
     "Message",
     "MessageThread",

@@ -1,4 +1,6 @@
-from sqlalchemy import MetaData
+from enum import StrEnum
+
+from sqlalchemy import CheckConstraint, MetaData
 from sqlalchemy.orm import DeclarativeBase
 
 WORKER_SCHEMA = "marketplace_worker"
@@ -15,3 +17,10 @@ NAMING = {
 
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING)
+
+
+def one_of(column: str, values: type[StrEnum], name: str) -> CheckConstraint:
+    """The check constraint that keeps `column` within an enum's values, written from the enum
+    so the Python type and the database cannot disagree."""
+    allowed = ", ".join(f"'{value}'" for value in values)
+    return CheckConstraint(f"{column} IN ({allowed})", name=name)

@@ -5,19 +5,26 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import BigInteger, CheckConstraint, DateTime, Index, Text, func, text
+from enum import StrEnum
+
+from sqlalchemy import BigInteger, DateTime, Index, Text, func, text
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapped, mapped_column
 
-from models.base import WORKER_SCHEMA, Base
+from models.base import WORKER_SCHEMA, Base, one_of
 
-JOB_OUTCOMES = ("running", "ok", "failed", "skipped")
+
+class JobOutcome(StrEnum):
+    RUNNING = "running"
+    OK = "ok"
+    FAILED = "failed"
+    SKIPPED = "skipped"  # another run held the job's lock or had this beat slot already
 
 
 class JobRun(Base):
     __tablename__ = "job_runs"
     __table_args__ = (
-        CheckConstraint("outcome IN ('running', 'ok', 'failed', 'skipped')", name="outcome"),
+        one_of("outcome", JobOutcome, name="outcome"),
         # Once per slot: one running or successful run of a job per beat slot, whichever beat
         # process fired it (the duplicates are recorded as skipped); a failed run leaves the
         # slot to a retry.

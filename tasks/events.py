@@ -7,6 +7,7 @@ from collections import Counter
 
 from config import get_settings
 from domain import dispatch
+from domain.errors import describe
 from domain.jobs import run_once
 from models.db import session_scope
 from worker import app
@@ -34,9 +35,9 @@ def _attempt(event_id: str) -> dispatch.Attempt:
 def _log(event_id: str, attempt: dispatch.Attempt) -> None:
     if attempt.outcome == "retrying":
         log.warning("event failed, retrying in %.1f s", attempt.retry_in,
-                    extra={"event_id": event_id, "error": dispatch.describe(attempt.error)})
+                    extra={"event_id": event_id, "error": describe(attempt.error)})
     elif attempt.outcome == "parked":
-        log.error("event parked", extra={"event_id": event_id, "error": dispatch.describe(attempt.error)})
+        log.error("event parked", extra={"event_id": event_id, "error": describe(attempt.error)})
     else:
         log.info("event %s", attempt.outcome, extra={"event_id": event_id})
 

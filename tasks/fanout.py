@@ -7,7 +7,7 @@ import logging
 
 from config import get_settings
 from domain import fanout
-from domain.dispatch import describe
+from domain.errors import describe
 from domain.jobs import run_once
 from models.db import session_scope
 from worker import app

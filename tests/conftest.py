@@ -18,8 +18,8 @@ import redis
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
-from tests.support.flow import WorkerProcess
-from tests.support.services import test_services
+from harness.flow import WorkerProcess
+from harness.services import test_services
 
 WEBHOOK_SECRET = "whsec_test_platform_0123456789"
 CONNECT_WEBHOOK_SECRET = "whsec_test_connect_0123456789"
@@ -47,8 +47,8 @@ def work_dir() -> Iterator[Path]:
 
 @pytest.fixture(scope="session")
 def stripe_api() -> Iterator:
-    """The fake Stripe API (tests.support.stripe_server), reset before each test that uses it."""
-    from tests.support.stripe_server import FakeStripe, serve
+    """The fake Stripe API (harness.stripe_server), reset before each test that uses it."""
+    from harness.stripe_server import FakeStripe, serve
 
     fake = FakeStripe()
     with serve(fake) as base_url:

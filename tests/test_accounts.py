@@ -15,8 +15,8 @@ from domain.inbox import INSERT_EVENTS_SQL, event_from_dict, insert_params
 from domain.stripe_api import get_client
 from models import Provider
 from models.db import session_scope
-from tests.support import factories
-from tests.support import stripe_events as se
+from harness import factories
+from harness import stripe_events as se
 
 
 def deliver(db, event: dict) -> str:

@@ -18,9 +18,9 @@ from domain.stripe_api import get_client
 from domain.transactions import platform_fee_cents
 from models.db import get_engine, session_scope
 from tests.conftest import TABLES
-from tests.support import factories
-from tests.support import stripe_events as se
-from tests.support.lifecycle import run_batch
+from harness import factories
+from harness import stripe_events as se
+from harness.lifecycle import run_batch
 
 DAY = 86_400
 GRACE = timedelta(hours=48)

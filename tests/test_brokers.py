@@ -18,11 +18,11 @@ from sqlalchemy import text
 from domain.inbox import INSERT_EVENTS_SQL, event_from_dict, insert_params
 from models import StripeEvent
 from tests.conftest import WEBHOOK_SECRET
-from tests.support import factories
-from tests.support import stripe_events as se
-from tests.support.brokers import BROKERS, broker_run, vhost_of
-from tests.support.db_role import worker_role
-from tests.support.flow import ReceiverProcess, WorkerProcess, wait_for
+from harness import factories
+from harness import stripe_events as se
+from harness.brokers import BROKERS, broker_run, vhost_of
+from harness.db_role import worker_role
+from harness.flow import ReceiverProcess, WorkerProcess, wait_for
 from tests.test_reconcile import paid_out_accounts
 from worker.celery_app import ACK_DEADLINE_SECONDS, LONGEST_TASK_SECONDS, QUEUES
 
@@ -127,7 +127,7 @@ def test_a_reconciliation_fans_out_to_every_account(idle_broker, db, stripe_api)
 
 def test_the_broker_options_follow_the_broker_url(monkeypatch):
     from config import load_settings
-    from tests.support.brokers import app_for
+    from harness.brokers import app_for
 
     monkeypatch.setenv("DATABASE_URL", "postgresql://u@h/db")
     monkeypatch.setenv("REDIS_URL", "redis://h:6379/0")

@@ -10,13 +10,14 @@ from sqlalchemy import select, text
 
 from domain import catchup
 from domain.catchup import LISTED_OVERLAP_SECONDS, OVERLAP_SECONDS, catch_up
-from domain.dispatch import handled_types, process_event
+from domain.dispatch import process_event
+from domain.handlers import handled_types
 from domain.inbox import INSERT_EVENTS_SQL, event_from_dict, insert_params
 from domain.stripe_api import get_client
 from models import StripeEvent
 from models.db import session_scope
-from tests.support import factories
-from tests.support import stripe_events as se
+from harness import factories
+from harness import stripe_events as se
 
 HOUR = 3600
 

@@ -6,7 +6,7 @@ least-privilege database role), while one worker is SIGKILLed, the broker is res
 messages in flight and Postgres is restarted. It runs once on Redis and once on RabbitMQ
 (skipped, with the reason, where no RabbitMQ answers). The
 database must then equal a reference built from the accepted events processed once, in order,
-by the same domain code (tests/support/chaos.py explains why that proves order, duplication
+by the same domain code (harness/chaos.py explains why that proves order, duplication
 and fault independence). The run happens once; each test checks one promise of it.
 
 It starts its own embedded Postgres and Redis whatever DATABASE_URL / REDIS_URL say, and a
@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.support.brokers import BROKERS, rabbitmq_missing
-from tests.support.chaos import HOSTILE, ChaosConfig, ChaosReport, run_chaos
+from harness.brokers import BROKERS, rabbitmq_missing
+from harness.chaos import HOSTILE, ChaosConfig, ChaosReport, run_chaos
 
 pytestmark = [pytest.mark.flow, pytest.mark.timeout(300)]
 

@@ -16,15 +16,16 @@ import pytest
 
 from config.settings import sqlalchemy_url
 from domain import dispatch
+from domain.errors import describe
 from domain.inbox import INSERT_EVENTS_SQL, event_from_dict, insert_params
 from models import StripeEvent
 from models.db import get_engine, session_scope
 from models.grants import INSERTS, READ_ONLY, UPDATES, grants_sql
 from models.migrate import create_app_tables_if_absent, upgrade
-from tests.support import factories
-from tests.support import stripe_events as se
-from tests.support.db_role import worker_role
-from tests.support.services import scratch_database
+from harness import factories
+from harness import stripe_events as se
+from harness.db_role import worker_role
+from harness.services import scratch_database
 
 NOT_TOUCHED = ('public."User"', 'public."Tenant"', 'public."Message"', 'public."MessageThread"')
 
@@ -91,7 +92,7 @@ def test_every_scheduled_job_runs_as_the_role(db, services, stripe_api):
     """Polling, completion, both stats passes, reconciliation, catch-up, retention and the
     sweepers, each on rows that make it write, with nothing but the role's grants."""
     from domain.clock import utcnow
-    from tests.support.brokers import private_redis_url
+    from harness.brokers import private_redis_url
 
     manual = factories.provider(db, payment_mode="manual")
     factories.invoice(db, manual, stripe=False, status="paid", paidAt=utcnow())  # polled into a transaction
@@ -133,7 +134,7 @@ def test_a_missing_grant_fails_the_path_with_one_line_naming_the_table(db, servi
         with pytest.raises(Exception) as failed:
             with session_scope(as_role) as session:
                 stats.incremental_pass(session, overlap=timedelta(minutes=5))
-        assert dispatch.describe(failed.value) == (
+        assert describe(failed.value) == (
             "ProgrammingError: (psycopg.errors.InsufficientPrivilege) permission denied for table providers")
 
         with psycopg.connect(services["DATABASE_URL"], autocommit=True) as conn:
@@ -187,7 +188,7 @@ def test_the_grants_command_prints_the_sql_and_refuses_a_strange_role_name():
 def test_compose_s_apply_sets_up_the_role_and_refuses_without_its_secrets(services):
     import os
 
-    from tests.support.db_role import as_role, drop_role
+    from harness.db_role import as_role, drop_role
 
     clean = {k: v for k, v in os.environ.items() if k not in ("ADMIN_DATABASE_URL", "WORKER_DB_PASSWORD")}
     refused = subprocess.run([sys.executable, "-m", "models.grants", "mw_apply_probe", "--apply"],

@@ -11,10 +11,12 @@ import pytest
 from sqlalchemy import update
 
 from domain import dispatch
+from domain.errors import InvalidPayload, NotYetKnown
+from domain.handlers import HANDLERS, Registered, handled_types
 from domain.inbox import INSERT_EVENTS_SQL, event_from_dict, insert_params
 from models import StripeEvent
 from models.db import session_scope
-from tests.support import stripe_events as se
+from harness import stripe_events as se
 
 CALLS: list[str] = []
 
@@ -29,18 +31,17 @@ def test_handlers():
         raise ConnectionError("stripe unreachable")
 
     def not_yet(session, event):
-        raise dispatch.NotYetKnown("invoice in_123 not in the database yet")
+        raise NotYetKnown("invoice in_123 not in the database yet")
 
     def invalid(session, event):
-        raise dispatch.InvalidPayload("amount is not an integer")
+        raise InvalidPayload("amount is not an integer")
 
-    dispatch.load_handlers()
     added = {"test.ok": ok, "test.fails": fails, "test.not_yet": not_yet, "test.invalid": invalid}
-    dispatch.HANDLERS.update({name: dispatch.Registered(fn, batch=False, platform_only=False) for name, fn in added.items()})
+    HANDLERS.update({name: Registered(fn, batch=False, platform_only=False) for name, fn in added.items()})
     CALLS.clear()
     yield
     for name in added:
-        dispatch.HANDLERS.pop(name, None)
+        HANDLERS.pop(name, None)
 
 
 def store(session, event_type: str, **kw) -> str:
@@ -105,13 +106,13 @@ def test_a_handler_failure_rolls_back_everything_it_wrote(db, test_handlers):
         session.execute(update(StripeEvent).where(StripeEvent.id == event.id).values(account="acct_written"))
         raise RuntimeError("crashed midway")
 
-    dispatch.HANDLERS["test.half"] = dispatch.Registered(half_done, batch=False, platform_only=False)
+    HANDLERS["test.half"] = Registered(half_done, batch=False, platform_only=False)
     try:
         event_id = store(db, "test.half")
         assert run(db, event_id) == "retrying"
         assert row(db, event_id).account is None
     finally:
-        dispatch.HANDLERS.pop("test.half")
+        HANDLERS.pop("test.half")
 
 
 def test_a_batch_is_applied_at_once_and_a_failing_member_costs_the_others_nothing(db, test_handlers):
@@ -206,14 +207,14 @@ SPEC_EVENT_TYPES = (
 
 
 def test_every_event_type_the_spec_names_has_a_handler():
-    assert sorted(set(SPEC_EVENT_TYPES) - set(dispatch.handled_types())) == []
+    assert sorted(set(SPEC_EVENT_TYPES) - set(handled_types())) == []
 
 
 def test_a_batch_through_the_worker_retries_its_failing_member_alone_then_parks_it(db, celery_worker):
     """Real worker: a batch message with good events and one about an invoice the app has
     not committed; the good ones are applied, the other retried with backoff, then parked."""
     from tasks.events import enqueue_events
-    from tests.support.flow import wait_for
+    from harness.flow import wait_for
 
     good = [store(db, "customer.created") for _ in range(3)]
     missing = se.event("invoice.paid", se.invoice(shape="basil", amount=5000, status="paid", app_invoice_id=999_999))

@@ -17,10 +17,10 @@ from sqlalchemy import text
 
 from domain import fanout
 from models.db import session_scope
-from tests.support.brokers import BROKERS, broker_run
-from tests.support.chaos import schedule_env
-from tests.support.db_role import worker_role
-from tests.support.flow import WorkerProcess, wait_for
+from harness.brokers import BROKERS, broker_run
+from harness.chaos import schedule_env
+from harness.db_role import worker_role
+from harness.flow import WorkerProcess, wait_for
 from tests.test_reconcile import paid_out_accounts
 
 TASK = "tasks.reconciliation.reconcile_account"

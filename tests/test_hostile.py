@@ -13,10 +13,11 @@ from starlette.testclient import TestClient
 
 from config import get_settings
 from domain import dispatch
+from domain.handlers import handled_types
 from domain.inbox import INSERT_EVENTS_SQL, insert_params, parse_event
 from models.db import session_scope
 from tests.conftest import WEBHOOK_SECRET
-from tests.support import stripe_events as se
+from harness import stripe_events as se
 from worker.receiver import create_app
 
 json_values = st.recursive(
@@ -61,7 +62,7 @@ def test_any_bytes_get_a_defined_answer(client, db, raw, signed):
 
 @FUZZ
 @given(
-    event_type=st.sampled_from(dispatch.handled_types()),
+    event_type=st.sampled_from(handled_types()),
     obj=st.dictionaries(
         st.sampled_from(["id", "object", "status", "amount", "amount_refunded", "charge", "payment_intent",
                          "metadata", "status_transitions", "created", "invoice", "destination", "payments",

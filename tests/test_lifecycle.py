@@ -19,9 +19,9 @@ from domain.lifecycle import CANCELLED, COMPLETED, INVOICED, PAID, PENDING_INVOI
 from domain.transactions import platform_fee_cents
 from models import Invoice, Transaction
 from models.db import session_scope
-from tests.support import factories
-from tests.support import stripe_events as se
-from tests.support.lifecycle import deliver, event_status, ledger_state, run, run_batch, store
+from harness import factories
+from harness import stripe_events as se
+from harness.lifecycle import deliver, event_status, ledger_state, run, run_batch, store
 
 T0 = 1_790_000_000  # a fixed Stripe time, so expected timestamps are exact
 HOUR, DAY = 3600, 86_400

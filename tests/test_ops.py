@@ -31,8 +31,8 @@ from celery import Celery
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import CONNECT_WEBHOOK_SECRET, STRIPE_API_KEY, WEBHOOK_SECRET
-from tests.support import stripe_events
-from tests.support.flow import WorkerProcess, wait_for
+from harness import stripe_events
+from harness.flow import WorkerProcess, wait_for
 
 PROJECT = Path(__file__).resolve().parents[1]
 FLOWER_USER, FLOWER_PASSWORD = "ops", "test-flower-password"  # tests/conftest.py's FLOWER_BASIC_AUTH

@@ -20,10 +20,10 @@ from domain.lifecycle import CANCELLED, COMPLETED, INVOICED, PAID, PENDING_INVOI
 from domain.stripe_api import get_client
 from models import Invoice, Transaction
 from models.db import make_session, session_scope
-from tests.support import factories
-from tests.support import stripe_events as se
-from tests.support.flow import wait_for
-from tests.support.lifecycle import deliver, event_status, ledger_state, run, run_batch, store
+from harness import factories
+from harness import stripe_events as se
+from harness.flow import wait_for
+from harness.lifecycle import deliver, event_status, ledger_state, run, run_batch, store
 
 HOUR, DAY = 3600, 86_400
 

@@ -12,8 +12,8 @@ from sqlalchemy import select, text
 
 from models import StripeEvent
 from tests.conftest import CONNECT_WEBHOOK_SECRET, WEBHOOK_SECRET
-from tests.support import stripe_events as se
-from tests.support.flow import ReceiverProcess, wait_for
+from harness import stripe_events as se
+from harness.flow import ReceiverProcess, wait_for
 
 PLATFORM = "/webhooks/stripe"
 CONNECT = "/webhooks/stripe/connect"
@@ -227,7 +227,7 @@ def test_a_connected_accounts_invoice_paid_goes_through_the_worker_and_changes_n
     """A connected account's own invoice of 1 cent, paid, naming a platform invoice in its
     metadata, delivered to the Connect endpoint and taken by a real worker."""
     from models import Transaction
-    from tests.support import factories
+    from harness import factories
 
     provider = factories.provider(db, payment_mode="stripe")
     invoice = factories.invoice(db, provider, stripe=False, status="open", amount_cents=10_000)

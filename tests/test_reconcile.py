@@ -18,9 +18,9 @@ from domain.inbox import INSERT_EVENTS_SQL, event_from_dict, insert_params
 from domain.stripe_api import get_client
 from models import ConnectAccount, ConnectTransfer, Provider, ReconcileDiscrepancy, Transaction
 from models.db import get_engine, session_scope
-from tests.support import factories
-from tests.support import stripe_events as se
-from tests.support.flow import wait_for
+from harness import factories
+from harness import stripe_events as se
+from harness.flow import wait_for
 
 DAY = 86_400
 GRACE = timedelta(hours=48)

@@ -10,7 +10,7 @@ import models
 from models.base import WORKER_SCHEMA
 from models.db import get_engine
 from models.migrate import include_name, include_object
-from tests.support.schema_check import model_mismatches
+from harness.schema_check import model_mismatches
 
 PROJECT = Path(__file__).resolve().parents[1]
 SHARED_SCHEMA = PROJECT.parent / "shared" / "schema" / "schema.sql"

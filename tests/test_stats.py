@@ -22,8 +22,8 @@ from domain.clock import utcnow
 from domain.stats_touch import touch_providers
 from models import Provider, Review, ServiceListing, Transaction, TransactionRefund
 from models.db import get_engine, make_session, session_scope
-from tests.support import factories as f
-from tests.support.flow import wait_for
+from harness import factories as f
+from harness.flow import wait_for
 from worker.cli import main as cli
 
 OVERLAP = timedelta(minutes=5)

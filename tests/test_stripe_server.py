@@ -7,8 +7,8 @@ import httpx
 import pytest
 import stripe
 
-from tests.support import stripe_events as se
-from tests.support.stripe_server import FakeStripe, serve
+from harness import stripe_events as se
+from harness.stripe_server import FakeStripe, serve
 
 T0 = 1_700_000_000
 SECRET = "whsec_test_primary"

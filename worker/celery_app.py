@@ -188,7 +188,5 @@ def _fresh_connections_after_fork(**_: object) -> None:
 def _freeze_startup_heap(**_: object) -> None:
     # As in the receiver: what the process loaded at startup stays for its lifetime, so full
     # collections need not walk it again and again (about a tenth of an event's CPU time).
-    from domain.dispatch import load_handlers
-
-    load_handlers()
+    # The task modules, and through them every handler, are imported by now.
     gc.freeze()

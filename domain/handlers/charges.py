@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from sqlalchemy.orm import Session
 
-from domain.dispatch import event_object, handles
+from domain.handlers.registry import handles
+from domain.payload import event_object
 from domain.transactions import apply_charge, apply_dispute, apply_invoice_payment, apply_refund
 from models import StripeEvent
 

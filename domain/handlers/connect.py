@@ -10,7 +10,9 @@ from sqlalchemy.orm import Session
 
 from domain import reconcile
 from domain.accounts import DEAUTHORIZED, snapshot_of, sync_account
-from domain.dispatch import InvalidPayload, event_object, handles
+from domain.errors import InvalidPayload
+from domain.handlers.registry import handles
+from domain.payload import event_object
 from models import StripeEvent
 
 log = logging.getLogger(__name__)

@@ -7,7 +7,8 @@ import logging
 
 from sqlalchemy.orm import Session
 
-from domain.dispatch import event_object, handles
+from domain.handlers.registry import handles
+from domain.payload import event_object
 from domain.transactions import BUSY, Snapshot, apply_invoice_snapshots
 from models import StripeEvent
 

@@ -17,7 +17,7 @@ class WorkerProcess:
         self.env = {**os.environ, **env}
         self.concurrency = concurrency
         # The app to ping the worker through: this process's own unless the worker is on
-        # another broker (tests/support/brokers.py).
+        # another broker (harness/brokers.py).
         self.probe = probe
         self.proc: subprocess.Popen | None = None
 

@@ -16,7 +16,7 @@ What a run does, and why it proves what SPEC §2 promises:
    marketplace invoices (some already linked to their Stripe invoice, the others only
    through `metadata.invoiceId`), a few non-marketplace and soft-deleted invoices, the app's
    own transaction rows for some invoices, and reviews.
-3. Generates realistic Stripe histories for them (tests/support/stripe_events.py): invoice
+3. Generates realistic Stripe histories for them (harness/stripe_events.py): invoice
    lifecycles of every outcome in both invoice shapes (some paid as they are finalized, all
    their events within one second), Connect onboarding, transfers (some reversed), payouts of
    every outcome and deauthorizations.
@@ -70,9 +70,9 @@ from pathlib import Path
 import psutil
 import psycopg
 
-from tests.support import stripe_events as se
-from tests.support.flow import ReceiverProcess
-from tests.support.services import scratch_database
+from harness import stripe_events as se
+from harness.flow import ReceiverProcess
+from harness.services import scratch_database
 from worker.embedded import embedded_postgres, free_port
 
 WEBHOOK_SECRET = "whsec_chaos_platform_0123456789"
@@ -130,7 +130,7 @@ class ChaosConfig:
     retry_base_seconds: float = 0.5
     postgres_down_seconds: float = 3.0
     broker_down_seconds: float = 2.0
-    broker: str = "redis"  # or "amqp": the machine's RabbitMQ (tests/support/brokers.py)
+    broker: str = "redis"  # or "amqp": the machine's RabbitMQ (harness/brokers.py)
     drain_timeout_seconds: float = 900.0
 
 
@@ -163,7 +163,7 @@ class Servers:
         self._start_redis()
         self.broker_url = self.redis_url
         if self.broker == "amqp":
-            from tests.support.brokers import rabbitmq_vhost
+            from harness.brokers import rabbitmq_vhost
 
             self.broker_url = self._stack.enter_context(rabbitmq_vhost("mw_chaos"))
         return self
@@ -204,7 +204,7 @@ class Servers:
 
     def restart_broker(self, down_seconds: float) -> None:
         if self.broker == "amqp":
-            from tests.support.brokers import restart_rabbitmq
+            from harness.brokers import restart_rabbitmq
 
             restart_rabbitmq(down_seconds)
         else:
@@ -213,7 +213,7 @@ class Servers:
     def queued(self) -> tuple[int, int]:
         """Event messages (waiting, reserved by workers) in the broker."""
         if self.broker == "amqp":
-            from tests.support.brokers import queue_counts
+            from harness.brokers import queue_counts
 
             return queue_counts(self.broker_url).get("webhooks", (0, 0))
         import redis
@@ -981,6 +981,7 @@ def build_reference(ref_url: str, events: list[GeneratedEvent]) -> ReferenceResu
     order, in this process with the domain code the workers run."""
     from config.settings import sqlalchemy_url
     from domain import dispatch
+    from domain.errors import describe
     from domain.inbox import INSERT_EVENTS_SQL, event_from_dict, insert_params
     from models.db import session_scope
 
@@ -998,7 +999,7 @@ def build_reference(ref_url: str, events: list[GeneratedEvent]) -> ReferenceResu
             with session_scope(url) as session:
                 dispatch.process_event(session, event_id)
         except Exception as error:
-            failures[event_id] = dispatch.describe(error)
+            failures[event_id] = describe(error)
             with session_scope(url) as session:
                 dispatch.record_failure(session, event_id, error, max_attempts=1, park_now=True)
     return ReferenceResult(len(ordered), failures, time.monotonic() - started)
@@ -1277,7 +1278,7 @@ def _worker_database(url: str) -> Iterator[str]:
     """The system under test as production has it: the app's tables made by a superuser, the
     worker's schema migrated by the worker's own least-privilege role; yields the role's URL."""
     from models.migrate import create_app_tables_if_absent, upgrade
-    from tests.support.db_role import worker_role
+    from harness.db_role import worker_role
 
     create_app_tables_if_absent(url)
     with worker_role(url, "mw_chaos") as (_, role_url):

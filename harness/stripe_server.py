@@ -3,7 +3,7 @@
 Point the SDK at it with `stripe.StripeClient(key, base_addresses={"api": url}, max_network_retries=N)` or
 `stripe.api_base = url`. Pagination, errors, idempotency and rate limiting follow
 /work/shared/stripe-facts.md §7. Run standalone for benchmarks:
-`python -m tests.support.stripe_server --port 12111 [--latency-ms 40] [--rate-limit 25] [--seed seed.json]`.
+`python -m harness.stripe_server --port 12111 [--latency-ms 40] [--rate-limit 25] [--seed seed.json]`.
 """
 
 from __future__ import annotations

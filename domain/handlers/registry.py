@@ -1,0 +1,44 @@
+"""Which function handles which Stripe event type. A leaf: handlers import it to register
+themselves; `domain.handlers` imports them all, so its `HANDLERS` is the whole table."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from sqlalchemy.orm import Session
+
+from models import StripeEvent
+
+Handler = Callable[[Session, StripeEvent], None]
+# Called with all of a batch's events of its types; with skip_busy, it may leave the events
+# whose rows another transaction holds, and returns them.
+BatchHandler = Callable[..., list[StripeEvent]]
+
+
+@dataclass(frozen=True)
+class Registered:
+    fn: Handler | BatchHandler
+    batch: bool
+    platform_only: bool
+
+
+HANDLERS: dict[str, Registered] = {}
+
+
+def handles(*event_types: str, batch: bool = False, platform_only: bool = False) -> Callable:
+    """Register a handler of `event_types`: `fn(session, event)`, or with `batch=True`
+    `fn(session, events, skip_busy=...) -> events left`, called once with all of a batch's
+    events of those types (in order), for handlers that can share their lookups and locks.
+
+    With `platform_only`, the types describe the platform's own money (invoices, charges,
+    refunds, disputes, transfers): the same types from a connected account are about that
+    account's own objects, whatever their metadata says, and are recorded as ignored."""
+    def register(fn):
+        for event_type in event_types:
+            if event_type in HANDLERS:
+                raise RuntimeError(f"two handlers for {event_type}")
+            HANDLERS[event_type] = Registered(fn, batch, platform_only)
+        return fn
+
+    return register
