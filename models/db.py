@@ -4,8 +4,8 @@ share the parent's connections, so the engine is created lazily after the fork."
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 
 from sqlalchemy import Engine, create_engine
 from sqlalchemy.orm import Session, sessionmaker
@@ -13,6 +13,10 @@ from sqlalchemy.orm import Session, sessionmaker
 from config import get_settings
 
 _engines: dict[tuple[int, str], Engine] = {}
+
+# What work that commits as it goes is given: `session_scope`, or a test's own factory (a
+# least-privilege role, a second database). Each call is one transaction.
+SessionFactory = Callable[[], AbstractContextManager[Session]]
 
 
 def get_engine(url: str | None = None) -> Engine:
