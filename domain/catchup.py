@@ -46,7 +46,6 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -55,15 +54,14 @@ from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
 from config import get_settings
+from domain.connect.accounts import AccountReads, read_accounts
 from domain.handlers import HANDLERS, handled_types
-from domain.accounts import AccountReads, read_accounts
 from domain.inbox import INSERT_EVENTS_SQL, IncomingEvent, event_from_dict, insert_params
 from domain.stripe_api import with_rate_limit_retry
 from models import ConnectAccountState, EventStatus, Provider
+from models.db import SessionFactory
 
 log = logging.getLogger(__name__)
-
-SessionFactory = Callable[[], AbstractContextManager[Session]]
 
 PLATFORM = "platform"
 STRIPE_RETENTION_SECONDS = 30 * 24 * 3600

@@ -1,5 +1,5 @@
 """Stripe Connect payouts reconciliation (queue `reconciliation`); thin wrappers over
-domain/reconcile.py.
+domain/connect/run.py.
 
 `reconcile_all` (beat, nightly) and `reconcile_dirty` (beat, every few minutes: the accounts
 named by transfer/payout events since) fan out one `reconcile_account` message per account,
@@ -13,15 +13,15 @@ same account it retries later.
 from __future__ import annotations
 
 import logging
-from datetime import timedelta
 from functools import lru_cache
 
 import stripe
 
 from config import get_settings
-from domain import fanout, reconcile
+from domain import fanout
+from domain.connect import run as connect_run
+from domain.connect.reader import StripeReader, reader_for
 from domain.jobs import Run, run_once
-from domain.stripe_api import get_client
 from models.db import get_engine, session_scope
 from tasks.fanout import PieceTask, publish
 from worker import app
@@ -33,12 +33,10 @@ BUSY_RETRY_SECONDS = 60
 
 
 @lru_cache(maxsize=1)
-def _reader() -> reconcile.StripeReader:
+def _reader() -> StripeReader:
     # One per worker process, made after the fork: its HTTP sessions keep connections to
     # Stripe alive from one account to the next.
-    settings = get_settings()
-    return reconcile.StripeReader(get_client(settings), settings.stripe_rate_limit_backoff_seconds,
-                                  settings.reconcile_stripe_concurrency)
+    return reader_for(get_settings())
 
 
 RECONCILE_ACCOUNT = "tasks.reconciliation.reconcile_account"
@@ -58,9 +56,8 @@ RECONCILE_ACCOUNT = "tasks.reconciliation.reconcile_account"
 def reconcile_account(self, account: str, since: int | None = None) -> dict:
     """Reconcile one connected account; `since` (unix seconds) overrides its listing window."""
     settings = get_settings()
-    result = reconcile.reconcile_account(
-        session_scope, get_engine(), _reader(), account,
-        grace=timedelta(hours=settings.reconcile_transfer_grace_hours), since=since,
+    result = connect_run.reconcile_account(
+        session_scope, get_engine(), _reader(), account, grace=connect_run.transfer_grace(settings), since=since,
     )
     if result.skipped == "busy":
         raise self.retry(countdown=BUSY_RETRY_SECONDS)
@@ -82,8 +79,7 @@ def reconcile_all(since: int | None = None) -> dict:
     """Every account with activity, and transfers to accounts no provider has."""
     with run_once("reconcile_all") as run:
         with session_scope() as session:
-            accounts = reconcile.active_accounts(session)
-            unknown, _ = reconcile.report_unknown_destinations(session)
+            accounts, unknown = connect_run.start_pass(session)
         enqueued = fan_out(run, accounts, since)
         run.counts = {"accounts": len(accounts), "enqueued": enqueued, "unknown_destination": unknown}
     return run.counts
@@ -94,7 +90,7 @@ def reconcile_dirty() -> dict:
     """The accounts transfer and payout events named since they were last reconciled."""
     with run_once("reconcile_dirty") as run:
         with session_scope() as session:
-            accounts = reconcile.dirty_accounts(session)
+            accounts = connect_run.dirty_accounts(session)
         enqueued = fan_out(run, accounts)
         run.counts = {"accounts": len(accounts), "enqueued": enqueued}
     return run.counts

@@ -12,7 +12,10 @@ import pytest
 import stripe
 from sqlalchemy import select, text
 
-from domain import dispatch, reconcile
+from domain import dispatch
+from domain.connect import classify, mirror
+from domain.connect import run as connect_run
+from domain.connect.reader import StripeReader
 from domain.clock import from_unix
 from domain.inbox import INSERT_EVENTS_SQL, event_from_dict, insert_params
 from domain.stripe_api import get_client
@@ -94,13 +97,13 @@ def enqueue_connect_event(db, event: dict) -> None:
     enqueue_events([event["id"]])
 
 
-def reader(retry_base: float = 0.01) -> reconcile.StripeReader:
-    return reconcile.StripeReader(get_client(), retry_base_seconds=retry_base)
+def reader(retry_base: float = 0.01) -> StripeReader:
+    return StripeReader(get_client(), retry_base_seconds=retry_base)
 
 
-def run(account: str, **kw) -> reconcile.AccountResult:
+def run(account: str, **kw) -> classify.AccountResult:
     kw.setdefault("grace", GRACE)
-    return reconcile.reconcile_account(session_scope, get_engine(), kw.pop("reader", None) or reader(), account, **kw)
+    return connect_run.reconcile_account(session_scope, get_engine(), kw.pop("reader", None) or reader(), account, **kw)
 
 
 def transaction(db, txn_id: int) -> Transaction:
@@ -160,7 +163,7 @@ def test_completed_only_once_the_payout_is_paid(db, stripe_api):
     paid = {**payout, "status": "paid", "reconciliation_status": "completed"}
     stripe_api.add("payout", paid, account=account)
     assert deliver(db, se.event("payout.paid", paid, account=account)) == "processed"
-    assert reconcile.dirty_accounts(db) == [account]
+    assert connect_run.dirty_accounts(db) == [account]
 
     result = run(account)
     assert result.completed == [txn.id]
@@ -321,7 +324,7 @@ def test_orphan_transfers_unreversed_transfers_and_transfers_to_unknown_accounts
 
     result = run(account)
     with session_scope() as session:
-        assert reconcile.report_unknown_destinations(session) == (1, 0)
+        assert connect_run.report_unknown_destinations(session) == (1, 0)
 
     assert (result.outcomes["orphan_transfer"], result.outcomes["transfer_not_reversed"]) == (2, 1)
     assert open_kinds(db) == sorted([("orphan_transfer", stray["id"]), ("orphan_transfer", misdirected["id"]),
@@ -488,14 +491,14 @@ def test_the_writes_are_safe_without_the_lock_too(db, stripe_api):
     start = threading.Barrier(4)
     completed: list[int] = []
 
-    def classify():
+    def classify_concurrently():
         start.wait()
         with session_scope() as session:
-            completed.extend(reconcile.classify_and_apply(
+            completed.extend(classify.classify_and_apply(
                 session, account, provider.id, completed_since=0, grace=GRACE,
                 now=from_unix(int(time.time()))).completed)
 
-    threads = [threading.Thread(target=classify) for _ in range(4)]
+    threads = [threading.Thread(target=classify_concurrently) for _ in range(4)]
     for t in threads:
         t.start()
     for t in threads:
@@ -555,7 +558,7 @@ def test_transfer_events_keep_the_newest_snapshot_and_mark_the_account(db, strip
     db.expire_all()
     mirrored = db.get(ConnectTransfer, history.transfer_id)
     assert (mirrored.amount, mirrored.amount_reversed, mirrored.as_of_id) == (9_500, 1_000, reversed_["id"])
-    assert reconcile.dirty_accounts(db) == [account]
+    assert connect_run.dirty_accounts(db) == [account]
     # A connected account's own transfer (Connect endpoint) is not the platform's.
     own = se.event("transfer.created", se.transfer(amount=5, destination="acct_elsewhere00001"), account=account)
     assert deliver(db, own) == "ignored"
@@ -573,9 +576,9 @@ def test_only_accounts_with_activity_are_reconciled(db, stripe_api):
                         {"id": finished.id})
     paid_transaction(db, waiting)
     with session_scope() as session:
-        reconcile.mark_dirty(session, [named.stripeConnectAccountId])
+        mirror.mark_dirty(session, [named.stripeConnectAccountId])
     with session_scope() as session:
-        assert reconcile.active_accounts(session) == sorted(
+        assert connect_run.active_accounts(session) == sorted(
             [waiting.stripeConnectAccountId, named.stripeConnectAccountId])
 
 
@@ -615,7 +618,7 @@ def test_a_payout_event_gets_the_transaction_completed_by_the_worker(celery_work
     txn = paid_transaction(db, provider)
     payout = pay_out(stripe_api, account, [send_transfer(stripe_api, account, txn)])
     enqueue_connect_event(db, se.event("payout.paid", payout, account=account))
-    wait_for(lambda: reconcile.dirty_accounts(db) == [account] or db.rollback(), message="account marked")
+    wait_for(lambda: connect_run.dirty_accounts(db) == [account] or db.rollback(), message="account marked")
     reconcile_dirty.delay()
 
     wait_for(lambda: transaction(db, txn.id).status == "completed", timeout=30, message="completed")
@@ -835,13 +838,13 @@ def test_a_run_matches_only_new_transfers(db, stripe_api):
 
     with session_scope() as session:
         # Matched ones are not matched again; the orphan is tried again (its invoice may be linked later).
-        assert reconcile.match_transfers(session, account, provider.id) == 0
+        assert classify.match_transfers(session, account, provider.id) == 0
         assert session.execute(text("SELECT count(*) FROM marketplace_worker.connect_transfers "
                                     "WHERE destination = :a AND transaction_id IS NULL"), {"a": account}).scalar() == 1
     later = send_transfer(stripe_api, account, txns[2])
     with session_scope() as session:
-        reconcile.store_transfers(session, [reconcile.transfer_row(later, int(time.time()), "evt_later")])
-        assert reconcile.match_transfers(session, account, provider.id) == 1
+        mirror.store_transfers(session, [mirror.transfer_row(later, int(time.time()), "evt_later")])
+        assert classify.match_transfers(session, account, provider.id) == 1
     assert open_kinds(db) == sorted([("orphan_transfer", stray["id"]), ("missing_transfer", str(txns[2].id))])
 
 
@@ -866,7 +869,7 @@ def test_a_manual_payout_accounts_transactions_complete_when_their_funds_are_ava
     stripe_api.add("payout", earlier, account=account)
     assert earlier["reconciliation_status"] == "not_applicable"
 
-    with caplog.at_level("INFO", logger="domain.reconcile"):
+    with caplog.at_level("INFO", logger="domain.connect.classify"):
         result = run(account)
 
     assert result.completed == [ready.id]
@@ -915,7 +918,7 @@ def test_a_destination_charge_is_completed_by_the_worker_after_its_payout_event(
     payout_id = paid_out(stripe_api, account, history)
     enqueue_connect_event(db, se.event("payout.paid", stripe_api.get("payout", payout_id, account=account),
                                        account=account))
-    wait_for(lambda: reconcile.dirty_accounts(db) == [account] or db.rollback(), message="account marked")
+    wait_for(lambda: connect_run.dirty_accounts(db) == [account] or db.rollback(), message="account marked")
     reconcile_dirty.delay()
 
     wait_for(lambda: transaction(db, txn.id).status == "completed", timeout=30, message="completed")

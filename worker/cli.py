@@ -225,12 +225,12 @@ def _poll(args: argparse.Namespace) -> int:
 def _reconcile(args: argparse.Namespace) -> int:
     """Exit 0: no open discrepancy (in the account, with --account); 3: some are open."""
     from collections import Counter
-    from datetime import UTC, datetime, timedelta
+    from datetime import UTC, datetime
 
     from config import get_settings
-    from domain import reconcile
+    from domain.connect import run as connect_run
+    from domain.connect.reader import reader_for
     from domain.jobs import run_once
-    from domain.stripe_api import get_client
     from models.db import get_engine, session_scope
 
     since = None
@@ -241,38 +241,24 @@ def _reconcile(args: argparse.Namespace) -> int:
             print("marketplace-worker reconcile: --since must be a date, YYYY-MM-DD", file=sys.stderr)
             return 2
     settings = get_settings()
-    reader = reconcile.StripeReader(get_client(settings), settings.stripe_rate_limit_backoff_seconds,
-                                    settings.reconcile_stripe_concurrency)
-    grace = timedelta(hours=settings.reconcile_transfer_grace_hours)
-
-    def run(accounts: list[str]) -> list[reconcile.AccountResult]:
-        return [reconcile.reconcile_account(session_scope, get_engine(), reader, account, grace=grace, since=since)
-                for account in accounts]
-
+    reader = reader_for(settings)
     if args.account:
-        results = run([args.account])
-        if results[0].skipped == "no_provider":
+        done = connect_run.reconcile_accounts(session_scope, get_engine(), reader, [args.account],
+                                              settings=settings, since=since)
+        if done.results[0].skipped == "no_provider":
             print(f"marketplace-worker reconcile: no stripe_connect provider has {args.account}", file=sys.stderr)
             return 1
     else:
         with run_once("reconcile_all", slot=None) as job:
-            with session_scope() as session:
-                accounts = reconcile.active_accounts(session)
-                unknown, _ = reconcile.report_unknown_destinations(session)
-            results = run(accounts)
-            job.counts = {"accounts": len(accounts), "unknown_destination": unknown}
-    for result in results:
+            done = connect_run.reconcile_active(session_scope, get_engine(), reader, settings=settings, since=since)
+            job.counts = done.counts()
+    for result in done.results:
         if args.account or result.skipped or result.completed or result.opened or result.resolved:
             print(result.describe())
-    totals: Counter = Counter()
-    for result in results:
-        totals.update(result.outcomes)
-    outcomes = ", ".join(f"{kind} {n}" for kind, n in sorted(totals.items())) or "nothing to reconcile"
-    print(f"reconciled {len(results)} account(s) with {reader.calls} Stripe call(s): {outcomes}; "
-          f"completed {sum(len(r.completed) for r in results)}")
+    print(done.describe())
 
     with session_scope() as session:
-        discrepancies = reconcile.open_discrepancies(session, args.account)
+        discrepancies = connect_run.open_discrepancies(session, args.account)
     if not discrepancies:
         print("no open discrepancies")
         return 0

@@ -1,6 +1,6 @@
 """Stripe Connect events: connected accounts' status, the platform's transfers to them and
 their payouts. Transfers and payouts are mirrored (newest snapshot wins) and their account
-is marked for the next reconciliation pass, which does the matching (domain/reconcile.py)."""
+is marked for the next reconciliation pass, which does the matching (domain/connect/run.py)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import logging
 
 from sqlalchemy.orm import Session
 
-from domain import reconcile
-from domain.accounts import DEAUTHORIZED, snapshot_of, sync_account
+from domain.connect.accounts import DEAUTHORIZED, snapshot_of, sync_account
+from domain.connect.mirror import payout_row, record_payouts, record_transfers, transfer_row
 from domain.errors import InvalidPayload
 from domain.handlers.registry import handles
 from domain.payload import event_object
@@ -38,7 +38,7 @@ def account_deauthorized(session: Session, event: StripeEvent) -> None:
 # A connected account's own transfer (Connect endpoint) is not money the platform sent.
 @handles("transfer.created", "transfer.updated", "transfer.reversed", platform_only=True)
 def transfer_event(session: Session, event: StripeEvent) -> None:
-    reconcile.record_transfers(session, [reconcile.transfer_row(event_object(event, "transfer"), event.created, event.id)])
+    record_transfers(session, [transfer_row(event_object(event, "transfer"), event.created, event.id)])
 
 
 @handles("payout.paid", "payout.failed", "payout.canceled", "payout.updated", "payout.reconciliation_completed")
@@ -47,6 +47,4 @@ def payout_event(session: Session, event: StripeEvent) -> None:
         # The platform's own payout to its bank: nothing a provider is owed.
         log.info("%s of the platform ignored", event.type, extra={"event_id": event.id})
         return
-    reconcile.record_payouts(
-        session, [reconcile.payout_row(event.account, event_object(event, "payout"), event.created, event.id)]
-    )
+    record_payouts(session, [payout_row(event.account, event_object(event, "payout"), event.created, event.id)])

@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,10 +30,9 @@ from sqlalchemy.orm import Session
 from domain.clock import utcnow
 from domain.stripe_api import with_rate_limit_retry
 from models import Provider
+from models.db import SessionFactory
 
 log = logging.getLogger(__name__)
-
-SessionFactory = Callable[[], AbstractContextManager[Session]]
 
 # The version id of an API read: not an event id, and above every `evt_...` (code point order),
 # so an interim tie between a read and an event of its second keeps the read's state.
