@@ -5,14 +5,14 @@ or longer ago than the 30 days of events Stripe keeps, read from Stripe's list e
 What is read, and how it is applied:
 - the platform's invoices created since the date, each with its payments
   (`expand[]=data.payments`), then its charges, refunds and disputes; every object goes
-  through the function its webhook goes through (domain/transactions.py), so the ledger is
-  the one the events would have built. What no handled event would record is left out the
-  same way: a charge that did not succeed (there is no `charge.failed` handler), an invoice
-  payment that is not paid (only `invoice_payment.paid` is handled; an open or canceled
-  payment's PaymentIntent never paid the invoice);
+  through the function its webhook goes through (domain/invoice_mirror.py,
+  domain/payments.py), so the ledger is the one the events would have built. What no handled
+  event would record is left out the same way: a charge that did not succeed (there is no
+  `charge.failed` handler), an invoice payment that is not paid (only `invoice_payment.paid`
+  is handled; an open or canceled payment's PaymentIntent never paid the invoice);
 - then, for each connected account of a `stripe_connect` provider (not deauthorized), its
   transfers (with their reversals), payouts and payout contents, by one reconciliation of the
-  account from the date (`reconcile.reconcile_account(..., since=...)`), which matches them
+  account from the date (`reconcile_account(..., since=...)`), which matches them
   and completes what was paid out. Accounts wait for the platform streams: transfers are
   matched by the charge those streams link.
 
@@ -40,7 +40,6 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable
-from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -50,14 +49,19 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from config import Settings, get_settings
-from domain import catchup, reconcile, transactions
+from domain import catchup
+from domain.connect.classify import AccountResult
+from domain.connect.reader import StripeReader, reader_for
+from domain.connect.run import reconcile_account
 from domain.errors import InvalidPayload, NotYetKnown, describe
+from domain.invoice_mirror import Snapshot, apply_invoice_snapshots
+from domain.ledger import Outcome
+from domain.payments import apply_charge, apply_dispute, apply_invoice_payment, apply_refund
 from domain.polling import API_READ_EVENT_ID
 from domain.stripe_api import with_rate_limit_retry
+from models.db import SessionFactory
 
 log = logging.getLogger(__name__)
-
-SessionFactory = Callable[[], AbstractContextManager[Session]]
 
 PLATFORM = "platform"
 CONNECT = "connect"
@@ -95,7 +99,7 @@ class BackfillResult:
     skipped: Counter = field(default_factory=Counter)  # "<stream>: <reason>" -> objects
     done: list[str] = field(default_factory=list)  # "<stream> <scope>" finished by this run
     already_done: list[str] = field(default_factory=list)  # finished by an earlier run
-    accounts: list[reconcile.AccountResult] = field(default_factory=list)
+    accounts: list[AccountResult] = field(default_factory=list)
     deauthorized: list[str] = field(default_factory=list)  # accounts not listed
     failed: dict[str, str] = field(default_factory=dict)  # "<stream> <scope>" -> error
     waiting: str | None = None  # why the accounts were not backfilled by this run
@@ -234,27 +238,26 @@ def _paid_payments(client: stripe.StripeClient, invoice: dict[str, Any], result:
                            "data": [p for p in data if isinstance(p, dict) and p.get("status") == "paid"]}
 
 
-def _apply_invoices(session: Session, objs: list[dict[str, Any]], read_at: int) -> list[transactions.Outcome]:
-    outcomes = transactions.apply_invoice_snapshots(
-        session, [transactions.Snapshot(obj, read_at, API_READ_EVENT_ID) for obj in objs])
+def _apply_invoices(session: Session, objs: list[dict[str, Any]], read_at: int) -> list[Outcome]:
+    outcomes = apply_invoice_snapshots(session, [Snapshot(obj, read_at, API_READ_EVENT_ID) for obj in objs])
     for obj in objs:
         # Recorded as `invoice_payment.paid` would record it (the snapshot has linked it).
         for payment in (obj.get("payments") or {}).get("data") or []:
-            transactions.apply_invoice_payment(session, payment, read_at, API_READ_EVENT_ID)
+            apply_invoice_payment(session, payment, read_at, API_READ_EVENT_ID)
     return outcomes
 
 
-def _one_by_one(fn: Callable[[Session, dict[str, Any], int, str], transactions.Outcome]):
-    def apply(session: Session, objs: list[dict[str, Any]], read_at: int) -> list[transactions.Outcome]:
+def _one_by_one(fn: Callable[[Session, dict[str, Any], int, str], Outcome]):
+    def apply(session: Session, objs: list[dict[str, Any]], read_at: int) -> list[Outcome]:
         return [fn(session, obj, read_at, API_READ_EVENT_ID) for obj in objs]
     return apply
 
 
-_APPLY: dict[str, Callable[[Session, list[dict[str, Any]], int], list[transactions.Outcome]]] = {
+_APPLY: dict[str, Callable[[Session, list[dict[str, Any]], int], list[Outcome]]] = {
     "invoices": _apply_invoices,
-    "charges": _one_by_one(transactions.apply_charge),
-    "refunds": _one_by_one(transactions.apply_refund),
-    "disputes": _one_by_one(transactions.apply_dispute),
+    "charges": _one_by_one(apply_charge),
+    "refunds": _one_by_one(apply_refund),
+    "disputes": _one_by_one(apply_dispute),
 }
 
 
@@ -328,7 +331,7 @@ def backfill_stream(session_factory: SessionFactory, client: stripe.StripeClient
 # --- connected accounts --------------------------------------------------------------------
 
 
-def backfill_account(session_factory: SessionFactory, reader: reconcile.StripeReader, account: str, since: int,
+def backfill_account(session_factory: SessionFactory, reader: StripeReader, account: str, since: int,
                      result: BackfillResult, *, grace: timedelta, restart: bool = False,
                      on_page: Callable[[Progress], None] | None = None) -> None:
     """An account's transfers, reversals and payouts since `since`, by one reconciliation."""
@@ -340,7 +343,7 @@ def backfill_account(session_factory: SessionFactory, reader: reconcile.StripeRe
         return
     calls_before = reader.calls
     try:
-        outcome = reconcile.reconcile_account(session_factory, engine, reader, account, grace=grace, since=since)
+        outcome = reconcile_account(session_factory, engine, reader, account, grace=grace, since=since)
         error = {"busy": "another reconciliation of the account is running",
                  "no_provider": "no stripe_connect provider has this account"}.get(outcome.skipped or "")
     except stripe.AuthenticationError:
@@ -418,8 +421,7 @@ def _run(session_factory: SessionFactory, client: stripe.StripeClient, result: B
                 result.deauthorized = [account]
                 return
         accounts = [account]
-    reader = reconcile.StripeReader(client, settings.stripe_rate_limit_backoff_seconds,
-                                    settings.reconcile_stripe_concurrency)
+    reader = reader_for(settings, client)
     grace = timedelta(hours=settings.reconcile_transfer_grace_hours)
     for acct in accounts:
         backfill_account(session_factory, reader, acct, since, result, grace=grace, restart=restart,

@@ -1,7 +1,8 @@
 """Completion for `manual` and `stripe` providers (SPEC §3): a `paid` transaction becomes
 `completed` once COMPLETION_HOLD_DAYS have passed since payment, with nothing refunded, no
-dispute holding it, and its payment linked to its charge (until then its refunds are unknown). (`stripe_connect` transactions complete in reconciliation, when their
-transfer is inside a paid payout.)
+dispute holding it, and its payment linked to its charge (until then its refunds are unknown).
+(`stripe_connect` transactions complete in reconciliation, when their transfer is inside a paid
+payout.)
 
 Set-based, in batches of transaction rows locked FOR UPDATE SKIP LOCKED: completion locks
 nothing but transaction rows, so it never waits on an event handler that holds an invoice,
@@ -11,8 +12,6 @@ and a row a handler holds is simply left for the next run.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from contextlib import AbstractContextManager
 from datetime import datetime, timedelta
 
 from sqlalchemy import bindparam, text
@@ -21,6 +20,7 @@ from sqlalchemy.orm import Session
 from domain import lifecycle
 from domain.clock import utcnow
 from domain.stats_touch import touch_providers
+from models.db import SessionFactory
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +73,7 @@ def complete_batch(session: Session, hold_days: int, now: datetime | None = None
     return len(rows)
 
 
-def complete_transactions(
-    session_factory: Callable[[], AbstractContextManager[Session]], hold_days: int, batch: int = BATCH_SIZE
-) -> int:
+def complete_transactions(session_factory: SessionFactory, hold_days: int, batch: int = BATCH_SIZE) -> int:
     """Complete every due transaction, one short database transaction per batch."""
     total = 0
     while True:

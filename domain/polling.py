@@ -4,7 +4,7 @@
    ("updatedAt", id) in `marketplace_worker.watermarks` and keyset pages on the index
    ("isMarketplaceInvoice", status, "updatedAt"): a run reads what changed since the last one
    (plus an overlap window for late commits and clock skew), never the whole table. Each
-   changed invoice is locked and synced exactly as a webhook would (domain/transactions.py):
+   changed invoice is locked and synced exactly as a webhook would (domain/ledger.py):
    its transaction is created if missing and advanced from the app's own status. The same
    pass keeps the to-do list of Stripe reads (`stripe_invoice_reads`) in step with it.
 2. Stripe reads that are due. From that to-do list, by its index on when each is due: paid
@@ -19,8 +19,6 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable
-from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -29,15 +27,17 @@ from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
 from config import Settings, get_settings
-from domain import transactions
+from domain import lifecycle
 from domain.clock import utcnow
 from domain.errors import InvalidPayload, NotYetKnown, describe
+from domain.invoice_mirror import Snapshot, apply_invoice_snapshots
+from domain.ledger import InvoiceFacts, Outcome, sync_invoice, touch, transactions_for
+from domain.payments import apply_charge_link, payment_of_invoice
 from domain.stripe_api import with_rate_limit_retry
 from models import Invoice, StripeInvoiceRead, Watermark
+from models.db import SessionFactory
 
 log = logging.getLogger(__name__)
-
-SessionFactory = Callable[[], AbstractContextManager[Session]]
 
 WATERMARK_PREFIX = "invoice_poll:"
 # The version an API read is recorded with: Stripe's object is newer than every event stored
@@ -52,7 +52,7 @@ class PollResult:
     refreshed_from_stripe: int = 0
     skipped: Counter = field(default_factory=Counter)
 
-    def count(self, outcome: transactions.Outcome) -> None:
+    def count(self, outcome: Outcome) -> None:
         self.created += outcome.created
         self.advanced += outcome.advanced
         if outcome.skipped:
@@ -170,7 +170,7 @@ def _sync_batch(session: Session, invoice_ids: list[int], result: PollResult, se
     invoices = session.execute(
         select(Invoice).where(Invoice.id.in_(invoice_ids)).order_by(Invoice.id).with_for_update()
     ).scalars().all()
-    known = transactions.transactions_for(session, invoices)
+    known = transactions_for(session, invoices)
     now = utcnow()
     outcomes = []
     for invoice in invoices:
@@ -178,13 +178,24 @@ def _sync_batch(session: Session, invoice_ids: list[int], result: PollResult, se
             continue  # changed by the app since the page was read
         # Refunds are brought up to date where they can change: on creation, on reaching
         # paid, and whenever an invoice gets linked to its payment (webhook or Stripe read).
-        outcome = transactions.sync_invoice(
-            session, invoice, transactions.facts_from_app(invoice, now), refresh_refunds=False, known=known
-        )
+        outcome = sync_invoice(session, invoice, facts_from_app(invoice, now), refresh_refunds=False, known=known)
         result.count(outcome)
         outcomes.append(outcome)
-    transactions.touch(session, outcomes)
+    touch(session, outcomes)
     schedule_reads(session, invoice_ids, settings)
+
+
+def facts_from_app(invoice: Invoice, now: datetime) -> InvoiceFacts:
+    """What the app's own invoice row says (manual payments: the app marks it paid)."""
+    return InvoiceFacts(
+        target=lifecycle.target_from_invoice(
+            invoice.status, finalized_at=invoice.issuedAt, paid_at=invoice.paidAt, voided_at=invoice.voidedAt
+        ),
+        invoiced_at=invoice.issuedAt,
+        paid_at=invoice.paidAt,
+        at=now,
+        voided=invoice.voidedAt is not None or invoice.status == "void",
+    )
 
 
 # --- the to-do list of Stripe reads ----------------------------------------------------------
@@ -334,15 +345,14 @@ def refresh_from_stripe(
             calls += 1
             obj, read_at = read_invoice(client, stripe_id)
             with session_factory() as session:
-                [outcome] = transactions.apply_invoice_snapshots(
-                    session, [transactions.Snapshot(obj, read_at, API_READ_EVENT_ID)])
+                [outcome] = apply_invoice_snapshots(session, [Snapshot(obj, read_at, API_READ_EVENT_ID)])
                 payment_intent_id = _payment_intent_without_charge(session, invoice_id)
             if payment_intent_id is not None:
                 calls += 1
                 charge_id = read_charge_of(client, payment_intent_id)
                 if charge_id is not None:
                     with session_factory() as session:
-                        transactions.apply_charge_link(session, invoice_id, charge_id, read_at, API_READ_EVENT_ID)
+                        apply_charge_link(session, invoice_id, charge_id, read_at, API_READ_EVENT_ID)
         except stripe.RateLimitError as error:
             log.warning("Stripe rate limit: reads left for the next poll")
             result.skipped["stripe_rate_limited"] += 1
@@ -384,7 +394,7 @@ def read_done(session: Session, invoice_id: int, obj: dict, settings: Settings) 
         row.attempts, row.last_error = 0, None
         row.due_at = max(row.due_at, datetime.now(UTC) + timedelta(seconds=settings.poll_recheck_seconds))
         return
-    if transactions.payment_of_invoice(obj) == (None, None):
+    if payment_of_invoice(obj) == (None, None):
         log.info("Stripe invoice %s was paid without a charge (out of band); nothing to link", obj.get("id"))
         session.delete(row)
         return

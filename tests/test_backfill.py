@@ -12,10 +12,12 @@ import pytest
 from sqlalchemy import text
 
 from config import get_settings
-from domain import backfill, reconcile
+from domain import backfill
+from domain.connect.reader import StripeReader
+from domain.connect.run import reconcile_account
 from domain.inbox import INSERT_EVENTS_SQL, event_from_dict, insert_params
 from domain.stripe_api import get_client
-from domain.transactions import platform_fee_cents
+from domain.ledger import platform_fee_cents
 from models.db import get_engine, session_scope
 from tests.conftest import TABLES
 from harness import factories
@@ -127,9 +129,9 @@ def deliver_all(db, events: list[dict]) -> None:
 
 
 def reconcile_all() -> None:
-    reader = reconcile.StripeReader(get_client(), retry_base_seconds=0.01)
+    reader = StripeReader(get_client(), retry_base_seconds=0.01)
     for n in range(ACCOUNTS):
-        reconcile.reconcile_account(session_scope, get_engine(), reader, account_id(n), grace=GRACE)
+        reconcile_account(session_scope, get_engine(), reader, account_id(n), grace=GRACE)
 
 
 # Everything the worker derived, with its own ids (transactions, discrepancies) replaced by the

@@ -16,7 +16,7 @@ from sqlalchemy import select, text
 from domain import lifecycle
 from domain.clock import from_unix, utcnow
 from domain.lifecycle import CANCELLED, COMPLETED, INVOICED, PAID, PENDING_INVOICE, REFUNDED
-from domain.transactions import platform_fee_cents
+from domain.ledger import platform_fee_cents
 from models import Invoice, Transaction
 from models.db import session_scope
 from harness import factories
@@ -240,7 +240,7 @@ def test_snapshots_of_one_second_are_ordered_by_progress_not_by_event_id(db, ord
 def test_paid_after_voided_stays_cancelled_and_says_so(db, caplog):
     inv = app_invoice(db)
     deliver(db, evt("invoice.voided", voided(inv), T0 + HOUR))
-    with caplog.at_level(logging.WARNING, logger="domain.transactions"):
+    with caplog.at_level(logging.WARNING, logger="domain.ledger"):
         deliver(db, evt("invoice.paid", paid(inv, at=T0 + 2 * HOUR), T0 + 2 * HOUR))
     assert transaction(db, inv).status == CANCELLED
     assert transaction(db, inv).paidAt is None
@@ -289,7 +289,7 @@ def test_invoices_the_worker_must_not_touch(db):
 )
 def test_an_incomplete_invoice_gets_no_transaction_and_is_reported(db, caplog, fields, reason):
     inv = app_invoice(db, **fields)
-    with caplog.at_level(logging.WARNING, logger="domain.transactions"):
+    with caplog.at_level(logging.WARNING, logger="domain.ledger"):
         assert deliver(db, evt("invoice.paid", paid(inv), T0)) == ["processed"]
     assert transaction(db, inv) is None
     assert any(reason in r.getMessage() and str(inv.id) in r.getMessage() for r in caplog.records)
@@ -385,7 +385,7 @@ def test_refund_events_alone_count_succeeded_and_pending_but_not_failed(db):
 def test_a_refund_before_the_invoice_is_linked_is_kept_and_applied_when_it_is(db, caplog):
     inv = app_invoice(db)
     charge = se.charge(id="ch_early00001", amount=10_000, payment_intent="pi_early00001", amount_refunded=10_000)
-    with caplog.at_level(logging.INFO, logger="domain.transactions"):
+    with caplog.at_level(logging.INFO, logger="domain.payments"):
         assert deliver(db, evt("charge.refunded", charge, T0 + DAY)) == ["processed"]
     assert any("ch_early00001" in r.getMessage() for r in caplog.records)
     deliver(db, *paid_with_payment(inv, "pi_early00001"))

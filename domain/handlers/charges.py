@@ -8,7 +8,7 @@ from sqlalchemy.orm import Session
 
 from domain.handlers.registry import handles
 from domain.payload import event_object
-from domain.transactions import apply_charge, apply_dispute, apply_invoice_payment, apply_refund
+from domain.payments import apply_charge, apply_dispute, apply_invoice_payment, apply_refund
 from models import StripeEvent
 
 

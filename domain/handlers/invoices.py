@@ -9,7 +9,7 @@ from sqlalchemy.orm import Session
 
 from domain.handlers.registry import handles
 from domain.payload import event_object
-from domain.transactions import BUSY, Snapshot, apply_invoice_snapshots
+from domain.invoice_mirror import BUSY, Snapshot, apply_invoice_snapshots
 from models import StripeEvent
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,367 @@
+"""Payment facts: charges, refunds, disputes and invoice payments, recorded per Stripe object
+(newest snapshot wins) even when no invoice is linked to their payment yet; the links from an
+invoice to the charge and PaymentIntent that paid it; and the refunds those facts add up to on
+the invoice's transaction (domain/ledger.py).
+
+Lock order, shared by every writer (event handlers, the poller, completion and
+reconciliation), so concurrent work serializes without deadlocks:
+
+    1. the inbox row of the event (`stripe_events`, FOR UPDATE)
+    2. the `"Invoice"` row the event is about (FOR UPDATE)
+    3. that invoice's `marketplace.transactions` row
+    4. the worker's per-object rows (`stripe_object_versions`, refunds, disputes, ...)
+       and the per-payment advisory lock (below)
+
+(`touched_providers` takes no lock anyone waits for: its rows are only ever inserted.)
+
+Work that has no event (the poller) starts at step 2; several invoice rows are locked in
+id order. A charge, refund or dispute that matches no invoice skips steps 2-3.
+
+Whoever links an invoice to a charge or PaymentIntent later recomputes the refunds recorded
+against it. A per-payment advisory lock closes the race between the two:
+
+    linker:   invoice lock -> sets stripeChargeId/PaymentIntentId -> payment lock -> reads facts
+    recorder: finds no invoice -> payment lock -> looks again -> records the fact
+
+so either the recorder sees the committed link, or the linker reads the committed fact.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from sqlalchemy import or_, select, text
+from sqlalchemy.orm import Session
+
+from domain import lifecycle, versions
+from domain.clock import utcnow
+from domain.errors import InvalidPayload
+from domain.ledger import Outcome, apply_refunds, touch, transaction_for
+from domain.payload import ref, required_id
+from models import Invoice, StripeCharge
+
+log = logging.getLogger(__name__)
+
+
+# --- locks ---------------------------------------------------------------------------------
+
+
+_LOCK_KEY = text("SELECT pg_advisory_xact_lock(hashtextextended(:key, 0))")
+
+
+def _lock_keys(session: Session, keys: list[str]) -> None:
+    for key in sorted(set(keys)):
+        session.execute(_LOCK_KEY, {"key": key})
+
+
+def lock_payments(session: Session, payment_ids: list[str]) -> None:
+    """Serialize the recording of a payment's facts with the linking of an invoice to it."""
+    _lock_keys(session, [f"stripe-payment:{payment_id}" for payment_id in payment_ids])
+
+
+def _lock_one(session: Session, *where) -> Invoice | None:
+    return session.execute(
+        select(Invoice).where(*where).order_by(Invoice.id).limit(1).with_for_update()
+    ).scalar_one_or_none()
+
+
+def _lock_invoice_for_payment(
+    session: Session, charge_id: str | None, payment_intent_id: str | None, *,
+    stripe_invoice_id: str | None = None, app_invoice_id: Any = None,
+) -> Invoice | None:
+    """The invoice a charge, refund or dispute belongs to, locked; None when none is linked.
+
+    Looks by the invoice's charge, then its PaymentIntent, then what the charge itself names
+    (its `invoice` before basil, `metadata.invoiceId`). When nothing is linked, it takes the
+    payment lock and looks again, so a link committed meanwhile is not missed."""
+
+    def find() -> Invoice | None:
+        by_payment = [c for c in (
+            Invoice.stripeChargeId == charge_id if charge_id else None,
+            Invoice.stripePaymentIntentId == payment_intent_id if payment_intent_id else None,
+        ) if c is not None]
+        if by_payment:
+            found = session.execute(
+                select(Invoice).where(or_(*by_payment))
+                .order_by((Invoice.stripeChargeId == charge_id).desc().nulls_last(), Invoice.id)
+                .limit(1).with_for_update()
+            ).scalar_one_or_none()
+            if found is not None:
+                return found
+        if stripe_invoice_id:
+            found = _lock_one(session, Invoice.stripeInvoiceId == stripe_invoice_id)
+            if found is not None:
+                return found
+        if isinstance(app_invoice_id, str) and app_invoice_id.isdigit():
+            return _lock_one(session, Invoice.id == int(app_invoice_id))
+        return None
+
+    invoice = find()
+    if invoice is None:
+        lock_payments(session, [p for p in (charge_id, payment_intent_id) if p])
+        invoice = find()
+    return invoice
+
+
+# --- linking an invoice to its payment --------------------------------------------------------
+
+
+# The rank of an `invoice_payment.paid`'s link: a paid payment, as a paid invoice's snapshot.
+PAYMENT_LINK_RANK = 3
+
+_RECORDED_PAYMENTS = text(
+    """
+    SELECT charge_id, payment_intent_id, event_created, event_id
+    FROM marketplace_worker.stripe_invoice_payments
+    WHERE stripe_invoice_id = :stripe_invoice_id AND status = 'paid'
+    ORDER BY event_created, event_id
+    """
+)
+
+
+def link_payment(
+    session: Session, invoice: Invoice, charge_id: str | None, payment_intent_id: str | None,
+    created: int, event_id: str, rank: int,
+) -> bool:
+    """Link the (locked) invoice to the charge and PaymentIntent that paid it, from whatever
+    told: an invoice snapshot, an `invoice_payment.paid`, a read of Stripe's invoice payments.
+    Each link follows the newest source that names one (a retried payment changes the charge).
+    Returns whether a link is new; the caller then brings the refunds up to date."""
+    stripe_id = invoice.stripeInvoiceId
+    new_links = []
+    for column, value in (("stripeChargeId", charge_id), ("stripePaymentIntentId", payment_intent_id)):
+        if value and versions.advance(session, f"{stripe_id}#{column}", "invoice_link", created, event_id, rank):
+            if getattr(invoice, column) != value:
+                setattr(invoice, column, value)
+                new_links.append(value)
+    if new_links:
+        invoice.updatedAt = utcnow()
+        lock_payments(session, new_links)
+        if invoice.stripeChargeId is None and invoice.stripePaymentIntentId is not None:
+            _charge_from_facts(session, invoice)
+    return bool(new_links)
+
+
+def link_recorded_payments(session: Session, invoice: Invoice) -> bool:
+    """Link an invoice that has just become known by its Stripe id to the `invoice_payment.paid`
+    recorded before it was; returns whether a link is new. The lock pairs with
+    `apply_invoice_payment`'s second look."""
+    stripe_id = invoice.stripeInvoiceId
+    _lock_keys(session, [f"stripe-invoice:{stripe_id}"])
+    linked = False
+    for payment in session.execute(_RECORDED_PAYMENTS, {"stripe_invoice_id": stripe_id}):
+        linked |= link_payment(session, invoice, payment.charge_id, payment.payment_intent_id,
+                               payment.event_created, payment.event_id, PAYMENT_LINK_RANK)
+    return linked
+
+
+def _charge_from_facts(session: Session, invoice: Invoice) -> None:
+    """A basil invoice names its PaymentIntent, not the charge; a charge of that
+    PaymentIntent recorded earlier fills it, as the charge's event would had it come later."""
+    charge_id = session.execute(
+        select(StripeCharge.charge_id)
+        .where(StripeCharge.payment_intent_id == invoice.stripePaymentIntentId)
+        .order_by(StripeCharge.charge_id)
+        .limit(1)
+    ).scalar_one_or_none()
+    if charge_id is not None:
+        invoice.stripeChargeId = charge_id
+
+
+def payment_of_invoice(obj: dict[str, Any]) -> tuple[str | None, str | None]:
+    """(charge id, PaymentIntent id) of an invoice in either shape: top-level `charge` /
+    `payment_intent` before 2025-03-31.basil, `payments.data[].payment` after (only present
+    when expanded). A paid payment wins over an open or canceled one."""
+    charge_id, payment_intent_id = ref(obj.get("charge")), ref(obj.get("payment_intent"))
+    payments = obj.get("payments")
+    if isinstance(payments, dict) and isinstance(payments.get("data"), list):
+        ranked = sorted(
+            (p for p in payments["data"] if isinstance(p, dict)),
+            key=lambda p: (p.get("status") != "paid", not p.get("is_default")),
+        )
+        for item in ranked:
+            payment = item.get("payment") or {}
+            charge_id = charge_id or ref(payment.get("charge"))
+            payment_intent_id = payment_intent_id or ref(payment.get("payment_intent"))
+    return charge_id, payment_intent_id
+
+
+# --- charges, refunds, disputes --------------------------------------------------------------
+
+
+def _fill_payment_ids(
+    session: Session, invoice: Invoice, charge_id: str | None, payment_intent_id: str | None
+) -> None:
+    """Fill the invoice's missing payment ids from a charge that names the invoice."""
+    filled = []
+    for column, value in (("stripeChargeId", charge_id), ("stripePaymentIntentId", payment_intent_id)):
+        if value and getattr(invoice, column) is None:
+            setattr(invoice, column, value)
+            filled.append(value)
+    if filled:
+        invoice.updatedAt = utcnow()
+        lock_payments(session, filled)
+
+
+def _after_payment_fact(session: Session, invoice: Invoice | None, what: str) -> Outcome:
+    if invoice is None:
+        log.info("%s matches no invoice yet; recorded until an invoice is linked to its payment", what)
+        return Outcome(skipped="unlinked_payment")
+    row = transaction_for(session, invoice)
+    if row is None:
+        return Outcome(skipped="no_transaction")
+    outcome = Outcome(provider_id=row.providerId, refunds_changed=apply_refunds(session, invoice, row))
+    touch(session, [outcome])
+    return outcome
+
+
+_UPSERT_CHARGE = text(
+    """
+    INSERT INTO marketplace_worker.stripe_charges AS c
+        (charge_id, payment_intent_id, amount, amount_refunded, refunded, updated_at)
+    VALUES (:id, :payment_intent_id, :amount, :amount_refunded, :refunded, now())
+    ON CONFLICT (charge_id) DO UPDATE SET
+        payment_intent_id = excluded.payment_intent_id, amount = excluded.amount,
+        amount_refunded = excluded.amount_refunded, refunded = excluded.refunded, updated_at = now()
+    """
+)
+
+
+def apply_charge(session: Session, obj: dict[str, Any], created: int, event_id: str) -> Outcome:
+    """A charge snapshot (charge.refunded): its cumulative refunds, newest snapshot wins."""
+    charge_id = required_id(obj, "charge")
+    payment_intent_id = ref(obj.get("payment_intent"))
+    metadata = obj.get("metadata") if isinstance(obj.get("metadata"), dict) else {}
+    invoice = _lock_invoice_for_payment(
+        session, charge_id, payment_intent_id,
+        stripe_invoice_id=ref(obj.get("invoice")), app_invoice_id=metadata.get("invoiceId"),
+    )
+    if invoice is not None and not invoice.isMarketplaceInvoice:
+        return Outcome(skipped="not_marketplace")
+    if invoice is not None:
+        _fill_payment_ids(session, invoice, charge_id, payment_intent_id)
+    if versions.advance(session, charge_id, "charge", created, event_id):
+        session.execute(_UPSERT_CHARGE, {
+            "id": charge_id, "payment_intent_id": payment_intent_id,
+            "amount": _cents(obj, "amount"), "amount_refunded": _cents(obj, "amount_refunded"),
+            "refunded": obj.get("refunded") is True,
+        })
+    return _after_payment_fact(session, invoice, f"charge {charge_id}")
+
+
+def _upsert_payment_object(session: Session, table: str, key: str, values: dict[str, Any]) -> None:
+    """Store the newest snapshot of a refund or dispute (the caller checked it is newest)."""
+    session.execute(
+        text(
+            f"""
+            INSERT INTO marketplace_worker.{table}
+                ({key}, charge_id, payment_intent_id, amount, status, updated_at)
+            VALUES (:id, :charge_id, :payment_intent_id, :amount, :status, now())
+            ON CONFLICT ({key}) DO UPDATE SET
+                charge_id = excluded.charge_id, payment_intent_id = excluded.payment_intent_id,
+                amount = excluded.amount, status = excluded.status, updated_at = now()
+            """
+        ),
+        values,
+    )
+
+
+def apply_refund(session: Session, obj: dict[str, Any], created: int, event_id: str) -> Outcome:
+    """A refund snapshot (refund.created / refund.updated / ...): amount and status, newest wins."""
+    refund_id = required_id(obj, "refund")
+    charge_id, payment_intent_id = ref(obj.get("charge")), ref(obj.get("payment_intent"))
+    if charge_id is None and payment_intent_id is None:
+        raise InvalidPayload(f"refund {refund_id} names neither a charge nor a PaymentIntent")
+    status = obj.get("status")
+    if not isinstance(status, str):
+        raise InvalidPayload(f"refund {refund_id} has no status")
+    invoice = _lock_invoice_for_payment(session, charge_id, payment_intent_id)
+    if invoice is not None and not invoice.isMarketplaceInvoice:
+        return Outcome(skipped="not_marketplace")
+    if versions.advance(session, refund_id, "refund", created, event_id, 0 if status == "pending" else 1):
+        _upsert_payment_object(session, "stripe_refunds", "refund_id", {
+            "id": refund_id, "charge_id": charge_id, "payment_intent_id": payment_intent_id,
+            "amount": _cents(obj, "amount"), "status": status,
+        })
+    return _after_payment_fact(session, invoice, f"refund {refund_id}")
+
+
+def apply_dispute(session: Session, obj: dict[str, Any], created: int, event_id: str) -> Outcome:
+    """A dispute snapshot: its newest status decides whether it holds back completion."""
+    dispute_id = required_id(obj, "dispute")
+    charge_id, payment_intent_id = ref(obj.get("charge")), ref(obj.get("payment_intent"))
+    status = obj.get("status")
+    if not isinstance(status, str) or (charge_id is None and payment_intent_id is None):
+        raise InvalidPayload(f"dispute {dispute_id} lacks a status or a charge")
+    invoice = _lock_invoice_for_payment(session, charge_id, payment_intent_id)
+    if invoice is not None and not invoice.isMarketplaceInvoice:
+        return Outcome(skipped="not_marketplace")
+    if versions.advance(session, dispute_id, "dispute", created, event_id):
+        _upsert_payment_object(session, "stripe_disputes", "dispute_id", {
+            "id": dispute_id, "charge_id": charge_id, "payment_intent_id": payment_intent_id,
+            "amount": _cents(obj, "amount"), "status": status,
+        })
+        if status not in lifecycle.DISPUTE_SETTLED:
+            log.warning("dispute %s on charge %s is open (%s)", dispute_id, charge_id, status)
+    # A lost dispute counts as a refund of its amount; a won one undoes nothing counted.
+    return _after_payment_fact(session, invoice, f"dispute {dispute_id}")
+
+
+_UPSERT_INVOICE_PAYMENT = text(
+    """
+    INSERT INTO marketplace_worker.stripe_invoice_payments AS p
+        (invoice_payment_id, stripe_invoice_id, charge_id, payment_intent_id, status, event_created, event_id,
+         updated_at)
+    VALUES (:id, :stripe_invoice_id, :charge_id, :payment_intent_id, :status, :created, :event_id, now())
+    ON CONFLICT (invoice_payment_id) DO UPDATE SET
+        charge_id = excluded.charge_id, payment_intent_id = excluded.payment_intent_id, status = excluded.status,
+        event_created = excluded.event_created, event_id = excluded.event_id, updated_at = now()
+    """
+)
+
+
+def apply_invoice_payment(session: Session, obj: dict[str, Any], created: int, event_id: str) -> Outcome:
+    """An InvoicePayment snapshot (`invoice_payment.paid`): on current API versions the one
+    event that says which charge or PaymentIntent paid an invoice. Recorded, then linked to the
+    app's invoice if it is known by its Stripe id; else linked when it becomes known."""
+    payment_id = required_id(obj, "invoice_payment")
+    stripe_invoice_id, status, payment = ref(obj.get("invoice")), obj.get("status"), obj.get("payment")
+    if stripe_invoice_id is None or not isinstance(status, str) or not isinstance(payment, dict):
+        raise InvalidPayload(f"invoice_payment {payment_id} lacks its invoice, status or payment")
+    charge_id, payment_intent_id = ref(payment.get("charge")), ref(payment.get("payment_intent"))
+    if versions.advance(session, payment_id, "invoice_payment", created, event_id, 1 if status == "paid" else 0):
+        session.execute(_UPSERT_INVOICE_PAYMENT, {
+            "id": payment_id, "stripe_invoice_id": stripe_invoice_id, "charge_id": charge_id,
+            "payment_intent_id": payment_intent_id, "status": status, "created": created, "event_id": event_id,
+        })
+    invoice = _lock_one(session, Invoice.stripeInvoiceId == stripe_invoice_id)
+    if invoice is None:
+        # The mirror that fills the Stripe id takes this lock before reading what was recorded.
+        _lock_keys(session, [f"stripe-invoice:{stripe_invoice_id}"])
+        invoice = _lock_one(session, Invoice.stripeInvoiceId == stripe_invoice_id)
+    if invoice is None:
+        log.info("invoice payment %s of %s recorded until the app's invoice is known", payment_id, stripe_invoice_id)
+        return Outcome(skipped="unknown_invoice")
+    if not invoice.isMarketplaceInvoice:
+        return Outcome(skipped="not_marketplace")
+    if status != "paid" or not link_payment(
+            session, invoice, charge_id, payment_intent_id, created, event_id, PAYMENT_LINK_RANK):
+        return Outcome()
+    return _after_payment_fact(session, invoice, f"invoice payment {payment_id}")
+
+
+def apply_charge_link(session: Session, invoice_id: int, charge_id: str, created: int, event_id: str) -> Outcome:
+    """The charge of an invoice's PaymentIntent, read from Stripe: link it and count what was
+    recorded against it."""
+    invoice = _lock_one(session, Invoice.id == invoice_id)
+    if invoice is None or not link_payment(session, invoice, charge_id, None, created, event_id, PAYMENT_LINK_RANK):
+        return Outcome()
+    return _after_payment_fact(session, invoice, f"charge {charge_id}")
+
+
+def _cents(obj: dict[str, Any], name: str) -> int:
+    value = obj.get(name)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidPayload(f"{obj.get('object', 'object')} {obj.get('id')} {name} is not an integer")
+    return value
