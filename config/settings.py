@@ -103,6 +103,11 @@ class Settings(BaseSettings):
     stats_change_overlap_seconds: int = Field(default=300, ge=0)
     # Providers per transaction of the nightly full pass.
     stats_full_batch_size: int = Field(default=1000, ge=1, le=100_000)
+    # Providers per task of the nightly full pass. A task reads the transactions of its
+    # providers, spread over the whole table, so it costs about one read of that table whatever
+    # its size: larger ranges cost less in all (benchmarks/stats_bench.py). At 100 transactions
+    # per provider, 50,000 providers take seconds.
+    stats_full_range_size: int = Field(default=50_000, ge=1)
     # First retry delay; each later one doubles (with jitter), capped at 10 minutes.
     event_retry_base_seconds: float = Field(default=2.0, gt=0)
 
@@ -130,6 +135,10 @@ class Settings(BaseSettings):
     job_runs_retention_days: int = Field(default=30, ge=1)
     # Rows per delete transaction: short transactions, no long lock, vacuum keeps up.
     retention_batch_size: int = Field(default=1000, ge=1, le=50_000)
+    # One purge run deletes for this long, then sends the next run with what is left, so a
+    # backlog of months goes in short tasks (their time limit, tasks/maintenance.py, is above
+    # the largest value allowed here).
+    retention_run_seconds: float = Field(default=240, gt=0, le=600)
 
     log_level: str = "INFO"
     log_json: bool = False

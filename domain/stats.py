@@ -28,17 +28,23 @@ Three ways in, one SQL aggregate:
   in the same transaction, minus an overlap (STATS_CHANGE_OVERLAP_SECONDS) so that an app
   transaction committing after the pass read the tables, or an app clock a little behind the
   database's, is still seen.
-- `full_pass` (beat, nightly): every provider. Per-provider batches would read the
-  transactions table once per batch (a provider's transactions are spread over the whole
-  heap), so the pass aggregates every table once into a temporary table, without locking
-  anything, then applies it in keyset batches of provider ids, each a short transaction, so
-  Python memory and the time rows of `marketplace.providers` stay locked do not grow with the
-  tables.
+- `full_pass_range` (nightly): every provider whose id is in a range. Per-provider batches
+  would read the transactions table once per batch (a provider's transactions are spread over
+  the whole heap), so a range aggregates its providers' rows of every table at once into a
+  temporary table, without locking anything, then applies it in keyset batches of provider
+  ids, each a short transaction, so Python memory and the time rows of
+  `marketplace.providers` stay locked do not grow with the tables. The nightly job fans out
+  one task per range of `provider_ranges` (tasks/stats.py); `full_pass` runs the ranges one
+  after the other in the caller's process (the `stats --full` command). Each range reads the
+  transactions of its providers, which lie all over the table, so a range costs about one
+  read of the table whatever its size: few large ranges cost least in all
+  (benchmarks/stats_bench.py prints the full pass in one range and in several).
 
 Concurrency. Every write of stats takes one transaction-scoped advisory lock, so writers run
-one at a time and each computes from a snapshot taken after the previous one committed. The
-full pass applies values it staged at time T0, up to minutes before a batch is applied, and a
-provider recomputed by an incremental pass in between holds newer values. So every
+one at a time and each computes from a snapshot taken after the previous one committed (ranges
+of the full pass running on several workers stage side by side and apply one batch at a
+time). A range applies values it staged at time T0, up to minutes before a batch is applied,
+and a provider recomputed by an incremental pass in between holds newer values. So every
 incremental and single-provider recompute stamps the provider in
 `marketplace_worker.provider_stats_recomputed` (database clock, after its aggregate ran), and
 a batch leaves alone the providers stamped at or after T0. Any change after T0 that no such
@@ -118,11 +124,10 @@ class FullPassResult:
         return {"providers": self.providers, "batches": self.batches, "changed": self.changed}
 
 
-def _fresh_sql(*, only_ids: bool) -> str:
+def _fresh_sql(providers: str) -> str:
     """Fresh stats per provider as (provider_id, total_listings, total_transactions,
-    total_revenue_cents, average_rating); with `only_ids`, for the ids in :ids alone."""
-    only = 'AND x."providerId" = ANY(CAST(:ids AS integer[]))' if only_ids else ""
-    where = "WHERE p.id = ANY(CAST(:ids AS integer[]))" if only_ids else ""
+    total_revenue_cents, average_rating) for the providers whose id satisfies `providers`, a
+    condition on an id written after it (`= ANY(CAST(:ids AS integer[]))`)."""
     return f"""
 SELECT p.id AS provider_id,
        COALESCE(l.n, 0)::integer AS total_listings,
@@ -133,7 +138,7 @@ FROM marketplace.providers p
 LEFT JOIN (
     SELECT x."providerId", count(*) AS n
     FROM marketplace.service_listings x
-    WHERE x."deletedAt" IS NULL {only}
+    WHERE x."deletedAt" IS NULL AND x."providerId" {providers}
     GROUP BY x."providerId"
 ) l ON l."providerId" = p.id
 LEFT JOIN (
@@ -141,16 +146,16 @@ LEFT JOIN (
            sum(x."totalCents" - COALESCE(r.refunded_cents, 0)) AS cents
     FROM marketplace.transactions x
     LEFT JOIN marketplace_worker.transaction_refunds r ON r.transaction_id = x.id
-    WHERE x.status IN ('paid', 'completed') {only}
+    WHERE x.status IN ('paid', 'completed') AND x."providerId" {providers}
     GROUP BY x."providerId"
 ) t ON t."providerId" = p.id
 LEFT JOIN (
     SELECT x."providerId", round(avg(x.rating), 2) AS rating
     FROM marketplace.reviews x
-    WHERE x."deletedAt" IS NULL AND x.rating BETWEEN 1 AND 5 {only}
+    WHERE x."deletedAt" IS NULL AND x.rating BETWEEN 1 AND 5 AND x."providerId" {providers}
     GROUP BY x."providerId"
 ) rv ON rv."providerId" = p.id
-{where}
+WHERE p.id {providers}
 """
 
 
@@ -177,7 +182,9 @@ RETURNING p.id,
 """
 
 
-_RECOMPUTE_SQL = text(f"WITH fresh AS ({_fresh_sql(only_ids=True)})\n" + _apply_sql("fresh f"))
+_RECOMPUTE_SQL = text(
+    f"WITH fresh AS ({_fresh_sql('= ANY(CAST(:ids AS integer[]))')})\n" + _apply_sql("fresh f")
+)
 
 _MARK_SQL = text("""
 INSERT INTO marketplace_worker.provider_stats_recomputed (provider_id, recomputed_at)
@@ -279,13 +286,64 @@ def incremental_pass(session: Session, *, overlap: timedelta) -> PassResult:
     return result
 
 
+# Provider ids are INTEGER: a range from FIRST_ID to LAST_ID holds every provider.
+FIRST_ID, LAST_ID = -(2**31), 2**31 - 1
+
+_STAGE_SQL = text(
+    f"CREATE TEMPORARY TABLE provider_stats_staged AS {_fresh_sql('BETWEEN :first AND :last')}"
+)
+
+# Every `size`-th provider id: the last id of each range but the last one.
+_RANGE_ENDS_SQL = text("""
+SELECT id FROM (SELECT id, row_number() OVER (ORDER BY id) AS n FROM marketplace.providers) p
+WHERE n % :size = 0
+ORDER BY id
+""")
+
+
+def provider_ranges(conn: Session | Connection, size: int) -> list[tuple[int, int]]:
+    """Consecutive id ranges (first, last), inclusive, of `size` providers each, covering every
+    id: the first starts at FIRST_ID and the last ends at LAST_ID, so a provider created after
+    this read still falls in one."""
+    ends = conn.execute(_RANGE_ENDS_SQL, {"size": size}).scalars().all()
+    firsts = [FIRST_ID, *(end + 1 for end in ends)]
+    lasts = [*ends, LAST_ID]
+    return [(first, last) for first, last in zip(firsts, lasts, strict=True) if first <= last]
+
+
 def full_pass(
     connection: Connection,
     *,
     batch_size: int,
+    range_size: int | None = None,
     on_changes: Callable[[list[StatsChange]], None] | None = None,
 ) -> FullPassResult:
-    """Recompute every provider: one aggregate into a temporary table, applied in keyset batches.
+    """Recompute every provider here, range after range (`range_size` providers each; one
+    range when None): what the nightly job's tasks do on the workers."""
+    ranges = [(FIRST_ID, LAST_ID)]
+    if range_size is not None:
+        with connection.begin():
+            ranges = provider_ranges(connection, range_size)
+    providers = changed = batches = 0
+    for first, last in ranges:
+        result = full_pass_range(connection, first=first, last=last, batch_size=batch_size,
+                                 on_changes=on_changes)
+        providers += result.providers
+        changed += result.changed
+        batches += result.batches
+    return FullPassResult(providers=providers, changed=changed, batches=batches)
+
+
+def full_pass_range(
+    connection: Connection,
+    *,
+    first: int,
+    last: int,
+    batch_size: int,
+    on_changes: Callable[[list[StatsChange]], None] | None = None,
+) -> FullPassResult:
+    """Recompute the providers with ids from `first` to `last`: one aggregate into a temporary
+    table, applied in keyset batches.
 
     Runs its own transactions on `connection` (which must not be in one): the temporary
     table lives as long as the connection, and each batch commits on its own.
@@ -295,13 +353,11 @@ def full_pass(
         # Taken before the aggregate's snapshot: a recompute stamped at or after it may have
         # seen newer data than the staged values.
         staged_at = connection.execute(text("SELECT clock_timestamp()")).scalar_one()
-        providers = connection.execute(
-            text(f"CREATE TEMPORARY TABLE provider_stats_staged AS {_fresh_sql(only_ids=False)}")
-        ).rowcount
+        providers = connection.execute(_STAGE_SQL, {"first": first, "last": last}).rowcount
         connection.execute(text(f"ALTER TABLE {_STAGED} ADD PRIMARY KEY (provider_id)"))
         connection.execute(text(f"ANALYZE {_STAGED}"))
 
-    after, changed, batches = 0, 0, 0
+    after, changed, batches = first - 1, 0, 0
     while True:
         with connection.begin():
             upto = connection.execute(_BATCH_END_SQL, {"after": after, "n": batch_size}).scalar_one()
