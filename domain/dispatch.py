@@ -27,6 +27,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from enum import StrEnum
 
 from sqlalchemy import select, text, update
 from sqlalchemy.orm import Session
@@ -37,13 +38,32 @@ from models import EventStatus, StripeEvent
 
 log = logging.getLogger(__name__)
 
+
+class AttemptOutcome(StrEnum):
+    """What an attempt at a stored event did (a task's result, its log line, the tests)."""
+
+    PROCESSED = "processed"
+    IGNORED = "ignored"  # no handler, or a platform-only type from a connected account
+    ALREADY_PROCESSED = "already processed"  # settled before this attempt: a duplicate message
+    ALREADY_IGNORED = "already ignored"
+    ALREADY_PARKED = "already parked"
+    ALREADY_HANDLED = "already handled"  # failed here, but another worker settled it meanwhile
+    UNKNOWN = "unknown"  # no such event in the inbox
+    RETRYING = "retrying"  # failed; another attempt is scheduled
+    PARKED = "parked"  # failed for the last time, or for good
+    DEFERRED = "deferred"  # left by a batch for an attempt of its own
+
+    @classmethod
+    def already(cls, status: str) -> AttemptOutcome:
+        return cls(f"already {status}")
+
 # The event's effects and its `processed` mark commit together, so a commit lost in a server
 # crash loses both: the event is still `received` and the sweeper re-enqueues it. Waiting for
 # the WAL flush would buy nothing here (the receiver's commit stays synchronous).
 _ASYNC_COMMIT = text("SET LOCAL synchronous_commit = off")
 
 
-def process_event(session: Session, event_id: str) -> str:
+def process_event(session: Session, event_id: str) -> AttemptOutcome:
     """Apply one stored event; returns what happened (for logs and tests)."""
     return process_batch(session, [event_id])[event_id]
 
@@ -54,10 +74,8 @@ def process_event(session: Session, event_id: str) -> str:
 # whole batch would serialize the workers, and two batches could wait for each other.
 _BATCH_LOCK_TIMEOUT = text("SET LOCAL lock_timeout = '100ms'")
 
-DEFERRED = "deferred"
 
-
-def process_batch(session: Session, event_ids: list[str]) -> dict[str, str]:
+def process_batch(session: Session, event_ids: list[str]) -> dict[str, AttemptOutcome]:
     """Apply stored events in one transaction; returns what happened to each.
 
     With several events, each handler call runs in a savepoint: an event that fails, or whose
@@ -76,21 +94,21 @@ def process_batch(session: Session, event_ids: list[str]) -> dict[str, str]:
             select(StripeEvent).where(StripeEvent.id.in_(event_ids)).order_by(StripeEvent.id).with_for_update()
         ).scalars()
     }
-    outcomes: dict[str, str] = {}
+    outcomes: dict[str, AttemptOutcome] = {}
     batches: dict[Callable, list[StripeEvent]] = {}
     singles: list[tuple[Callable, StripeEvent]] = []
     now = datetime.now(UTC)
     for event_id in dict.fromkeys(event_ids):
         event = locked.get(event_id)
         if event is None:
-            outcomes[event_id] = "unknown"
+            outcomes[event_id] = AttemptOutcome.UNKNOWN
         elif event.status in EventStatus.settled():
-            outcomes[event_id] = f"already {event.status}"
+            outcomes[event_id] = AttemptOutcome.already(event.status)
         elif (reason := _ignored_reason(event)) is not None:
             event.status = EventStatus.IGNORED
             event.last_error = reason
             event.processed_at = now
-            outcomes[event_id] = "ignored"
+            outcomes[event_id] = AttemptOutcome.IGNORED
         elif (registered := HANDLERS[event.type]).batch:
             batches.setdefault(registered.fn, []).append(event)
         else:
@@ -108,7 +126,7 @@ def process_batch(session: Session, event_ids: list[str]) -> dict[str, str]:
         except Exception as error:  # applied alone after the commit, with its own bookkeeping
             log.debug("events %s left for later: %s", [e.id for e in events], describe(error))
             left = events
-        outcomes |= dict.fromkeys((event.id for event in left), DEFERRED)
+        outcomes |= dict.fromkeys((event.id for event in left), AttemptOutcome.DEFERRED)
         applied += [event for event in events if event.id not in outcomes]
         _forget_rows(session)
     for event in applied:
@@ -117,7 +135,7 @@ def process_batch(session: Session, event_ids: list[str]) -> dict[str, str]:
         event.last_error = None
         event.next_attempt_at = None
         event.processed_at = now
-        outcomes[event.id] = "processed"
+        outcomes[event.id] = AttemptOutcome.PROCESSED
     return outcomes
 
 
@@ -157,7 +175,7 @@ class Failure:
 
 @dataclass(frozen=True)
 class Attempt:
-    outcome: str  # processed | ignored | already ... | retrying | parked
+    outcome: AttemptOutcome
     retry_in: float = 0.0
     error: BaseException | None = None
 
@@ -183,10 +201,10 @@ def attempt_event(
                 park_now=is_permanent(error), retry_base_seconds=retry_base_seconds,
             )
         if failure.parked:
-            return Attempt("parked", error=error)
+            return Attempt(AttemptOutcome.PARKED, error=error)
         if failure.attempts == 0:
-            return Attempt("already handled")
-        return Attempt("retrying", retry_in=failure.retry_in, error=error)
+            return Attempt(AttemptOutcome.ALREADY_HANDLED)
+        return Attempt(AttemptOutcome.RETRYING, retry_in=failure.retry_in, error=error)
 
 
 def attempt_batch(
@@ -204,11 +222,11 @@ def attempt_batch(
             outcomes = process_batch(session, event_ids)
     except Exception as error:
         log.info("batch of %d events goes one event at a time: %s", len(event_ids), describe(error))
-        outcomes = dict.fromkeys(event_ids, DEFERRED)
+        outcomes = dict.fromkeys(event_ids, AttemptOutcome.DEFERRED)
     return {
         event_id: attempt_event(session_factory, event_id, max_attempts=max_attempts,
                                 retry_base_seconds=retry_base_seconds)
-        if outcome == DEFERRED else Attempt(outcome)
+        if outcome == AttemptOutcome.DEFERRED else Attempt(outcome)
         for event_id, outcome in outcomes.items()
     }
 
@@ -248,50 +266,3 @@ def record_failure(
         )
     )
     return Failure(attempts=attempts, parked=parked, retry_in=delay)
-
-
-def due_for_sweep(session: Session, threshold_seconds: int, limit: int = 1000) -> list[str]:
-    """Events whose task message was lost (broker restart, receiver could not enqueue, a
-    retry's countdown message gone with Redis): claim them for re-enqueueing.
-
-    Claiming pushes `next_attempt_at` forward, so a backlog is not re-enqueued every minute.
-    """
-    rows = session.execute(
-        text(
-            """
-            UPDATE marketplace_worker.stripe_events AS e
-            SET next_attempt_at = now()
-            WHERE e.id IN (
-                SELECT id FROM marketplace_worker.stripe_events
-                WHERE status IN ('received', 'retrying')
-                  AND coalesce(next_attempt_at, received_at) < now() - make_interval(secs => :threshold)
-                ORDER BY received_at
-                LIMIT :limit
-                FOR UPDATE SKIP LOCKED
-            )
-            RETURNING e.id
-            """
-        ),
-        {"threshold": threshold_seconds, "limit": limit},
-    )
-    return list(rows.scalars())
-
-
-def mark_for_replay(session: Session, event_id: str | None = None) -> list[str]:
-    """Put a parked event (or every parked one) back to `received`.
-
-    Replaying a processed event changes nothing: it is left as it is and the task
-    that runs for it finds it processed.
-    """
-    query = update(StripeEvent).values(status=EventStatus.RECEIVED, attempts=0, next_attempt_at=None)
-    if event_id is None:
-        query = query.where(StripeEvent.status == EventStatus.PARKED)
-    else:
-        query = query.where(StripeEvent.id == event_id, StripeEvent.status == EventStatus.PARKED)
-    replayed = list(session.execute(query.returning(StripeEvent.id)).scalars())
-    if event_id is not None and not replayed:
-        exists = session.get(StripeEvent, event_id)
-        if exists is None:
-            raise LookupError(f"no event {event_id} in the inbox")
-        replayed = [event_id]
-    return replayed

@@ -1,14 +1,27 @@
-"""The event inbox: what an accepted Stripe event is, and how it is stored.
+"""The event inbox: what an accepted Stripe event is, how it is stored, and its bookkeeping.
 
 The inbox, not the broker, is the source of truth: an event is committed here
-before Stripe gets its 2xx, and a task message carries only the event id.
+before Stripe gets its 2xx, and a task message carries only the event id. The
+receiver stores through `InboxWriter` (group commit); the sweeper claims the
+events whose message was lost (`due_for_sweep`); an operator replays parked ones
+(`mark_for_replay`); the receiver's metrics read the backlog (`backlog`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 from dataclasses import dataclass
 from typing import Any
+
+import psycopg
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from models import Endpoint, EventStatus, StripeEvent
+
+log = logging.getLogger(__name__)
 
 # One statement for a whole batch: the receiver groups concurrent requests into
 # one commit, and a duplicate id (Stripe's retry) is a no-op by key. The arrays go in
@@ -41,15 +54,15 @@ class IncomingEvent:
     api_version: str | None
     created: int
     body: str  # the exact text Stripe signed, stored as the payload
-    endpoint: str  # "platform" | "connect" | "catchup"
+    endpoint: Endpoint
     ignored_reason: str | None = None
 
     @property
-    def status(self) -> str:
-        return "ignored" if self.ignored_reason else "received"
+    def status(self) -> EventStatus:
+        return EventStatus.IGNORED if self.ignored_reason else EventStatus.RECEIVED
 
 
-def parse_event(body: str, endpoint: str, *, livemode: bool) -> IncomingEvent:
+def parse_event(body: str, endpoint: Endpoint, *, livemode: bool) -> IncomingEvent:
     """Check that a verified body is a v1 snapshot event and pick out what the inbox keeps.
 
     Raises ValueError when the body is not JSON and InvalidEvent when it is not an event.
@@ -76,7 +89,7 @@ def _without_nul(value: Any) -> Any:
     return value
 
 
-def event_from_dict(data: Any, body: str, endpoint: str, *, livemode: bool) -> IncomingEvent:
+def event_from_dict(data: Any, body: str, endpoint: Endpoint, *, livemode: bool) -> IncomingEvent:
     if not isinstance(data, dict) or data.get("object") != "event":
         raise InvalidEvent("not a Stripe event object")
     event_id, event_type, created = data.get("id"), data.get("type"), data.get("created")
@@ -124,3 +137,186 @@ def insert_params(events: list[IncomingEvent]) -> dict[str, list]:
         "status": [e.status for e in events],
         "note": [e.ignored_reason for e in events],
     }
+
+
+# --- storing: the receiver's group commit --------------------------------------------------------
+
+MAX_BATCH = 500
+
+
+class StorageUnavailable(Exception):
+    pass
+
+
+class UnstorablePayload(Exception):
+    """Authentic JSON that Postgres's jsonb refuses (e.g. a lone UTF-16 surrogate)."""
+
+
+class InboxWriter:
+    """One connection, one INSERT and one commit per batch of concurrent requests: a request
+    waits for the commit that holds its row, so no 2xx goes out before the row is durable."""
+
+    def __init__(self, conninfo: str) -> None:
+        self.conninfo = conninfo
+        self.queue: asyncio.Queue[tuple[IncomingEvent, asyncio.Future]] = asyncio.Queue()
+        self.conn: psycopg.AsyncConnection | None = None
+        self.task: asyncio.Task | None = None
+
+    async def store(self, event: IncomingEvent) -> bool:
+        """True when stored now, False for a duplicate; raises StorageUnavailable."""
+        future = asyncio.get_running_loop().create_future()
+        await self.queue.put((event, future))
+        return await future
+
+    def start(self) -> None:
+        self.task = asyncio.create_task(self.run())
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+        await self._drop_connection()
+
+    async def run(self) -> None:
+        while True:
+            batch = [await self.queue.get()]
+            while len(batch) < MAX_BATCH and not self.queue.empty():
+                batch.append(self.queue.get_nowait())
+            try:
+                inserted = await self._insert([event for event, _ in batch])
+            except psycopg.errors.DataError:
+                # A value the database refuses (jsonb's unicode rules): store the batch row by
+                # row so only the offending event is refused, not its neighbours.
+                await self._drop_connection()
+                inserted = await self._insert_one_by_one(batch)
+                if inserted is None:
+                    continue
+            except Exception as error:  # any database failure: Stripe gets 503 and retries
+                log.error("inbox unavailable: %s", type(error).__name__)
+                await self._drop_connection()
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(StorageUnavailable())
+                continue
+            for event, future in batch:
+                if not future.done():
+                    # The first request carrying an id stored it; any other is a duplicate.
+                    future.set_result(event.id in inserted)
+                    inserted.discard(event.id)
+
+    async def _insert(self, events: list[IncomingEvent]) -> set[str]:
+        if self.conn is None or self.conn.closed:
+            # A stuck database must turn into 503s (Stripe retries), not into requests that hang.
+            self.conn = await psycopg.AsyncConnection.connect(
+                self.conninfo, connect_timeout=5, options="-c statement_timeout=10000"
+            )
+        async with self.conn.transaction():
+            cursor = await self.conn.execute(INSERT_EVENTS_SQL, insert_params(events))
+            return {row[0] for row in await cursor.fetchall()}
+
+    async def _insert_one_by_one(self, batch) -> set[str] | None:
+        inserted: set[str] = set()
+        for event, future in batch:
+            try:
+                inserted |= await self._insert([event])
+            except psycopg.errors.DataError:
+                await self._drop_connection()
+                future.set_exception(UnstorablePayload())
+            except Exception:
+                await self._drop_connection()
+                for _, pending in batch:
+                    if not pending.done():
+                        pending.set_exception(StorageUnavailable())
+                return None
+        return inserted
+
+    async def _drop_connection(self) -> None:
+        if self.conn is not None:
+            try:
+                await self.conn.close()
+            except Exception:
+                pass
+        self.conn = None
+
+
+# --- bookkeeping -----------------------------------------------------------------------------
+
+def due_for_sweep(session: Session, threshold_seconds: int, limit: int = 1000) -> list[str]:
+    """Events whose task message was lost (broker restart, receiver could not enqueue, a
+    retry's countdown message gone with Redis): claim them for re-enqueueing.
+
+    Claiming pushes `next_attempt_at` forward, so a backlog is not re-enqueued every minute.
+    """
+    lost = (
+        select(StripeEvent.id)
+        .where(
+            StripeEvent.status.in_(EventStatus.pending()),
+            func.coalesce(StripeEvent.next_attempt_at, StripeEvent.received_at)
+            < func.now() - func.make_interval(0, 0, 0, 0, 0, 0, threshold_seconds),
+        )
+        .order_by(StripeEvent.received_at)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    claimed = (
+        update(StripeEvent)
+        .where(StripeEvent.id.in_(lost.scalar_subquery()))
+        .values(next_attempt_at=func.now())
+        .returning(StripeEvent.id)
+    )
+    return list(session.execute(claimed).scalars())
+
+
+def mark_for_replay(session: Session, event_id: str | None = None) -> list[str]:
+    """Put a parked event (or every parked one) back to `received`.
+
+    Replaying a processed event changes nothing: it is left as it is and the task
+    that runs for it finds it processed.
+    """
+    query = update(StripeEvent).values(status=EventStatus.RECEIVED, attempts=0, next_attempt_at=None)
+    if event_id is None:
+        query = query.where(StripeEvent.status == EventStatus.PARKED)
+    else:
+        query = query.where(StripeEvent.id == event_id, StripeEvent.status == EventStatus.PARKED)
+    replayed = list(session.execute(query.returning(StripeEvent.id)).scalars())
+    if event_id is not None and not replayed:
+        exists = session.get(StripeEvent, event_id)
+        if exists is None:
+            raise LookupError(f"no event {event_id} in the inbox")
+        replayed = [event_id]
+    return replayed
+
+
+def recent_events(session: Session, *, limit: int, status: EventStatus | None = None,
+                  type: str | None = None) -> list[StripeEvent]:
+    """The newest events first (`marketplace-worker events`)."""
+    query = select(StripeEvent).order_by(StripeEvent.received_at.desc()).limit(limit)
+    if status:
+        query = query.where(StripeEvent.status == status)
+    if type:
+        query = query.where(StripeEvent.type == type)
+    return list(session.execute(query).scalars())
+
+
+# The statuses the backlog gauge reports: the small ones (counting processed rows would scan
+# the table).
+BACKLOG_STATUSES = (*EventStatus.pending(), EventStatus.PARKED)
+
+
+def backlog(conn: psycopg.Connection) -> dict[EventStatus, int]:
+    """Events waiting to be applied, and parked ones, by status (0 for none)."""
+    rows = conn.execute(
+        "SELECT status, count(*) FROM marketplace_worker.stripe_events WHERE status = ANY(%s) GROUP BY status",
+        (list(BACKLOG_STATUSES),),
+    ).fetchall()
+    counts = dict(rows)
+    return {status: counts.get(status, 0) for status in BACKLOG_STATUSES}
+
+
+def database_answers(conninfo: str) -> bool:
+    """The receiver's readiness: the inbox's database takes a connection and a query."""
+    try:
+        with psycopg.connect(conninfo, connect_timeout=3) as conn:
+            conn.execute("SELECT 1")
+        return True
+    except Exception:
+        return False

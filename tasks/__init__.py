@@ -1,1 +1,2 @@
-"""Celery tasks: thin wrappers that open a session and call the domain functions."""
+"""Celery tasks: thin wrappers around the domain functions, built on tasks/base.py. They find
+the app as Celery's current app and never import worker/, which builds it from them."""

@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import logging
-
 from config import ConfigError, get_settings
 from domain import completion, polling
-from domain.jobs import run_once
 from domain.stripe_api import get_client
 from models.db import session_scope
-from worker import app
-
-log = logging.getLogger(__name__)
+from tasks.base import job
 
 
 def stripe_client_or_none():
@@ -23,18 +18,12 @@ def stripe_client_or_none():
 
 
 # Runs are bounded (POLL_MAX_INVOICES_PER_RUN, POLL_STRIPE_READS_PER_RUN) to end well within
-# the 5-minute cadence; a longer one only delays the next slot (run_once skips overlaps).
-@app.task(name="tasks.polling.poll_invoices", soft_time_limit=600, time_limit=660)
-def poll_invoices() -> dict:
-    with run_once("poll_invoices") as run:
-        result = polling.poll_invoices(session_scope, stripe_client_or_none())
-        run.counts = result.as_dict()
-    return run.counts
+# the 5-minute cadence; a longer one only delays the next slot (a job never overlaps itself).
+@job(soft_time_limit=600, time_limit=660)
+def poll_invoices() -> polling.PollResult:
+    return polling.poll_invoices(session_scope, stripe_client_or_none())
 
 
-@app.task(name="tasks.polling.complete_transactions", soft_time_limit=600, time_limit=660)
-def complete_transactions() -> int:
-    with run_once("complete_transactions") as run:
-        completed = completion.complete_transactions(session_scope, get_settings().completion_hold_days)
-        run.counts = {"completed": completed}
-    return completed
+@job(soft_time_limit=600, time_limit=660)
+def complete_transactions() -> dict[str, int]:
+    return {"completed": completion.complete_transactions(session_scope, get_settings().completion_hold_days)}

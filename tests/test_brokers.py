@@ -24,7 +24,8 @@ from harness.brokers import BROKERS, broker_run, vhost_of
 from harness.db_role import worker_role
 from harness.flow import ReceiverProcess, WorkerProcess, wait_for
 from tests.test_reconcile import paid_out_accounts
-from worker.celery_app import ACK_DEADLINE_SECONDS, LONGEST_TASK_SECONDS, QUEUES
+from tasks.base import LONGEST_TASK_SECONDS
+from worker.celery_app import ACK_DEADLINE_SECONDS, QUEUES
 
 pytestmark = pytest.mark.flow
 

@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from sqlalchemy import update
 
-from domain import dispatch
+from domain import dispatch, inbox
 from domain.errors import InvalidPayload, NotYetKnown
 from domain.handlers import HANDLERS, Registered, handled_types
 from domain.inbox import INSERT_EVENTS_SQL, event_from_dict, insert_params
@@ -142,14 +142,14 @@ def test_replay_puts_parked_events_back_and_leaves_processed_ones(db, test_handl
     run(db, parked)
     run(db, done)
     with session_scope() as work:
-        assert dispatch.mark_for_replay(work) == [parked]
+        assert inbox.mark_for_replay(work) == [parked]
     assert row(db, parked).status == "received" and row(db, parked).attempts == 0
     with session_scope() as work:
-        assert dispatch.mark_for_replay(work, done) == [done]
+        assert inbox.mark_for_replay(work, done) == [done]
     assert run(db, done) == "already processed"
     assert CALLS == [done]
     with session_scope() as work, pytest.raises(LookupError):
-        dispatch.mark_for_replay(work, "evt_not_there")
+        inbox.mark_for_replay(work, "evt_not_there")
 
 
 def test_the_sweeper_claims_only_events_whose_message_looks_lost(db, test_handlers):
@@ -161,9 +161,9 @@ def test_the_sweeper_claims_only_events_whose_message_looks_lost(db, test_handle
         work.execute(update(StripeEvent).where(StripeEvent.id.in_([old, done, retry_due])).values(received_at=long_ago))
         work.execute(update(StripeEvent).where(StripeEvent.id == retry_due).values(status="retrying", next_attempt_at=long_ago))
     with session_scope() as work:
-        assert sorted(dispatch.due_for_sweep(work, threshold_seconds=60)) == sorted([old, retry_due])
+        assert sorted(inbox.due_for_sweep(work, threshold_seconds=60)) == sorted([old, retry_due])
     with session_scope() as work:  # claimed: not re-enqueued again until another threshold has passed
-        assert dispatch.due_for_sweep(work, threshold_seconds=60) == []
+        assert inbox.due_for_sweep(work, threshold_seconds=60) == []
 
 
 def test_backoff_grows_and_is_jittered():

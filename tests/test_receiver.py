@@ -191,7 +191,7 @@ def test_broker_down_stores_and_answers_200_then_the_sweeper_enqueues(services, 
     from tasks.events import sweep_inbox
 
     # The sweeper waits for SWEEPER_THRESHOLD_SECONDS (2 s in tests) before calling a message lost.
-    wait_for(lambda: sweep_inbox() == 1, timeout=10, message="sweeper to claim the event")
+    wait_for(lambda: sweep_inbox() == {"enqueued": 1}, timeout=10, message="sweeper to claim the event")
 
     def final_status():
         db.rollback()
@@ -203,12 +203,10 @@ def test_broker_down_stores_and_answers_200_then_the_sweeper_enqueues(services, 
 
 
 def test_ids_stored_moments_apart_share_one_message(services):
-    from tasks.events import BATCH_SIZE
-    from worker.receiver import GATHER_SECONDS, Publisher
+    from tasks.events import BATCH_SIZE, GATHER_SECONDS, Publisher
 
-    publisher = Publisher()
     messages: list[list[str]] = []
-    publisher._enqueue = messages.append  # the broker is not what this test is about
+    publisher = Publisher(messages.append)  # the broker is not what this test is about
     for event_id in ("evt_1", "evt_2", "evt_3"):  # three commits, one request each
         publisher.submit([event_id])
         time.sleep(GATHER_SECONDS / 10)

@@ -1,34 +1,29 @@
 """Celery entry point: `celery -A worker worker|beat|flower` finds `worker.app`.
 
-The app is built on first use, so `marketplace-worker dev` can prepare the
-environment before any setting is read.
+The app is built on first use, not on import: the CLI (worker/cli.py) lives in this package,
+and `marketplace-worker dev` prepares the environment before any setting is read, while
+commands such as `migrate` need no broker setting at all. A missing or invalid setting raises
+ConfigError, whose message names it.
 """
 
 from __future__ import annotations
 
-import sys
+from functools import cache
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from celery import Celery
 
-_app: Celery | None = None
 
-
+@cache
 def get_app() -> Celery:
-    global _app
-    if _app is None:
-        from config import ConfigError
-        from worker.celery_app import create_app
+    """The process's app (Celery's current app from then on)."""
+    from worker.celery_app import create_app
 
-        try:
-            _app = create_app()
-        except ConfigError as error:  # one line naming the setting, not a traceback
-            sys.exit(str(error))
-    return _app
+    return create_app()
 
 
 def __getattr__(name: str) -> Celery:
-    if name in ("app", "celery"):
+    if name == "app":
         return get_app()
-    raise AttributeError(name)
+    raise AttributeError(f"module 'worker' has no attribute {name!r}")

@@ -10,18 +10,15 @@ same on both: the task routes below name queues only.
 from __future__ import annotations
 
 import gc
-from datetime import datetime
 
-import celery
 import click
 from celery import Celery
 from celery.signals import setup_logging, worker_process_init
 from kombu import Exchange, Queue
 
 from config import Settings, get_settings
-from config.settings import is_amqp_url
-from domain.jobs import SCHEDULED_SLOT, JobSkipped
-from worker.schedule import SLOT_HEADER, beat_schedule
+from tasks.base import APP_NAME, LONGEST_TASK_SECONDS, Task
+from worker.schedule import beat_schedule
 
 # Queues, so that a nightly job never starves webhooks (SPEC §6).
 QUEUES = ("webhooks", "polling", "stats", "reconciliation")
@@ -35,47 +32,23 @@ TASK_MODULES = [
     "tasks.stats",
 ]
 
-# The longest task's hard limit (the nightly full stats pass and the inbox purge, each one
-# task). A broker must not take back an unacked message of a task that could still be running:
-# Redis's visibility timeout and RabbitMQ's consumer timeout are both set above it. Nothing
-# waits on them to recover lost work: the inbox and fan-out sweepers (domain/fanout.py) re-enqueue
-# what a lost message carried within minutes, and a job's next slot replaces a lost beat message.
-LONGEST_TASK_SECONDS = 3600
-# Room for a message prefetched while the previous task ran, and for clock and signal delays.
+# A broker must not take back an unacked message of a task that could still be running (the
+# longest runs LONGEST_TASK_SECONDS, tasks/base.py): Redis's visibility timeout and RabbitMQ's
+# consumer timeout are both this deadline. Room for a message prefetched while the previous
+# task ran, and for clock and signal delays.
 BROKER_ACK_MARGIN_SECONDS = 600
 ACK_DEADLINE_SECONDS = LONGEST_TASK_SECONDS + BROKER_ACK_MARGIN_SECONDS
-
-
-class Task(celery.Task):
-    """Every task of the app. It runs with the slot beat stamped on its message in scope, for
-    run_once (domain/jobs.py); a run that run_once skipped is a successful "skipped" result,
-    not a failure."""
-
-    def __call__(self, *args, **kwargs):
-        slot = self.request.get(SLOT_HEADER)
-        token = SCHEDULED_SLOT.set(datetime.fromisoformat(slot) if slot else None)
-        try:
-            return super().__call__(*args, **kwargs)
-        except JobSkipped as skipped:
-            return f"skipped: {skipped.reason}"
-        finally:
-            SCHEDULED_SLOT.reset(token)
-
-    def apply_async(self, args=None, kwargs=None, task_id=None, producer=None, link=None, link_error=None,
-                    shadow=None, **options):
-        # RabbitMQ's native delayed delivery counts whole seconds and refuses a countdown that
-        # truncates to 0: a sub-second retry waits one second there.
-        countdown = options.get("countdown")
-        if countdown is not None and 0 < countdown < 1 and is_amqp_url(self.app.conf.broker_url):
-            options["countdown"] = 1
-        return super().apply_async(args, kwargs, task_id, producer, link, link_error, shadow, **options)
 
 
 def create_app(settings: Settings | None = None, *, set_as_current: bool = True) -> Celery:
     """The app; `settings` and `set_as_current=False` give a second one (on another broker,
     say) to a test or a benchmark beside the process's own."""
     settings = settings or get_settings()
-    app = Celery("marketplace_worker", include=TASK_MODULES, task_cls=Task, set_as_current=set_as_current)
+    app = Celery(APP_NAME, include=TASK_MODULES, task_cls=Task, set_as_current=set_as_current)
+    if set_as_current:
+        # Current in every thread (Celery's "current" is per thread): tasks find it there, the
+        # receiver's publisher thread included.
+        app.set_default()
     app.conf.update(
         broker_url=settings.broker_url,
         result_backend=settings.result_backend,
@@ -144,24 +117,6 @@ def broker_transport_options(amqp: bool) -> dict:
         # its nodes), so a message the broker did not take raises instead of vanishing.
         return {"confirm_publish": True}
     return {"visibility_timeout": ACK_DEADLINE_SECONDS}
-
-
-def ready_messages(app: Celery, queue: str) -> int:
-    """Messages waiting in `queue` (not those reserved by a worker); 0 for a queue the broker
-    lost (a flushed Redis has no key for it)."""
-    from kombu.exceptions import ChannelError
-
-    with app.connection_for_write() as connection:
-        channel = connection.channel()
-        try:
-            return app.amqp.queues[queue].bind(channel).queue_declare(passive=True).message_count
-        except (ChannelError, *connection.channel_errors):
-            return 0
-        finally:
-            try:
-                channel.close()
-            except Exception:  # already closed by the broker's NOT_FOUND
-                pass
 
 
 def _celery_subcommand() -> str | None:

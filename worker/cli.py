@@ -12,6 +12,7 @@ import sys
 from collections.abc import Callable
 
 from config import ConfigError
+from models import EventStatus
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
 
@@ -40,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--flower-port", type=int, default=5555)
 
     p = sub.add_parser("events", help="list inbox events")
-    p.add_argument("--status", choices=["received", "retrying", "processed", "ignored", "parked"])
+    p.add_argument("--status", choices=list(EventStatus))
     p.add_argument("--type")
     p.add_argument("--limit", type=int, default=50)
 
@@ -102,18 +103,11 @@ def _webhook(args: argparse.Namespace) -> int:
 
 @command("events")
 def _events(args: argparse.Namespace) -> int:
-    from sqlalchemy import select
-
-    from models import StripeEvent
+    from domain.inbox import recent_events
     from models.db import session_scope
 
-    query = select(StripeEvent).order_by(StripeEvent.received_at.desc()).limit(args.limit)
-    if args.status:
-        query = query.where(StripeEvent.status == args.status)
-    if args.type:
-        query = query.where(StripeEvent.type == args.type)
     with session_scope() as session:
-        rows = session.execute(query).scalars().all()
+        rows = recent_events(session, limit=args.limit, status=args.status, type=args.type)
         print(f"{'EVENT':<32} {'TYPE':<34} {'STATUS':<10} {'TRIES':>5}  {'RECEIVED (UTC)':<19}  LAST ERROR")
         for e in rows:
             received = e.received_at.strftime("%Y-%m-%d %H:%M:%S")
@@ -123,10 +117,12 @@ def _events(args: argparse.Namespace) -> int:
 
 @command("replay")
 def _replay(args: argparse.Namespace) -> int:
-    from domain.dispatch import mark_for_replay
+    from domain.inbox import mark_for_replay
     from models.db import session_scope
     from tasks.events import enqueue_events
+    from worker import get_app
 
+    get_app()  # the broker the events are enqueued on
     with session_scope() as session:
         try:
             ids = mark_for_replay(session, None if args.parked else args.event_id)
@@ -145,7 +141,7 @@ def _stats(args: argparse.Namespace) -> int:
 
     from config import get_settings
     from domain import stats
-    from domain.jobs import run_once
+    from domain.jobs import run_job
     from models import Provider
     from models.db import get_engine, session_scope
 
@@ -159,9 +155,11 @@ def _stats(args: argparse.Namespace) -> int:
             print(change.describe())
 
     if args.full:
-        with run_once("full_stats", slot=None) as run, get_engine().connect() as connection:
-            full = stats.full_pass(connection, batch_size=settings.stats_full_batch_size, on_changes=show)
-            run.counts = full.counts()
+        def full_pass() -> stats.FullPassResult:
+            with get_engine().connect() as connection:
+                return stats.full_pass(connection, batch_size=settings.stats_full_batch_size, on_changes=show)
+
+        full = run_job("full_stats", full_pass)
         print(f"{full.changed} of {full.providers} provider(s) changed")
         return 0
     if args.provider is not None:
@@ -171,11 +169,12 @@ def _stats(args: argparse.Namespace) -> int:
                 return 1
             result = stats.recompute_providers(session, [args.provider])
     else:
-        overlap = timedelta(seconds=settings.stats_change_overlap_seconds)
-        with run_once("incremental_stats", slot=None) as run:
+        def incremental_pass() -> stats.PassResult:
             with session_scope() as session:
-                result = stats.incremental_pass(session, overlap=overlap)
-            run.counts = result.counts()
+                return stats.incremental_pass(
+                    session, overlap=timedelta(seconds=settings.stats_change_overlap_seconds))
+
+        result = run_job("incremental_stats", incremental_pass)
     show(result.changes)
     print(f"{len(result.changes)} of {result.recomputed} provider(s) changed")
     return 0
@@ -204,14 +203,9 @@ def _jobs(args: argparse.Namespace) -> int:
 
 @command("poll")
 def _poll(args: argparse.Namespace) -> int:
-    from domain.jobs import run_once
-    from domain.polling import poll_invoices
-    from models.db import session_scope
-    from tasks.polling import stripe_client_or_none
+    from tasks.polling import poll_invoices
 
-    with run_once("poll_invoices", slot=None) as run:
-        result = poll_invoices(session_scope, stripe_client_or_none())
-        run.counts = result.as_dict()
+    result = poll_invoices.run_by_hand()
     skipped = ", ".join(f"{reason} {count}" for reason, count in sorted(result.skipped.items()))
     print(
         f"created {result.created}, advanced {result.advanced}, "
@@ -279,10 +273,10 @@ def _catch_up(args: argparse.Namespace) -> int:
     from datetime import UTC, datetime
 
     from domain import catchup
-    from domain.jobs import run_once
     from domain.stripe_api import get_client
     from models.db import session_scope
-    from tasks.events import enqueue_events
+    from tasks.events import catch_up_events, enqueue_stored
+    from worker import get_app
 
     since = None
     if args.since:
@@ -307,11 +301,9 @@ def _catch_up(args: argparse.Namespace) -> int:
                 print(f"marketplace-worker catch-up: {args.account} {reason}", file=sys.stderr)
                 return 1
     client = get_client()
-    with run_once("catch_up_events", slot=None) as run:
-        result = catchup.catch_up(session_scope, client, accounts=[args.account] if args.account else None,
-                                  since=since)
-        enqueue_events(result.stored)
-        run.counts = result.counts()
+    get_app()  # the broker the stored events are enqueued on
+    result = catch_up_events.run_by_hand(lambda: enqueue_stored(catchup.catch_up(
+        session_scope, client, accounts=[args.account] if args.account else None, since=since)))
     if result.gap:
         print(f"every connected account flagged: {result.gap}")
     print(f"listed {len(result.scopes)} scope(s) with {result.calls} Stripe call(s): {result.listed} event(s), "
@@ -333,7 +325,7 @@ def _backfill(args: argparse.Namespace) -> int:
     from datetime import UTC, datetime
 
     from domain import backfill, catchup
-    from domain.jobs import run_once
+    from domain.jobs import run_job
     from domain.stripe_api import get_client
     from models.db import session_scope
 
@@ -364,10 +356,9 @@ def _backfill(args: argparse.Namespace) -> int:
                   file=sys.stderr)
 
     try:
-        with run_once("backfill", slot=None) as run:
-            result = backfill.backfill(session_scope, client, since=since, account=args.account,
-                                       restart=args.restart, on_page=progress)
-            run.counts = result.counts()
+        # A job run only by hand: no task, no schedule.
+        result = run_job("backfill", lambda: backfill.backfill(
+            session_scope, client, since=since, account=args.account, restart=args.restart, on_page=progress))
     except backfill.BackfillBusy as error:
         print(f"marketplace-worker backfill: {error}", file=sys.stderr)
         return 1

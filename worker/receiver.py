@@ -2,10 +2,10 @@
 
 An event is verified with stripe-python against every configured secret of its
 endpoint, committed to the inbox, and only then answered 2xx. Concurrent
-requests share one commit (group commit): a request waits for the commit that
-holds its row, so no 200 ever goes out before the row is durable. Task messages
-are published after the answer; if the broker is down the sweeper enqueues the
-stored events later.
+requests share one commit (group commit, domain/inbox.py's InboxWriter): a
+request waits for the commit that holds its row, so no 200 ever goes out before
+the row is durable. Task messages are published after the answer (tasks/events.py's
+Publisher); if the broker is down the sweeper enqueues the stored events later.
 """
 
 from __future__ import annotations
@@ -13,8 +13,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-import threading
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -27,144 +25,16 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from config import Settings, get_settings
-from domain.inbox import INSERT_EVENTS_SQL, IncomingEvent, InvalidEvent, insert_params, parse_event
+from config import ConfigError, Settings, get_settings
+from domain import inbox, jobs
+from domain.inbox import InboxWriter, InvalidEvent, StorageUnavailable, UnstorablePayload, parse_event
+from models import Endpoint
 
 log = logging.getLogger(__name__)
-
-MAX_BATCH = 500
-
-
-class StorageUnavailable(Exception):
-    pass
 
 
 class BodyTooLarge(Exception):
     pass
-
-
-class UnstorablePayload(Exception):
-    """Authentic JSON that Postgres's jsonb refuses (e.g. a lone UTF-16 surrogate)."""
-
-
-class InboxWriter:
-    """One connection, one INSERT and one commit per batch of concurrent requests."""
-
-    def __init__(self, conninfo: str) -> None:
-        self.conninfo = conninfo
-        self.queue: asyncio.Queue[tuple[IncomingEvent, asyncio.Future]] = asyncio.Queue()
-        self.conn: psycopg.AsyncConnection | None = None
-        self.task: asyncio.Task | None = None
-
-    async def store(self, event: IncomingEvent) -> bool:
-        """True when stored now, False for a duplicate; raises StorageUnavailable."""
-        future = asyncio.get_running_loop().create_future()
-        await self.queue.put((event, future))
-        return await future
-
-    async def run(self) -> None:
-        while True:
-            batch = [await self.queue.get()]
-            while len(batch) < MAX_BATCH and not self.queue.empty():
-                batch.append(self.queue.get_nowait())
-            try:
-                inserted = await self._insert([event for event, _ in batch])
-            except psycopg.errors.DataError:
-                # A value the database refuses (jsonb's unicode rules): store the batch row by
-                # row so only the offending event is refused, not its neighbours.
-                await self._drop_connection()
-                inserted = await self._insert_one_by_one(batch)
-                if inserted is None:
-                    continue
-            except Exception as error:  # any database failure: Stripe gets 503 and retries
-                log.error("inbox unavailable: %s", type(error).__name__)
-                await self._drop_connection()
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(StorageUnavailable())
-                continue
-            for event, future in batch:
-                if not future.done():
-                    # The first request carrying an id stored it; any other is a duplicate.
-                    future.set_result(event.id in inserted)
-                    inserted.discard(event.id)
-
-    async def _insert(self, events: list[IncomingEvent]) -> set[str]:
-        if self.conn is None or self.conn.closed:
-            # A stuck database must turn into 503s (Stripe retries), not into requests that hang.
-            self.conn = await psycopg.AsyncConnection.connect(
-                self.conninfo, connect_timeout=5, options="-c statement_timeout=10000"
-            )
-        async with self.conn.transaction():
-            cursor = await self.conn.execute(INSERT_EVENTS_SQL, insert_params(events))
-            return {row[0] for row in await cursor.fetchall()}
-
-    async def _insert_one_by_one(self, batch) -> set[str] | None:
-        inserted: set[str] = set()
-        for event, future in batch:
-            try:
-                inserted |= await self._insert([event])
-            except psycopg.errors.DataError:
-                await self._drop_connection()
-                future.set_exception(UnstorablePayload())
-            except Exception:
-                await self._drop_connection()
-                for _, pending in batch:
-                    if not pending.done():
-                        pending.set_exception(StorageUnavailable())
-                return None
-        return inserted
-
-    async def _drop_connection(self) -> None:
-        if self.conn is not None:
-            try:
-                await self.conn.close()
-            except Exception:
-                pass
-        self.conn = None
-
-
-# How long the first stored id waits for others before its message goes out. A worker applies
-# a message's events in one transaction, several times cheaper per event than one by one, and
-# when requests come one at a time each commit holds a single id: gathering for this long turns
-# 500 requests/s into messages of about 25 ids, for 50 ms more between commit and processing.
-GATHER_SECONDS = 0.05
-
-
-class Publisher:
-    """Publishes task messages from one background thread, off the request path."""
-
-    def __init__(self) -> None:
-        # Imported here, at startup, not by the thread while the first requests are served.
-        from tasks.events import BATCH_SIZE, enqueue_events
-
-        self._enqueue = enqueue_events
-        self._batch_size = BATCH_SIZE
-        self._pending: list[str] = []
-        self._cond = threading.Condition()
-        self._thread = threading.Thread(target=self._run, name="publisher", daemon=True)
-        self._thread.start()
-
-    def submit(self, event_ids: list[str]) -> None:
-        with self._cond:
-            self._pending.extend(event_ids)
-            self._cond.notify()
-
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                while not self._pending:
-                    self._cond.wait()
-                deadline = time.monotonic() + GATHER_SECONDS
-                while len(self._pending) < self._batch_size and (left := deadline - time.monotonic()) > 0:
-                    self._cond.wait(left)
-                batch, self._pending = self._pending, []
-            try:
-                self._enqueue(batch)
-                METRICS.enqueued.inc(len(batch))
-            except Exception as error:  # broker down: the events are stored, the sweeper will enqueue
-                METRICS.enqueue_failed.inc(len(batch))
-                log.warning("could not enqueue %d stored events: %s", len(batch), type(error).__name__)
 
 
 @dataclass
@@ -189,7 +59,7 @@ class Metrics:
 METRICS = Metrics()
 
 
-def _reject(endpoint: str, reason: str, status: int = 400) -> JSONResponse:
+def _reject(endpoint: Endpoint, reason: str, status: int = 400) -> JSONResponse:
     METRICS.rejected.labels(endpoint, reason).inc()
     return JSONResponse({"error": reason}, status_code=status)
 
@@ -221,12 +91,12 @@ def _verified(body: str, header: str, secrets: list[str], tolerance: int) -> boo
 def create_app(settings: Settings | None = None) -> Starlette:
     settings = settings or get_settings()
     secrets_by_endpoint = {
-        "platform": [s.get_secret_value() for s in settings.stripe_webhook_secrets],
-        "connect": [s.get_secret_value() for s in settings.stripe_connect_webhook_secrets],
+        Endpoint.PLATFORM: [s.get_secret_value() for s in settings.stripe_webhook_secrets],
+        Endpoint.CONNECT: [s.get_secret_value() for s in settings.stripe_connect_webhook_secrets],
     }
     state: dict = {}
 
-    async def receive(request: Request, endpoint: str) -> Response:
+    async def receive(request: Request, endpoint: Endpoint) -> Response:
         METRICS.received.labels(endpoint).inc()
         try:
             raw = await _read_body(request, settings.webhook_max_body_bytes)
@@ -266,10 +136,10 @@ def create_app(settings: Settings | None = None) -> Starlette:
         return JSONResponse({"status": "stored", "id": event.id})
 
     async def platform(request: Request) -> Response:
-        return await receive(request, "platform")
+        return await receive(request, Endpoint.PLATFORM)
 
     async def connect(request: Request) -> Response:
-        return await receive(request, "connect")
+        return await receive(request, Endpoint.CONNECT)
 
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
@@ -288,10 +158,14 @@ def create_app(settings: Settings | None = None) -> Starlette:
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        from tasks.events import Publisher
+        from worker import get_app
+
+        get_app()  # the app the publisher sends through, built before the first request
         writer = InboxWriter(settings.libpq_database_url)
         state["writer"] = writer
-        state["publisher"] = Publisher()
-        writer.task = asyncio.create_task(writer.run())
+        state["publisher"] = Publisher(on_published=METRICS.enqueued.inc, on_failed=METRICS.enqueue_failed.inc)
+        writer.start()
         # Everything loaded so far (Celery, the Stripe SDK, ...) lives as long as the process:
         # out of the collector's sight, a full collection no longer walks it on the request
         # path (it took 35-70 ms every half second under load at c64, the whole p99).
@@ -299,8 +173,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         try:
             yield
         finally:
-            writer.task.cancel()
-            await writer._drop_connection()
+            await writer.stop()
 
     return Starlette(
         routes=[
@@ -315,17 +188,11 @@ def create_app(settings: Settings | None = None) -> Starlette:
 
 
 def _readiness(settings: Settings) -> dict[str, bool]:
-    checks = {}
+    checks = {"database": inbox.database_answers(settings.libpq_database_url)}
     try:
-        with psycopg.connect(settings.libpq_database_url, connect_timeout=3) as conn:
-            conn.execute("SELECT 1")
-        checks["database"] = True
-    except Exception:
-        checks["database"] = False
-    try:
-        from worker import app
+        from worker import get_app
 
-        with app.connection_for_write() as conn:
+        with get_app().connection_for_write() as conn:
             conn.ensure_connection(max_retries=1, timeout=3)
         checks["broker"] = True
     except Exception:
@@ -338,26 +205,14 @@ def _refresh_backlog(settings: Settings) -> None:
 
     try:
         with psycopg.connect(settings.libpq_database_url, connect_timeout=3) as conn:
-            rows = conn.execute(
-                # Only the small, non-final statuses: counting processed rows would scan the table.
-                "SELECT status, count(*) FROM marketplace_worker.stripe_events"
-                " WHERE status IN ('received', 'retrying', 'parked') GROUP BY status"
-            ).fetchall()
-            # Newest ok run per job, read backwards on (job, started_at): a few rows per job.
-            last_ok = conn.execute(
-                "SELECT job, (SELECT extract(epoch FROM finished_at) FROM marketplace_worker.job_runs r"
-                "             WHERE r.job = j.job AND outcome = 'ok' ORDER BY started_at DESC LIMIT 1)"
-                " FROM unnest(%s::text[]) AS j(job)",
-                ([job.name for job in JOBS],),
-            ).fetchall()
+            backlog = inbox.backlog(conn)
+            last_ok = jobs.last_successes(conn, [job.name for job in JOBS])
     except Exception:
         return
-    counts = dict(rows)
-    for status in ("received", "retrying", "parked"):
-        METRICS.backlog.labels(status).set(counts.get(status, 0))
-    for job, finished in last_ok:
-        if finished is not None:
-            METRICS.job_last_ok.labels(job).set(float(finished))
+    for status, count in backlog.items():
+        METRICS.backlog.labels(status).set(count)
+    for job, finished in last_ok.items():
+        METRICS.job_last_ok.labels(job).set(finished.timestamp())
 
 
 def serve(host: str, port: int) -> None:
@@ -365,8 +220,6 @@ def serve(host: str, port: int) -> None:
 
     settings = get_settings()
     if not settings.stripe_webhook_secrets:
-        from config import ConfigError
-
         raise ConfigError("configuration error: STRIPE_WEBHOOK_SECRETS is not set")
     # log_config=None: uvicorn's records go through the process's handler (worker/logging_setup.py).
     uvicorn.run(create_app(settings), host=host, port=port, log_level="warning", access_log=False, log_config=None)

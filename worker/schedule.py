@@ -2,9 +2,10 @@
 
 Each job fires at the instants of a fixed UTC grid (config/cadence.py): "every 5 min" means
 at :00, :05, ... whenever beat was started, and "daily at 02:00" at 02:00 UTC. Beat stamps
-each message with that instant, the job's slot, and the task's run_once() (domain/jobs.py)
-runs one copy per (job, slot) and never two runs of a job at a time. Tasks are referenced by
-name, so beat needs none of their code.
+each message with that instant, the job's slot, and the job's task (tasks/base.py, `@job`)
+runs one copy per (job, slot) and never two runs of a job at a time. A job is named after its
+task's function, and its cadence is the setting `schedule_<job>`. Tasks are referenced by
+name, so beat needs none of their code; tests/test_jobs.py checks the table against the tasks.
 
 High availability: no Redis-backed scheduler (RedBeat or similar). Two ordinary beat
 processes on two hosts are already safe, because Postgres, not beat, decides what runs:
@@ -25,17 +26,21 @@ from celery.signals import before_task_publish
 
 from config import Settings, get_settings
 from config.cadence import Cadence
+from tasks.base import SLOT_HEADER
 
-# Message headers: the job a beat message is for (static, in the entry), and its slot
-# (added when beat publishes it).
+# The header naming the job a beat message is for (static, in the entry); beat adds the slot
+# (SLOT_HEADER) when it publishes the message.
 JOB_HEADER = "mw_job"
-SLOT_HEADER = "mw_slot"
 
 
 @dataclass(frozen=True)
 class Job:
-    name: str  # run_once's name, job_runs.job
     task: str
+
+    @property
+    def name(self) -> str:
+        """The job's name in job_runs.job: its task's function."""
+        return self.task.rpartition(".")[2]
 
     @property
     def setting(self) -> str:
@@ -46,17 +51,17 @@ class Job:
 
 
 JOBS = (
-    #   job                      task                                     default cadence (UTC)
-    Job("sweep_inbox",           "tasks.events.sweep_inbox"),            # every 1 min
-    Job("catch_up_events",       "tasks.events.catch_up_events"),        # every 10 min
-    Job("incremental_stats",     "tasks.stats.incremental_stats"),       # every 1 min
-    Job("poll_invoices",         "tasks.polling.poll_invoices"),         # every 5 min
-    Job("complete_transactions", "tasks.polling.complete_transactions"), # every 1 h
-    Job("full_stats",            "tasks.stats.full_stats"),              # daily at 02:00
-    Job("reconcile_dirty",       "tasks.reconciliation.reconcile_dirty"), # every 10 min
-    Job("reconcile_all",         "tasks.reconciliation.reconcile_all"),  # daily at 03:00
-    Job("purge_inbox",           "tasks.maintenance.purge_inbox"),       # daily at 04:00
-    Job("sweep_fanout",          "tasks.fanout.sweep_fanout"),           # every 1 min
+    #   task                                      default cadence (UTC)
+    Job("tasks.events.sweep_inbox"),              # every 1 min
+    Job("tasks.events.catch_up_events"),          # every 10 min
+    Job("tasks.stats.incremental_stats"),         # every 1 min
+    Job("tasks.polling.poll_invoices"),           # every 5 min
+    Job("tasks.polling.complete_transactions"),   # every 1 h
+    Job("tasks.stats.full_stats"),                # daily at 02:00
+    Job("tasks.reconciliation.reconcile_dirty"),  # every 10 min
+    Job("tasks.reconciliation.reconcile_all"),    # daily at 03:00
+    Job("tasks.maintenance.purge_inbox"),         # daily at 04:00
+    Job("tasks.fanout.sweep_fanout"),             # every 1 min
 )
 JOBS_BY_NAME = {job.name: job for job in JOBS}
 

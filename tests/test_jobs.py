@@ -1,0 +1,87 @@
+"""Scheduled jobs: the schedule table against the job tasks, and a job's task run by beat's
+message, by hand, or beside another run of its job."""
+
+from __future__ import annotations
+
+import threading
+
+import psycopg
+import pytest
+
+# Jobs whose task still calls run_once itself rather than being a @job (tasks/base.py).
+NOT_YET_JOB_TASKS = {
+    "tasks.stats.incremental_stats", "tasks.stats.full_stats", "tasks.maintenance.purge_inbox",
+    "tasks.reconciliation.reconcile_all", "tasks.reconciliation.reconcile_dirty",
+}
+
+
+def _job_tasks() -> dict:
+    from tasks.base import JobTask
+    from worker import get_app
+
+    app = get_app()
+    app.loader.import_default_modules()
+    return {name: task for name, task in app.tasks.items() if isinstance(task, JobTask)}
+
+
+def test_every_scheduled_job_has_its_task_and_every_job_task_is_scheduled_or_manual(services):
+    from worker.schedule import JOBS
+
+    job_tasks = _job_tasks()
+    scheduled = {job.task for job in JOBS}
+    assert len({job.name for job in JOBS}) == len(JOBS)
+    assert scheduled - set(job_tasks) == NOT_YET_JOB_TASKS & scheduled
+    assert {name for name, task in job_tasks.items() if not task.manual} <= scheduled
+    assert {name for name in scheduled & set(job_tasks) if job_tasks[name].manual} == set()
+    for job in JOBS:
+        if job.task in job_tasks:
+            assert job_tasks[job.task].job == job.name
+
+
+def _runs(services, job: str) -> list[tuple]:
+    with psycopg.connect(services["DATABASE_URL"]) as conn:
+        return conn.execute(
+            "SELECT slot, outcome, counts, reason FROM marketplace_worker.job_runs WHERE job = %s ORDER BY id",
+            (job,),
+        ).fetchall()
+
+
+def test_a_job_task_records_its_counts_and_returns_them(db, services):
+    from tasks.polling import complete_transactions
+
+    assert complete_transactions() == {"completed": 0}
+    assert _runs(services, "complete_transactions") == [(None, "ok", {"completed": 0}, None)]
+
+
+def test_a_run_by_hand_returns_the_domain_result_and_records_its_counts(db, services):
+    from domain.polling import PollResult
+    from tasks.polling import poll_invoices
+
+    result = poll_invoices.run_by_hand()
+    assert isinstance(result, PollResult)
+    [(slot, outcome, counts, _)] = _runs(services, "poll_invoices")
+    assert (slot, outcome) == (None, "ok") and counts["created"] == result.created == 0
+
+
+def test_a_job_task_beside_a_running_run_of_its_job_is_a_skipped_success(db, services):
+    from domain.jobs import JobSkipped, run_once
+    from tasks.polling import complete_transactions
+
+    inside, release = threading.Event(), threading.Event()
+
+    def holder() -> None:
+        with run_once("complete_transactions"):
+            inside.set()
+            release.wait(20)
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    try:
+        assert inside.wait(20)
+        assert complete_transactions().startswith("skipped: another run is in progress")
+        with pytest.raises(JobSkipped):
+            complete_transactions.run_by_hand()
+    finally:
+        release.set()
+        thread.join(20)
+    assert [outcome for _, outcome, _, _ in _runs(services, "complete_transactions")] == ["ok", "skipped", "skipped"]
