@@ -293,10 +293,13 @@ _STAGE_SQL = text(
     f"CREATE TEMPORARY TABLE provider_stats_staged AS {_fresh_sql('BETWEEN :first AND :last')}"
 )
 
-# Every `size`-th provider id: the last id of each range but the last one.
+# Every `size`-th provider id but the greatest: the last id of each range but the last one.
 _RANGE_ENDS_SQL = text("""
-SELECT id FROM (SELECT id, row_number() OVER (ORDER BY id) AS n FROM marketplace.providers) p
-WHERE n % :size = 0
+SELECT id FROM (
+    SELECT id, row_number() OVER (ORDER BY id) AS n, count(*) OVER () AS providers
+    FROM marketplace.providers
+) p
+WHERE n % :size = 0 AND n < providers
 ORDER BY id
 """)
 

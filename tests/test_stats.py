@@ -89,9 +89,9 @@ def incremental(overlap: timedelta = OVERLAP) -> stats.PassResult:
         return stats.incremental_pass(session, overlap=overlap)
 
 
-def full(batch_size: int = 1000, on_changes=None) -> stats.FullPassResult:
+def full(batch_size: int = 1000, on_changes=None, range_size: int | None = None) -> stats.FullPassResult:
     with get_engine().connect() as connection:
-        return stats.full_pass(connection, batch_size=batch_size, on_changes=on_changes)
+        return stats.full_pass(connection, batch_size=batch_size, range_size=range_size, on_changes=on_changes)
 
 
 def refund(session: Session, transaction: Transaction, cents: int) -> None:
@@ -422,6 +422,55 @@ def test_webhooks_changing_transactions_during_a_full_pass_lose_nothing(db):
     assert reference(db) == all_stored(db)
 
 
+def stale_providers(session: Session, n: int) -> list[Provider]:
+    """`n` providers with listings, transactions of every status and ratings, each stored with
+    stats that are wrong for it."""
+    providers = []
+    for i in range(n):
+        provider = f.provider(session, totalListings=9, totalTransactions=9, totalRevenueCents=9,
+                              averageRating=Decimal("1.11"))
+        for _ in range(i % 3):
+            f.listing(session, provider)
+        invoice = f.invoice(session, provider)
+        for status in STATUSES[: 1 + i % len(STATUSES)]:
+            f.transaction(session, invoice, status=status, totalCents=1_000 + 100 * i)
+        rated(session, provider, [1 + (i + k) % 5 for k in range(i % 4)])
+        providers.append(provider)
+    session.commit()
+    return providers
+
+
+def make_stale(session: Session) -> None:
+    session.execute(update(Provider).values(totalListings=9, totalTransactions=9, totalRevenueCents=9,
+                                            averageRating=Decimal("1.11")))
+    session.commit()
+
+
+def test_provider_ranges_cover_every_id_once(db):
+    ids = sorted(p.id for p in stale_providers(db, 7))
+
+    ranges = stats.provider_ranges(db, 3)
+
+    assert [(first, last) for first, last in ranges] == [
+        (stats.FIRST_ID, ids[2]), (ids[2] + 1, ids[5]), (ids[5] + 1, stats.LAST_ID)]
+    assert stats.provider_ranges(db, 6) == [(stats.FIRST_ID, ids[5]), (ids[5] + 1, stats.LAST_ID)]
+    assert stats.provider_ranges(db, 7) == [(stats.FIRST_ID, stats.LAST_ID)]
+    assert stats.provider_ranges(db, 100) == [(stats.FIRST_ID, stats.LAST_ID)]
+
+
+def test_the_full_pass_in_ranges_writes_what_one_range_does(db):
+    stale_providers(db, 10)
+    expected = reference(db)
+
+    in_ranges = full(batch_size=2, range_size=3)
+
+    assert all_stored(db) == expected
+    assert (in_ranges.providers, in_ranges.changed, in_ranges.batches) == (10, 10, 2 + 2 + 2 + 1)
+    make_stale(db)
+    assert full(batch_size=2).counts() == {"providers": 10, "batches": 5, "changed": 10}
+    assert all_stored(db) == expected
+
+
 # ------------------------------------------------------------------------ randomized ---
 
 STATUSES = ["pending_invoice", "invoiced", "paid", "completed", "cancelled", "refunded"]
@@ -568,3 +617,80 @@ def test_the_beat_tasks_run_on_the_worker(celery_worker, db):
     wait_for(lambda: db.execute(text(
         "SELECT array_agg(job ORDER BY job) FROM marketplace_worker.job_runs WHERE outcome = 'ok'"
     )).scalar() == ["full_stats", "incremental_stats"], message="both runs recorded")
+
+
+# ----------------------------------------------------------------- fan-out to the workers ---
+
+FULL_STATS_RANGE = "tasks.stats.full_stats_range"
+
+
+def range_pieces(session: Session) -> list[tuple[str, str | None]]:
+    """(key, outcome) of each range the full_stats job fanned out, in the order recorded."""
+    session.rollback()
+    return [tuple(row) for row in session.execute(text(
+        "SELECT key, outcome FROM marketplace_worker.fanout_items WHERE task = :task ORDER BY id"
+    ), {"task": FULL_STATS_RANGE})]
+
+
+@pytest.fixture
+def ranges_of(monkeypatch):
+    """The full_stats job, run here, fans out ranges of this many providers."""
+    import tasks.stats
+    from config import get_settings
+
+    def set_size(size: int) -> None:
+        settings = get_settings().model_copy(update={"stats_full_range_size": size})
+        monkeypatch.setattr(tasks.stats, "get_settings", lambda: settings)
+
+    return set_size
+
+
+@pytest.mark.flow
+def test_the_full_pass_through_the_workers_writes_what_the_pass_in_process_does(celery_worker, db, ranges_of):
+    from tasks.stats import full_stats
+
+    stale_providers(db, 11)
+    ranges_of(3)
+
+    assert full_stats() == {"ranges": 4, "enqueued": 4}
+    wait_for(lambda: [outcome for _, outcome in range_pieces(db)] == ["ok"] * 4, message="every range done")
+    through_workers = all_stored(db)
+
+    make_stale(db)
+    assert full(range_size=3).changed == 11
+    assert all_stored(db) == through_workers == reference(db)
+
+
+@pytest.mark.flow
+def test_ranges_whose_messages_the_broker_lost_are_swept_and_the_pass_completes(
+        celery_worker, db, ranges_of, monkeypatch):
+    import tasks.fanout
+    import tasks.stats
+
+    providers = stale_providers(db, 12)
+    expected = reference(db)
+    ranges_of(3)
+    sent = []
+
+    def publish_every_other(pieces):  # the broker loses the others
+        sent.extend(pieces[::2])
+        tasks.fanout.publish(pieces[::2])
+
+    monkeypatch.setattr(tasks.stats, "publish", publish_every_other)
+    assert tasks.stats.full_stats() == {"ranges": 4, "enqueued": 4}
+    sent_keys = {piece.key for piece in sent}
+    wait_for(lambda: {key for key, outcome in range_pieces(db) if outcome == "ok"} == sent_keys,
+             message="the ranges sent")
+    lost = [key for key, outcome in range_pieces(db) if outcome is None]
+    assert len(lost) == 2
+    assert sum(all_stored(db)[p.id] != expected[p.id] for p in providers) == 6  # the lost ranges' providers
+
+    # Past FANOUT_SWEEP_AFTER_SECONDS with an empty queue: the sweeper sends them again.
+    db.execute(text("UPDATE marketplace_worker.fanout_items SET due_at = now() - interval '10 minutes'"
+                    " WHERE finished_at IS NULL"))
+    db.commit()
+    tasks.fanout.sweep_fanout()
+    assert db.execute(text("SELECT key FROM marketplace_worker.fanout_items WHERE enqueues = 2 ORDER BY id"
+                           )).scalars().all() == lost  # sent a second time, by the sweeper
+    wait_for(lambda: [outcome for _, outcome in range_pieces(db)] == ["ok"] * 4, message="the swept ranges")
+    assert all_stored(db) == expected
