@@ -14,6 +14,11 @@ users and invoices their foreign keys need. It then prints:
   the floor; for the second, also the time of one hand-written UPDATE ... FROM (that
   aggregate) writing every provider, and the longest batch transaction of the pass, which
   bounds how long it keeps rows of marketplace.providers locked;
+- the full pass, every provider changing, in the ranges the nightly job fans out as tasks:
+  of STATS_FULL_RANGE_SIZE providers (its default), and of 5,000 and 2,000, each range run
+  here one after the other as the workers' tasks would, with the longest range (the longest
+  task) and the ratio to the floor: each range reads the transactions of its providers,
+  which lie all over the table, so every range costs about one read of it;
 - the first incremental pass (no watermark yet), then the incremental pass for 100 providers
   touched by the worker (touched_providers) and for 100 touched by the app (a listing of each
   updated), min, median and max of 5; then the same once the tables have the indexes on
@@ -218,6 +223,33 @@ def full_pass_rss(url: str) -> tuple[int, int]:
     return before, peak
 
 
+def reset_every_provider(engine) -> None:
+    """Every provider's stored stats to zero: the next full pass writes them all."""
+    with engine.connect() as conn:
+        conn.exec_driver_sql(RESET)
+        conn.commit()
+        conn.execution_options(isolation_level="AUTOCOMMIT").exec_driver_sql("VACUUM marketplace.providers")
+
+
+def full_pass_in_ranges(engine, range_size: int, providers: int) -> tuple[int, float, float]:
+    """(ranges, total seconds, longest range's seconds) of a full pass writing every provider,
+    range after range as the nightly job's tasks run them."""
+    from domain import stats
+
+    reset_every_provider(engine)
+    with engine.connect() as conn:
+        ranges = stats.provider_ranges(conn, range_size)
+    took = []
+    with engine.connect() as conn:
+        for first, last in ranges:
+            start = time.perf_counter()
+            changed = stats.full_pass_range(conn, first=first, last=last, batch_size=1000).changed
+            took.append(time.perf_counter() - start)
+            providers -= changed
+    assert providers == 0, f"{providers} providers left unchanged"
+    return len(ranges), sum(took), max(took)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scale", type=float, default=1.0)
@@ -249,11 +281,7 @@ def main() -> int:
             start = time.perf_counter()
             conn.exec_driver_sql(WRITE_FLOOR)
             write_floor_s = time.perf_counter() - start
-        with engine.connect() as conn:
-            conn.exec_driver_sql(RESET)
-            conn.commit()
-            conn.execution_options(isolation_level="AUTOCOMMIT").exec_driver_sql(
-                "VACUUM marketplace.providers")
+        reset_every_provider(engine)
 
         batch_ends = [time.perf_counter()]
         with engine.connect() as conn:
@@ -278,6 +306,13 @@ def main() -> int:
         print(f"  floor with writes: one UPDATE ... FROM (aggregate) {write_floor_s * 1000:7.0f} ms"
               f"   full pass = {first_s / write_floor_s:.2f}x that")
         print(f"  longest batch transaction (rows of providers locked) {longest_batch * 1000:5.1f} ms")
+        from config import Settings
+
+        for range_size in (Settings.model_fields["stats_full_range_size"].default, 5_000, 2_000):
+            ranges, total_s, longest_s = full_pass_in_ranges(engine, range_size, sizes["providers"])
+            tasks = f"{ranges} task" + ("s" if ranges > 1 else "")
+            print(f"  in ranges of {range_size:,} providers ({tasks})   {total_s * 1000:7.0f} ms"
+                  f"   {total_s / floor_s:.2f}x floor, longest task {longest_s * 1000:.0f} ms")
 
         start = time.perf_counter()
         with session_scope(url) as session:
