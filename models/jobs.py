@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
-
 from enum import StrEnum
+from typing import Any
 
 from sqlalchemy import BigInteger, DateTime, Index, Text, func, text
 from sqlalchemy.dialects.postgresql import JSONB

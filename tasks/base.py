@@ -8,8 +8,10 @@ A scheduled job's task is one line around its domain call, named after the job:
     def poll_invoices() -> polling.PollResult:
         return polling.poll_invoices(session_scope, stripe_client_or_none())
 
-`@job` takes the options of `shared_task` (time limits...), and `manual=True` for a job run
-only on demand (no beat entry). The schedule (worker/schedule.py) names the task.
+`@job` takes the options of `shared_task` (time limits...), `manual=True` for a job run
+only on demand (no beat entry), and `then=fn`: `fn(result)` runs once the run is recorded and
+its lock released (a job that continues itself sends its next message there, which a run
+still holding the lock would see skipped). The schedule (worker/schedule.py) names the task.
 """
 
 from __future__ import annotations
@@ -73,6 +75,7 @@ class JobTask(Task):
     task's own result is those counts, or "skipped: <reason>" (a success, not a failure)."""
 
     manual = False  # a job run only on demand: it has no beat entry
+    then: Callable[[Any], None] | None = None  # called with the result once the run is over
 
     @property
     def job(self) -> str:
@@ -86,6 +89,8 @@ class JobTask(Task):
                              slot=datetime.fromisoformat(slot) if slot else None)
         except JobSkipped as skipped:
             return f"skipped: {skipped.reason}"
+        if self.then is not None:
+            self.then(result)
         return counts_of(result)
 
     def run_by_hand(self, work: Callable[[], Result] | None = None) -> Result:
@@ -98,6 +103,8 @@ class JobTask(Task):
 def job(fn: Callable | None = None, /, **options: Any):
     """`@job` or `@job(**options)`: make the function the task of the job named after it."""
     options.setdefault("base", JobTask)
+    if options.get("then") is not None:
+        options["then"] = staticmethod(options["then"])  # a class attribute, not a method
     return shared_task(fn, **options) if fn is not None else shared_task(**options)
 
 

@@ -1,12 +1,17 @@
 """Scheduled jobs: the schedule table against the job tasks, and a job's task run by beat's
-message, by hand, or beside another run of its job."""
+message, by hand, or beside another run of its job; and the direction of the imports around
+them (worker → tasks → domain)."""
 
 from __future__ import annotations
 
+import ast
 import threading
+from pathlib import Path
 
 import psycopg
 import pytest
+
+from tasks.base import job
 
 # Jobs whose task still calls run_once itself rather than being a @job (tasks/base.py).
 NOT_YET_JOB_TASKS = {
@@ -85,3 +90,57 @@ def test_a_job_task_beside_a_running_run_of_its_job_is_a_skipped_success(db, ser
         release.set()
         thread.join(20)
     assert [outcome for _, outcome, _, _ in _runs(services, "complete_transactions")] == ["ok", "skipped", "skipped"]
+
+
+def _then_probe(result: dict) -> None:
+    from domain.jobs import run_once
+
+    with run_once("then_probe") as run:  # skipped if the run that called it still held the lock
+        run.counts = {"after": result["rows"]}
+
+
+@job(manual=True, then=_then_probe)
+def then_probe() -> dict:
+    return {"rows": 1}
+
+
+def test_then_runs_with_the_result_once_the_run_has_let_go_of_the_job(db, services):
+    assert then_probe() == {"rows": 1}
+    assert [(outcome, counts) for _, outcome, counts, _ in _runs(services, "then_probe")] == [
+        ("ok", {"rows": 1}), ("ok", {"after": 1})]
+
+
+# --- the layers around them -------------------------------------------------------------------
+
+PROJECT = Path(__file__).resolve().parents[1]
+
+# Task modules that still build their tasks on `worker.app` (converted to @job at the end).
+STILL_IMPORT_WORKER = {"tasks/stats.py", "tasks/maintenance.py", "tasks/reconciliation.py"}
+
+
+def _imports(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+            names |= {f"{node.module}.{alias.name}" for alias in node.names}
+    return names
+
+
+def _modules(package: str) -> dict[str, set[str]]:
+    return {str(path.relative_to(PROJECT)): _imports(path) for path in sorted((PROJECT / package).rglob("*.py"))}
+
+
+def test_dependencies_point_from_worker_to_tasks_to_domain():
+    def importing(package: str, prefix: str) -> set[str]:
+        return {path for path, names in _modules(package).items()
+                if any(name == prefix or name.startswith(prefix + ".") for name in names)}
+
+    assert importing("tasks", "worker") == STILL_IMPORT_WORKER & importing("tasks", "worker")
+    assert importing("domain", "tasks") == set()
+    assert importing("domain", "worker") == set()
+    # The inbox's bookkeeping is domain/inbox.py's; applying events is the task layer's alone.
+    assert importing("worker", "domain.dispatch") == set()
+    assert importing("domain", "domain.dispatch") == set()
