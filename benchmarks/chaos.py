@@ -20,7 +20,7 @@ order (created, then id), by the same domain code in this process, on a second d
 identically; the provider-stats full pass runs on both and the databases are compared table by
 table. The reference runs the same code without faults, duplicates or disorder, so equality
 proves the outcome does not depend on them; an oracle computed from the histories alone
-checks the outcome of every invoice on top. How it works: harness/chaos.py.
+checks the outcome of every invoice on top. How it works: harness/chaos/__init__.py.
 
 Prints events accepted, rejections by reason (and whether each was the right answer),
 processed, parked (with errors), lost, applied twice, mismatches against the reference and
@@ -38,7 +38,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from harness.chaos import ChaosConfig, run_chaos
+from harness.chaos.run import ChaosConfig, run_chaos
 
 
 def main() -> int:

@@ -32,8 +32,9 @@ import psycopg
 
 from domain.inbox import INSERT_EVENTS_SQL, event_from_dict, insert_params
 from harness import stripe_events as se
-from harness.flow import ReceiverProcess, WorkerProcess
+from harness.flow import ReceiverProcess
 from harness.services import test_services
+from harness.workers import WorkerProcess
 
 SECRET = "whsec_benchmark_secret_0123456789"
 

@@ -3,7 +3,7 @@ processing lag.
 
     python -m benchmarks.soak [--minutes 10] [--rate 500]
 
-Starts its own embedded Postgres and Redis (harness/chaos.py `Servers`, whatever
+Starts its own embedded Postgres and Redis (harness/chaos/servers.py `Servers`, whatever
 DATABASE_URL / REDIS_URL say), one receiver process (`marketplace-worker webhook`), two worker
 processes (`celery -A worker worker`, 2 pool processes each) and `celery -A worker beat` (inbox
 sweeper and incremental provider stats at their default cadences; the jobs that call Stripe
@@ -41,21 +41,13 @@ import psutil
 import psycopg
 
 from harness import stripe_events as se
-from harness.chaos import (
-    PATHS,
-    SECRETS,
-    Beat,
-    GeneratedEvent,
-    Servers,
-    Worker,
-    prepare_database,
-    schedule_env,
-    settings_env,
-    wait_drained,
-    worker_env,
-)
+from harness.chaos.deliveries import PATHS, SECRETS
+from harness.chaos.run import settings_env, wait_drained, worker_env
+from harness.chaos.scenario import GeneratedEvent, prepare_database
+from harness.chaos.servers import Servers
 from harness.flow import ReceiverProcess
 from harness.services import scratch_database
+from harness.workers import BeatProcess, WorkerProcess, schedule_env
 
 ACTIVE_INVOICES = 200
 PROVIDERS = 200
@@ -253,13 +245,14 @@ def main() -> int:
             from celery import Celery
 
             probe = Celery("soak-probe", broker=servers.redis_url, set_as_current=False)
-            workers = [Worker(n, env, work / f"worker-{n}.log", 2, probe) for n in range(1, args.workers + 1)]
+            workers = {n: WorkerProcess(env, work / f"worker-{n}.log", 2, probe, name=f"soak{n}")
+                       for n in range(1, args.workers + 1)}
             try:
-                with ReceiverProcess(env, work / "receiver.log") as receiver, Beat(env, work):
-                    for worker in workers:
+                with ReceiverProcess(env, work / "receiver.log") as receiver, BeatProcess(env, work):
+                    for worker in workers.values():
                         worker.start()
                     trees = {"receiver": lambda: receiver.proc.pid}
-                    trees |= {f"worker {w.slot}": (lambda w=w: w.proc.pid) for w in workers}
+                    trees |= {f"worker {n}": (lambda w=w: w.proc.pid) for n, w in workers.items()}
                     # The broker holds the backlog: shown, not judged.
                     sampler = Sampler(trees | {"redis": servers.redis_pid})
                     sampler.sample()
@@ -282,7 +275,7 @@ def main() -> int:
                     drained = wait_drained(database_url, 1800)
                     drain_seconds = time.monotonic() - stream_ended
             finally:
-                for worker in workers:
+                for worker in workers.values():
                     worker.stop()
                 probe.close()
 

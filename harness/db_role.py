@@ -12,6 +12,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 
+from harness.services import libpq_url
 from models.grants import grants_sql, revoke_sql
 
 
@@ -24,16 +25,12 @@ def as_role(url: str, role: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
-def _libpq(url: str) -> str:
-    return url.replace("postgresql+psycopg://", "postgresql://", 1)
-
-
 @contextmanager
 def worker_role(database_url: str, prefix: str = "mw_worker") -> Iterator[tuple[str, str]]:
     """(role, URL as the role) for a database whose app tables exist; the worker's schema is
     handed over to the role and taken back (and the role dropped) afterwards."""
     role = f"{prefix}_{os.getpid()}_{uuid.uuid4().hex[:6]}"
-    admin = _libpq(database_url)
+    admin = libpq_url(database_url)
     with psycopg.connect(admin, autocommit=True) as conn:
         conn.execute(grants_sql(role))
     try:
@@ -43,7 +40,7 @@ def worker_role(database_url: str, prefix: str = "mw_worker") -> Iterator[tuple[
 
 
 def drop_role(admin_url: str, role: str) -> None:
-    with psycopg.connect(_libpq(admin_url), autocommit=True) as conn:
+    with psycopg.connect(libpq_url(admin_url), autocommit=True) as conn:
         # Handing the tables back locks them: a test's open transaction fails it, not hangs it.
         conn.execute("SET lock_timeout = '30s'")
         # Its sessions (a worker that did not stop) would keep DROP ROLE from succeeding.

@@ -15,7 +15,8 @@ from psycopg import sql
 from worker.embedded import embedded_postgres, embedded_redis
 
 
-def _libpq(url: str) -> str:
+def libpq_url(url: str) -> str:
+    """The URL as libpq (psycopg) reads it: without SQLAlchemy's driver name."""
     return url.replace("postgresql+psycopg://", "postgresql://", 1)
 
 
@@ -23,10 +24,10 @@ def _libpq(url: str) -> str:
 def scratch_database(server_url: str, prefix: str = "mw_test") -> Iterator[str]:
     """A new, empty database beside the one `server_url` names, dropped afterwards."""
     name = f"{prefix}_{os.getpid()}_{uuid.uuid4().hex[:6]}"
-    admin = psycopg.conninfo.conninfo_to_dict(_libpq(server_url))
+    admin = psycopg.conninfo.conninfo_to_dict(libpq_url(server_url))
     with psycopg.connect(**admin, autocommit=True) as conn:
         conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    base, _, query = _libpq(server_url).partition("?")
+    base, _, query = libpq_url(server_url).partition("?")
     url = base.rsplit("/", 1)[0] + "/" + name + (f"?{query}" if query else "")
     try:
         yield url

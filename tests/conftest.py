@@ -18,8 +18,8 @@ import redis
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
-from harness.flow import WorkerProcess
 from harness.services import test_services
+from harness.workers import WorkerProcess
 
 WEBHOOK_SECRET = "whsec_test_platform_0123456789"
 CONNECT_WEBHOOK_SECRET = "whsec_test_connect_0123456789"

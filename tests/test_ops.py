@@ -32,7 +32,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import CONNECT_WEBHOOK_SECRET, STRIPE_API_KEY, WEBHOOK_SECRET
 from harness import stripe_events
-from harness.flow import WorkerProcess, wait_for
+from harness.flow import wait_for
+from harness.workers import WorkerProcess
 
 PROJECT = Path(__file__).resolve().parents[1]
 FLOWER_USER, FLOWER_PASSWORD = "ops", "test-flower-password"  # tests/conftest.py's FLOWER_BASIC_AUTH
@@ -205,27 +206,10 @@ def ops_app(ops_env) -> Celery:
     return Celery("ops-tests", broker=ops_env["REDIS_URL"], set_as_current=False)
 
 
-class OpsWorker(WorkerProcess):
-    def __init__(self, env, log_path, app: Celery) -> None:
-        super().__init__(env, log_path)
-        self.app = app
-
-    def wait_ready(self, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"worker exited:\n{self.log_tail()}")
-            if self.app.control.ping(timeout=0.5):
-                return
-        raise RuntimeError(f"worker did not start:\n{self.log_tail()}")
-
-
 @pytest.fixture(scope="module")
 def ops_worker(ops_env, ops_app, work_dir):
-    worker = OpsWorker(ops_env, work_dir / "ops-worker.log", ops_app)
-    worker.start()
-    yield worker
-    worker.stop()
+    with WorkerProcess(ops_env, work_dir / "ops-worker.log", probe=ops_app, name="ops", ready_timeout=30) as worker:
+        yield worker
 
 
 def _wait_until_broker_idle(ops_env) -> None:
