@@ -19,7 +19,10 @@ from models.connect import (
     ConnectPayout,
     ConnectPayoutItem,
     ConnectTransfer,
+    DiscrepancyChange,
+    DiscrepancyState,
     ReconcileDiscrepancy,
+    ReconcileDiscrepancyEvent,
 )
 from models.catchup import CatchupWindow, ConnectAccountState
 from models.fanout import FanoutItem
@@ -47,6 +50,8 @@ __all__ = [
     "ConnectPayout",
     "ConnectPayoutItem",
     "ConnectTransfer",
+    "DiscrepancyChange",
+    "DiscrepancyState",
     "Endpoint",
     "EventStatus",
     "FanoutItem",
@@ -60,6 +65,7 @@ __all__ = [
     "Provider",
     "ProviderStatsRecomputed",
     "ReconcileDiscrepancy",
+    "ReconcileDiscrepancyEvent",
     "Review",
     "ServiceListing",
     "StripeCharge",

@@ -9,11 +9,24 @@ it is not older, so the row holds the newest snapshot whatever order the sources
 from __future__ import annotations
 
 from datetime import datetime
+from enum import StrEnum
 
-from sqlalchemy import ARRAY, BigInteger, Boolean, DateTime, Index, Text, UniqueConstraint, func, text
+from sqlalchemy import (
+    ARRAY,
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    DateTime,
+    ForeignKey,
+    Index,
+    Text,
+    UniqueConstraint,
+    func,
+    text,
+)
 from sqlalchemy.orm import Mapped, mapped_column
 
-from models.base import WORKER_SCHEMA, Base
+from models.base import WORKER_SCHEMA, Base, one_of
 
 
 class ConnectAccount(Base):
@@ -147,13 +160,36 @@ class ConnectPayoutItem(Base):
     amount: Mapped[int] = mapped_column(BigInteger)
 
 
+class DiscrepancyState(StrEnum):
+    """Where a discrepancy stands; derived from its row (`resolved_at`, `acknowledged_at`)."""
+
+    OPEN = "open"  # seen by the last run that covered it, nobody has acknowledged it
+    ACKNOWLEDGED = "acknowledged"  # still seen, an operator acknowledged it at its current amounts
+    RESOLVED = "resolved"  # a later run no longer saw it
+
+
+class DiscrepancyChange(StrEnum):
+    """A change in a discrepancy's history."""
+
+    OPENED = "opened"  # first seen, or seen again after it was resolved
+    AMOUNT_CHANGED = "amount_changed"  # expected or seen cents, or the currency, differ from the last run's
+    ACKNOWLEDGED = "acknowledged"  # an operator's acknowledgement, with a note
+    REOPENED = "reopened"  # its amount changed after it was acknowledged: the acknowledgement is cleared
+    RESOLVED = "resolved"  # a run that covers it no longer sees it
+
+
 class ReconcileDiscrepancy(Base):
     """Something reconciliation found wrong, kept open until a run that covers it no longer
-    sees it. One row per (kind, subject): a rerun updates `last_seen_at`, never duplicates."""
+    sees it. One row per (kind, subject): a rerun updates `last_seen_at`, never duplicates.
+    An operator's acknowledgement holds while its amounts stay as they were acknowledged."""
 
     __tablename__ = "reconcile_discrepancies"
     __table_args__ = (
         UniqueConstraint("kind", "subject"),
+        CheckConstraint(
+            "(acknowledged_at IS NULL) = (acknowledged_by IS NULL) AND (acknowledged_at IS NULL) = (acknowledged_note IS NULL)",
+            name="acknowledged_whole",
+        ),
         Index("ix_reconcile_discrepancies_account", "account"),
         Index("ix_reconcile_discrepancies_resolved_at", "resolved_at"),
         {"schema": WORKER_SCHEMA},
@@ -175,3 +211,35 @@ class ReconcileDiscrepancy(Base):
     first_seen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     last_seen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     resolved_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # The last acknowledgement, kept once resolved; cleared when the amounts change or when
+    # the discrepancy comes back after it was resolved.
+    acknowledged_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    acknowledged_by: Mapped[str | None] = mapped_column(Text)
+    acknowledged_note: Mapped[str | None] = mapped_column(Text)
+
+
+class ReconcileDiscrepancyEvent(Base):
+    """One change in a discrepancy's history, with its amounts at the time. Written in the same
+    statement as the change itself; never updated."""
+
+    __tablename__ = "reconcile_discrepancy_events"
+    __table_args__ = (
+        one_of("change", DiscrepancyChange, name="change"),
+        Index("ix_reconcile_discrepancy_events_discrepancy_id", "discrepancy_id", "id"),
+        {"schema": WORKER_SCHEMA},
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    discrepancy_id: Mapped[int] = mapped_column(
+        BigInteger,
+        ForeignKey(f"{WORKER_SCHEMA}.reconcile_discrepancies.id", ondelete="CASCADE",
+                   name="fk_reconcile_discrepancy_events_discrepancy_id"),
+    )
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    change: Mapped[str] = mapped_column(Text)
+    # The operator's name for an acknowledgement; "reconcile" for the changes a run makes.
+    by: Mapped[str] = mapped_column(Text)
+    note: Mapped[str | None] = mapped_column(Text)
+    expected_cents: Mapped[int | None] = mapped_column(BigInteger)
+    seen_cents: Mapped[int | None] = mapped_column(BigInteger)
+    currency: Mapped[str | None] = mapped_column(Text)

@@ -32,6 +32,7 @@ from domain import lifecycle
 from domain.clock import from_unix
 from domain.connect import mirror
 from domain.stats_touch import touch_providers
+from models import DiscrepancyChange
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,8 @@ TRANSFER_KINDS = ("orphan_transfer", "transfer_not_reversed")
 UNKNOWN_DESTINATION = "unknown_destination"
 # Transactions a paid-out classification holds back from `completed`.
 HELD_BY_DISPUTE = "held_by_dispute"
+# Who changed a discrepancy, in its history, when a run did.
+RUN_ACTOR = "reconcile"
 
 
 # --- matching ------------------------------------------------------------------------------
@@ -286,42 +289,99 @@ _COMPLETE = text(
 
 # --- discrepancies -------------------------------------------------------------------------
 
+# A finding's amounts are its expected and seen cents and its currency. One statement per
+# batch stores the findings and writes their history: `opened` for a new discrepancy or one
+# back after it was resolved (a new occurrence: first seen now, any old acknowledgement
+# cleared), `amount_changed` for an open one whose amounts differ from the last run's, and
+# `reopened` when that clears an acknowledgement (given for the amounts it saw). `before` is the
+# rows as this statement found them: the snapshot the upsert's own changes do not show.
 _UPSERT_DISCREPANCIES = text(
     """
-    INSERT INTO marketplace_worker.reconcile_discrepancies AS d
-        (kind, subject, account, transaction_id, expected_cents, seen_cents, currency, transfer_ids,
-         payout_id, detail, first_seen_at, last_seen_at)
-    SELECT f.kind, f.subject, f.account, f.transaction_id, f.expected_cents, f.seen_cents, f.currency,
-           CASE WHEN f.transfer_ids = '' THEN NULL ELSE string_to_array(f.transfer_ids, ',') END,
-           f.payout_id, f.detail, now(), now()
-    FROM unnest(
-        CAST(:kind AS text[]), CAST(:subject AS text[]), CAST(:account AS text[]),
-        CAST(:transaction_id AS bigint[]), CAST(:expected_cents AS bigint[]), CAST(:seen_cents AS bigint[]),
-        CAST(:currency AS text[]), CAST(:transfer_ids AS text[]), CAST(:payout_id AS text[]),
-        CAST(:detail AS text[])
-    ) AS f(kind, subject, account, transaction_id, expected_cents, seen_cents, currency, transfer_ids,
-           payout_id, detail)
-    ON CONFLICT (kind, subject) DO UPDATE SET
-        account = excluded.account, transaction_id = excluded.transaction_id,
-        expected_cents = excluded.expected_cents, seen_cents = excluded.seen_cents,
-        currency = excluded.currency, transfer_ids = excluded.transfer_ids, payout_id = excluded.payout_id,
-        detail = excluded.detail, last_seen_at = now(), resolved_at = NULL,
-        -- Back after it was resolved: a new occurrence.
-        first_seen_at = CASE WHEN d.resolved_at IS NULL THEN d.first_seen_at ELSE now() END
-    RETURNING d.first_seen_at = now() AS opened
+    WITH f AS (
+        SELECT * FROM unnest(
+            CAST(:kind AS text[]), CAST(:subject AS text[]), CAST(:account AS text[]),
+            CAST(:transaction_id AS bigint[]), CAST(:expected_cents AS bigint[]), CAST(:seen_cents AS bigint[]),
+            CAST(:currency AS text[]), CAST(:transfer_ids AS text[]), CAST(:payout_id AS text[]),
+            CAST(:detail AS text[])
+        ) AS f(kind, subject, account, transaction_id, expected_cents, seen_cents, currency, transfer_ids,
+               payout_id, detail)
+    ),
+    before AS (
+        SELECT d.kind, d.subject, d.expected_cents, d.seen_cents, d.currency, d.resolved_at, d.acknowledged_by
+        FROM marketplace_worker.reconcile_discrepancies d
+        JOIN f ON d.kind = f.kind AND d.subject = f.subject
+    ),
+    up AS (
+        INSERT INTO marketplace_worker.reconcile_discrepancies AS d
+            (kind, subject, account, transaction_id, expected_cents, seen_cents, currency, transfer_ids,
+             payout_id, detail, first_seen_at, last_seen_at)
+        SELECT f.kind, f.subject, f.account, f.transaction_id, f.expected_cents, f.seen_cents, f.currency,
+               CASE WHEN f.transfer_ids = '' THEN NULL ELSE string_to_array(f.transfer_ids, ',') END,
+               f.payout_id, f.detail, now(), now()
+        FROM f
+        ON CONFLICT (kind, subject) DO UPDATE SET
+            account = excluded.account, transaction_id = excluded.transaction_id,
+            expected_cents = excluded.expected_cents, seen_cents = excluded.seen_cents,
+            currency = excluded.currency, transfer_ids = excluded.transfer_ids, payout_id = excluded.payout_id,
+            detail = excluded.detail, last_seen_at = now(), resolved_at = NULL,
+            -- Back after it was resolved: a new occurrence.
+            first_seen_at = CASE WHEN d.resolved_at IS NULL THEN d.first_seen_at ELSE now() END,
+            acknowledged_at = CASE WHEN d.resolved_at IS NULL
+                                    AND (d.expected_cents, d.seen_cents, d.currency) IS NOT DISTINCT FROM
+                                        (excluded.expected_cents, excluded.seen_cents, excluded.currency)
+                                   THEN d.acknowledged_at END,
+            acknowledged_by = CASE WHEN d.resolved_at IS NULL
+                                    AND (d.expected_cents, d.seen_cents, d.currency) IS NOT DISTINCT FROM
+                                        (excluded.expected_cents, excluded.seen_cents, excluded.currency)
+                                   THEN d.acknowledged_by END,
+            acknowledged_note = CASE WHEN d.resolved_at IS NULL
+                                      AND (d.expected_cents, d.seen_cents, d.currency) IS NOT DISTINCT FROM
+                                          (excluded.expected_cents, excluded.seen_cents, excluded.currency)
+                                     THEN d.acknowledged_note END
+        RETURNING d.id, d.kind, d.subject, d.expected_cents, d.seen_cents, d.currency
+    )
+    INSERT INTO marketplace_worker.reconcile_discrepancy_events
+        (discrepancy_id, change, by, note, expected_cents, seen_cents, currency)
+    SELECT up.id, e.change, :by, e.note, up.expected_cents, up.seen_cents, up.currency
+    FROM up
+    LEFT JOIN before b ON b.kind = up.kind AND b.subject = up.subject
+    CROSS JOIN LATERAL (
+        SELECT b.kind IS NOT NULL AND b.resolved_at IS NULL
+               AND (b.expected_cents, b.seen_cents, b.currency) IS DISTINCT FROM
+                   (up.expected_cents, up.seen_cents, up.currency) AS changed
+    ) c
+    CROSS JOIN LATERAL (VALUES
+        (1, CAST(:opened AS text), CAST(NULL AS text), b.kind IS NULL OR b.resolved_at IS NOT NULL),
+        (2, :amount_changed, 'before: expected ' || coalesce(CAST(b.expected_cents AS text), '-')
+                             || ', seen ' || coalesce(CAST(b.seen_cents AS text), '-')
+                             || coalesce(' ' || b.currency, '') || ' (minor units)', c.changed),
+        (3, :reopened, 'the amounts changed after ' || b.acknowledged_by || ' acknowledged it',
+         c.changed AND b.acknowledged_by IS NOT NULL)
+    ) AS e(n, change, note, happened)
+    WHERE e.happened
+    ORDER BY up.id, e.n
+    RETURNING change
     """
 )
 
 # Open discrepancies of these kinds on the account that this run did not see again are fixed.
 _RESOLVE = text(
     """
-    UPDATE marketplace_worker.reconcile_discrepancies d
-    SET resolved_at = now()
-    WHERE d.resolved_at IS NULL AND d.kind = ANY(CAST(:kinds AS text[]))
-      AND (CAST(:account AS text) IS NULL OR d.account = :account)
-      AND (d.kind, d.subject) NOT IN (
-          SELECT * FROM unnest(CAST(:seen_kind AS text[]), CAST(:seen_subject AS text[])))
-    RETURNING d.id
+    WITH resolved AS (
+        UPDATE marketplace_worker.reconcile_discrepancies d
+        SET resolved_at = now()
+        WHERE d.resolved_at IS NULL AND d.kind = ANY(CAST(:kinds AS text[]))
+          AND (CAST(:account AS text) IS NULL OR d.account = :account)
+          AND (d.kind, d.subject) NOT IN (
+              SELECT * FROM unnest(CAST(:seen_kind AS text[]), CAST(:seen_subject AS text[])))
+        RETURNING d.id, d.expected_cents, d.seen_cents, d.currency
+    )
+    INSERT INTO marketplace_worker.reconcile_discrepancy_events
+        (discrepancy_id, change, by, note, expected_cents, seen_cents, currency)
+    SELECT r.id, :resolved, :by, 'no longer seen', r.expected_cents, r.seen_cents, r.currency
+    FROM resolved r
+    ORDER BY r.id
+    RETURNING discrepancy_id
     """
 )
 
@@ -401,7 +461,9 @@ def _transfer_finding(account: str, provider_id: int, row: Any) -> Finding:
 
 
 def upsert_findings(session: Session, findings: list[Finding]) -> int:
-    """Store what was seen; returns how many discrepancies are new (or reopened)."""
+    """Store what a run saw and write the history of what changed (one statement); returns how
+    many discrepancies are new (or back after they were resolved). An acknowledged one whose
+    amounts changed loses its acknowledgement."""
     if not findings:
         return 0
     rows = session.execute(_UPSERT_DISCREPANCIES, {
@@ -410,14 +472,19 @@ def upsert_findings(session: Session, findings: list[Finding]) -> int:
         "expected_cents": [f.expected_cents for f in findings], "seen_cents": [f.seen_cents for f in findings],
         "currency": [f.currency for f in findings], "transfer_ids": [",".join(f.transfer_ids) for f in findings],
         "payout_id": [f.payout_id for f in findings], "detail": [f.detail for f in findings],
+        "by": RUN_ACTOR, "opened": DiscrepancyChange.OPENED, "amount_changed": DiscrepancyChange.AMOUNT_CHANGED,
+        "reopened": DiscrepancyChange.REOPENED,
     }).all()
-    return sum(1 for row in rows if row.opened)
+    return sum(1 for row in rows if row.change == DiscrepancyChange.OPENED)
 
 
 def resolve_unseen(session: Session, kinds: Iterable[str], account: str | None, seen: list[Finding]) -> int:
+    """Resolve the open discrepancies of these kinds (on the account, or on any with None) that
+    are not among `seen`, writing their history (one statement); returns how many."""
     return len(session.execute(_RESOLVE, {
         "kinds": list(kinds), "account": account,
         "seen_kind": [f.kind for f in seen], "seen_subject": [f.subject for f in seen],
+        "resolved": DiscrepancyChange.RESOLVED, "by": RUN_ACTOR,
     }).all())
 
 
