@@ -140,30 +140,42 @@ def test_any_bytes_get_a_defined_answer(client, db, raw, signed):
 )
 def test_no_payload_crashes_processing_and_every_parked_event_says_why(services, event_type, obj, created):
     """Whatever an authentic event carries, processing ends in a recorded state."""
-    event = envelope(obj, event_type, created=created)
-    raw = json.dumps(event)
-    incoming = parse_event(raw, "platform", livemode=False)
+    status, error = _process_until_settled(envelope(obj, event_type, created=created))
+    assert status in ("processed", "ignored", "parked")
+    if status == "parked":
+        assert error and len(error) < 600 and "Traceback" not in error
+
+
+@pytest.mark.parametrize(("event_type", "kind"), [("invoice.paid", "invoice"), ("charge.refunded", "charge"),
+                                                  ("transfer.created", "transfer")])
+def test_an_event_carrying_another_kind_of_object_is_parked_and_says_so(db, event_type, kind):
+    status, error = _process_until_settled(envelope({"object": "payout", "id": "po_1"}, event_type))
+    assert (status, error) == ("parked", f"InvalidPayload: {event_type} carries a 'payout', not a {kind}")
+
+
+def _process_until_settled(event: dict) -> tuple[str, str | None]:
+    """Stored as the receiver stores it, then attempted as often as the worker would."""
+    incoming = parse_event(json.dumps(event), "platform", livemode=False)
     with session_scope() as session:
         session.connection().exec_driver_sql(INSERT_EVENTS_SQL, insert_params([incoming]))
     for _ in range(get_settings().event_max_attempts):
         dispatch.attempt_event(session_scope, event["id"], max_attempts=get_settings().event_max_attempts)
     with session_scope() as session:
-        status, error = session.execute(
+        return tuple(session.execute(
             text("SELECT status, last_error FROM marketplace_worker.stripe_events WHERE id = :id"),
             {"id": event["id"]},
-        ).one()
-    assert status in ("processed", "ignored", "parked")
-    if status == "parked":
-        assert error and len(error) < 600 and "Traceback" not in error
+        ).one())
 
 
 def test_huge_and_deep_bodies_are_refused_without_harm(client, db):
     deep = "[" * 100_000 + "]" * 100_000
     answer = client.post("/webhooks/stripe", content=deep, headers={"Stripe-Signature": se.sign(deep, WEBHOOK_SECRET)})
     assert answer.status_code in (400, 413)
+    assert _stored_events() == {}
     nul = json.dumps(se.event("customer.created", {"id": "cus_1", "object": "customer", "name": "a\u0000b"}))
     answer = client.post("/webhooks/stripe", content=nul, headers={"Stripe-Signature": se.sign(nul, WEBHOOK_SECRET)})
     assert answer.status_code == 200 and answer.json()["status"] == "stored"
+    assert list(_stored_events()) == [answer.json()["id"]]
 
 
 @pytest.mark.parametrize("poison", ['"\\ud800"', "Infinity", "NaN", '"\\u0000"'])
@@ -181,11 +193,14 @@ def test_a_value_jsonb_refuses_is_answered_alone_and_its_neighbours_are_stored(c
     with ThreadPoolExecutor(9) as pool:
         answers = list(pool.map(post, bodies))
     assert [a.status_code for a in answers[:8]] == [200] * 8
+    stored = {json.loads(raw)["id"] for raw in good}
     if poison == '"\\u0000"':  # stored, with U+FFFD in place of NUL
         assert answers[8].status_code == 200
+        stored.add(answers[8].json()["id"])
     else:
         assert answers[8].status_code == 400
         assert answers[8].json()["error"] in ("body is not JSON", "body is not storable JSON")
+    assert set(_stored_events()) == stored
 
 
 def test_a_forged_signature_never_reaches_the_inbox_whatever_the_body(client, db):
