@@ -1,4 +1,4 @@
-"""The chaos run (issue 8): nothing accepted is lost or applied twice, whatever the faults.
+"""The chaos run: nothing accepted is lost or applied twice, whatever the faults.
 
     python -m benchmarks.chaos [--events 20000] [--broker redis|amqp] [--seed N] [--rate DELIVERIES_PER_S] [--logs DIR]
 

@@ -1,2 +1,2 @@
 """The harness the test suite and the benchmarks share: the fake Stripe API, Stripe-shaped
-events, worker launchers, broker helpers and the chaos run."""
+events, the Celery process launchers (harness/workers.py), the brokers and the chaos run."""

@@ -1,4 +1,4 @@
-"""Helpers for the transaction lifecycle tests: store Stripe events in the inbox, process them
+"""The transaction lifecycle tests' plumbing: store Stripe events in the inbox, process them
 as the event task does (without Celery), and read back everything the worker derived."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The chaos run of issue 8: real processes, real faults, and a reference to compare with.
+"""The chaos run: real processes, real faults, and a reference to compare with.
 
 Shared by `python -m benchmarks.chaos` (the full run) and tests/test_chaos.py (a short one);
 benchmarks/soak.py uses its servers and its event generator. The pieces:
@@ -35,8 +35,8 @@ What a run does, and why it proves what SPEC §2 promises:
    (`celery -A worker worker`) consume, and a real `celery -A worker beat` runs the inbox
    sweeper every few seconds (and the incremental stats pass).
 5. Meanwhile injects faults: SIGKILL of a whole worker process tree (then a restart), a
-   broker restart (Redis or RabbitMQ) with messages queued, a Postgres restart (every connection cut, 503s while
-   it is down).
+   broker restart (Redis or RabbitMQ) with messages queued (the workers are paused until
+   some are), a Postgres restart (every connection cut, 503s while it is down).
 6. Waits until nothing is `received` or `retrying` (the drain), then builds the reference:
    the ACCEPTED distinct events processed once each, in Stripe's order (created, then id),
    sequentially in this process with `domain.dispatch.process_event` on the reference
