@@ -35,11 +35,11 @@ APP_NAME = "marketplace_worker"
 # The slot a beat message was fired for (an ISO instant): the header worker/schedule.py stamps.
 SLOT_HEADER = "mw_slot"
 
-# The longest task's hard limit (the nightly full stats pass and the inbox purge, each one
-# task). A broker must not take back an unacked message of a task that could still be running:
-# the app sets Redis's visibility timeout and RabbitMQ's consumer timeout above it. Nothing
-# waits on them to recover lost work: the inbox and fan-out sweepers (domain/fanout.py) re-enqueue
-# what a lost message carried within minutes, and a job's next slot replaces a lost beat message.
+# The longest hard time limit a task may have. A broker must not take back an unacked message
+# of a task that could still be running: the app sets Redis's visibility timeout and
+# RabbitMQ's consumer timeout above it. Nothing waits on them to recover lost work: the inbox
+# and fan-out sweepers (domain/fanout.py) re-enqueue what a lost message carried within
+# minutes, and a job's next slot replaces a lost beat message.
 LONGEST_TASK_SECONDS = 3600
 
 
