@@ -7,6 +7,9 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
 WORKDIR /app
+# The locked versions first, in a layer of their own: a code change rebuilds only the layers below.
+COPY requirements/lock.txt ./requirements/lock.txt
+RUN pip install --require-hashes -r requirements/lock.txt
 COPY pyproject.toml README.md ./
 COPY config ./config
 COPY domain ./domain
@@ -15,7 +18,7 @@ COPY tasks ./tasks
 COPY worker ./worker
 # Not root: nothing here needs it. The only state on disk (beat's last-run times, Flower's
 # task history) lives in volumes mounted under /var/lib/marketplace-worker.
-RUN pip install . \
+RUN pip install --no-deps . \
  && useradd --system --uid 10001 --home-dir /var/lib/marketplace-worker --create-home worker \
  && install -d -o worker -g worker /var/lib/marketplace-worker/beat /var/lib/marketplace-worker/flower
 
