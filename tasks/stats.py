@@ -16,10 +16,10 @@ from datetime import timedelta
 from sqlalchemy.exc import OperationalError
 
 from config import get_settings
-from domain import fanout, stats
+from domain import stats
 from domain.jobs import run_once
 from models.db import get_engine, session_scope
-from tasks.fanout import PieceTask, publish
+from tasks.fanout import PieceTask, fan_out
 from worker import app
 
 FULL_STATS_RANGE = "tasks.stats.full_stats_range"
@@ -50,12 +50,10 @@ def full_stats_range(first: int, last: int) -> dict:
 
 @app.task(name="tasks.stats.full_stats")
 def full_stats() -> dict:
-    """Recompute every provider: record one piece per range of providers, then publish them."""
+    """Recompute every provider: one full_stats_range piece per range of providers."""
     with run_once("full_stats") as run:
         with session_scope() as session:
             ranges = stats.provider_ranges(session, get_settings().stats_full_range_size)
-            pieces = fanout.record(session, run.job, run.id, FULL_STATS_RANGE,
-                                   ((f"{first}..{last}", [first, last]) for first, last in ranges))
-        publish(pieces)
-        run.counts = {"ranges": len(ranges), "enqueued": len(pieces)}
+        enqueued = fan_out(FULL_STATS_RANGE, ((f"{first}..{last}", [first, last]) for first, last in ranges))
+        run.counts = {"ranges": len(ranges), "enqueued": enqueued}
     return run.counts
