@@ -54,8 +54,9 @@ class Purged:
     # False when the budget ran out before every row past retention was deleted.
     finished: bool = True
 
-    def counts(self) -> dict[str, int]:
-        return {"events_deleted": self.events, "job_runs_deleted": self.job_runs, "transactions": self.transactions}
+    def counts(self) -> dict[str, int | bool]:
+        counts = {"events_deleted": self.events, "job_runs_deleted": self.job_runs, "transactions": self.transactions}
+        return counts if self.finished else {**counts, "finished": False}
 
 
 def _in_batches(sessions: SessionFactory, statement: TextClause, cutoff: datetime, batch: int,

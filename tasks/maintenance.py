@@ -33,7 +33,7 @@ def purge_inbox() -> dict:
             batch=settings.retention_batch_size,
             budget=timedelta(seconds=settings.retention_run_seconds),
         )
-        run.counts = purged.counts() if purged.finished else {**purged.counts(), "continued": True}
+        run.counts = purged.counts()
     log.info("purged %d inbox events and %d job runs", purged.events, purged.job_runs)
     if not purged.finished:
         # Sent once run_once has released the job's lock, which the next run takes. Not a

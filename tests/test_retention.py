@@ -87,7 +87,7 @@ def test_a_run_whose_next_run_is_lost_is_made_up_by_the_next_beat_run(db, monkey
     monkeypatch.setattr(tasks.maintenance.purge_inbox, "apply_async", lambda *a, **kw: sent.append(1))
 
     assert tasks.maintenance.purge_inbox() == {
-        "events_deleted": 4, "job_runs_deleted": 0, "transactions": 1, "continued": True}
+        "events_deleted": 4, "job_runs_deleted": 0, "transactions": 1, "finished": False}
     assert sent == [1]  # the next run's message, which the broker loses
     assert tasks.maintenance.purge_inbox() == {"events_deleted": 2, "job_runs_deleted": 3, "transactions": 2}
     assert sent == [1]
@@ -115,7 +115,7 @@ def test_a_backlog_beyond_one_run_is_purged_by_runs_that_send_the_next(impatient
 
     def last_run_finished() -> bool:
         runs = purge_runs(db)
-        return bool(runs) and runs[-1][0] == "ok" and "continued" not in runs[-1][1]
+        return bool(runs) and runs[-1][0] == "ok" and "finished" not in runs[-1][1]
 
     wait_for(last_run_finished, timeout=60, message="the purge's last run")
     runs = purge_runs(db)
@@ -123,6 +123,6 @@ def test_a_backlog_beyond_one_run_is_purged_by_runs_that_send_the_next(impatient
     # 20 events in batches of 3, one batch per run, then the 3 old job runs.
     assert [counts["events_deleted"] for _, counts in runs] == [3, 3, 3, 3, 3, 3, 2, 0]
     assert sum(counts["job_runs_deleted"] for _, counts in runs) == 3
-    assert [counts.get("continued", False) for _, counts in runs] == [True] * 7 + [False]
+    assert [counts.get("finished", True) for _, counts in runs] == [False] * 7 + [True]
     assert events_left(db) == stay
     assert [outcome for outcome, _ in probe_runs_left(db)] == ["running", "ok"]
