@@ -232,9 +232,12 @@ def test_acknowledging_an_unknown_or_resolved_discrepancy_is_refused_and_changes
         ack(999_999)
     with pytest.raises(d.DiscrepancyResolved, match=f"discrepancy {resolved.id} was resolved at .*nothing to acknowledge"):
         ack(resolved.id)
-    with pytest.raises(d.DiscrepancyNotFound):
-        with session_scope() as session:
+    with session_scope() as session:
+        assert d.get_discrepancy(session, resolved.id) == resolved
+        with pytest.raises(d.DiscrepancyNotFound):
             d.history(session, 999_999)
+        with pytest.raises(d.DiscrepancyNotFound):
+            d.get_discrepancy(session, 999_999)
 
     assert listed(state="all") == before
     assert [c[0] for c in changes(resolved.id)] == ["opened", "resolved"]

@@ -326,18 +326,12 @@ _UPSERT_DISCREPANCIES = text(
             detail = excluded.detail, last_seen_at = now(), resolved_at = NULL,
             -- Back after it was resolved: a new occurrence.
             first_seen_at = CASE WHEN d.resolved_at IS NULL THEN d.first_seen_at ELSE now() END,
-            acknowledged_at = CASE WHEN d.resolved_at IS NULL
-                                    AND (d.expected_cents, d.seen_cents, d.currency) IS NOT DISTINCT FROM
-                                        (excluded.expected_cents, excluded.seen_cents, excluded.currency)
-                                   THEN d.acknowledged_at END,
-            acknowledged_by = CASE WHEN d.resolved_at IS NULL
-                                    AND (d.expected_cents, d.seen_cents, d.currency) IS NOT DISTINCT FROM
-                                        (excluded.expected_cents, excluded.seen_cents, excluded.currency)
-                                   THEN d.acknowledged_by END,
-            acknowledged_note = CASE WHEN d.resolved_at IS NULL
-                                      AND (d.expected_cents, d.seen_cents, d.currency) IS NOT DISTINCT FROM
-                                          (excluded.expected_cents, excluded.seen_cents, excluded.currency)
-                                     THEN d.acknowledged_note END
+            -- An acknowledgement holds for one occurrence, at the amounts it was given at.
+            (acknowledged_at, acknowledged_by, acknowledged_note) = (
+                SELECT d.acknowledged_at, d.acknowledged_by, d.acknowledged_note
+                WHERE d.resolved_at IS NULL
+                  AND (d.expected_cents, d.seen_cents, d.currency) IS NOT DISTINCT FROM
+                      (excluded.expected_cents, excluded.seen_cents, excluded.currency))
         RETURNING d.id, d.kind, d.subject, d.expected_cents, d.seen_cents, d.currency
     )
     INSERT INTO marketplace_worker.reconcile_discrepancy_events

@@ -210,21 +210,21 @@ def ack(session: Session, discrepancy_id: int, note: str, by: str) -> Discrepanc
     }).one_or_none()
     if row is not None:
         return _discrepancy(row)
-    resolved_at = _resolved_at(session, discrepancy_id)
+    resolved_at = get_discrepancy(session, discrepancy_id).resolved_at
     if resolved_at is None:  # resolved and seen again between the two statements
         raise DiscrepancyError(f"discrepancy {discrepancy_id} changed while it was acknowledged; try again")
     raise DiscrepancyResolved(discrepancy_id, resolved_at)
 
 
-def _resolved_at(session: Session, discrepancy_id: int) -> datetime | None:
-    """When the discrepancy was resolved (None while open); DiscrepancyNotFound if there is none."""
-    row = session.execute(
-        text("SELECT resolved_at FROM marketplace_worker.reconcile_discrepancies WHERE id = :id"),
-        {"id": discrepancy_id},
-    ).one_or_none()
+_ONE = text(f"SELECT {_COLUMNS} FROM marketplace_worker.reconcile_discrepancies d WHERE d.id = :id")
+
+
+def get_discrepancy(session: Session, discrepancy_id: int) -> Discrepancy:
+    """One discrepancy, whatever its state. Raises DiscrepancyNotFound for an unknown id."""
+    row = session.execute(_ONE, {"id": discrepancy_id}).one_or_none()
     if row is None:
         raise DiscrepancyNotFound(discrepancy_id)
-    return row.resolved_at
+    return _discrepancy(row)
 
 
 _HISTORY = text(
@@ -239,7 +239,7 @@ _HISTORY = text(
 
 def history(session: Session, discrepancy_id: int) -> list[DiscrepancyEvent]:
     """Every change of the discrepancy, oldest first. Raises DiscrepancyNotFound for an unknown id."""
-    _resolved_at(session, discrepancy_id)
+    get_discrepancy(session, discrepancy_id)
     return [
         DiscrepancyEvent(**{**row._asdict(), "change": DiscrepancyChange(row.change)})
         for row in session.execute(_HISTORY, {"id": discrepancy_id})
