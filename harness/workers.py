@@ -34,13 +34,15 @@ class WorkerProcess:
     """
 
     def __init__(self, env: dict[str, str], log_path: Path, concurrency: int = 2, probe=None, *,
-                 name: str = "test", queues: list[str] | None = None, ready_timeout: float = 60) -> None:
+                 name: str = "test", queues: list[str] | None = None, log_level: str = "INFO",
+                 ready_timeout: float = 60) -> None:
         self.env = {**os.environ, **env}
         self.log_path = log_path
         self.concurrency = concurrency
         self.probe = probe
         self.name = name
         self.queues = queues
+        self.log_level = log_level
         self.ready_timeout = ready_timeout
         self.instance = next(_instances)
         self.generation = 0
@@ -62,12 +64,12 @@ class WorkerProcess:
         from worker.celery_app import QUEUES
 
         self.generation += 1
-        node_name = f"{self.name}{self.instance}-{self.generation}-{os.getpid()}"
+        node_name = f"{self.name}-{self.instance}-{self.generation}-{os.getpid()}"
         self.node = f"{node_name}@{socket.gethostname()}"
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "celery", "-A", "worker", "worker", "-Q", ",".join(self.queues or QUEUES),
-                 "-c", str(self.concurrency), "-l", "INFO", "--without-gossip", "--without-mingle",
+                 "-c", str(self.concurrency), "-l", self.log_level, "--without-gossip", "--without-mingle",
                  "-n", f"{node_name}@%h"],
                 env=self.env, stdout=log, stderr=subprocess.STDOUT,
             )
