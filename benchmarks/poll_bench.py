@@ -132,7 +132,7 @@ def measure(server_env: dict[str, str], work_dir: Path, size: int, changed: int)
             started = time.perf_counter()
             idle = polling.poll_invoices(session_scope, None, settings)
             idle_seconds = time.perf_counter() - started
-            assert idle.created == idle.advanced == 0, idle.as_dict()
+            assert idle.created == idle.advanced == 0, idle.counts()
         with engine.begin() as conn:
             for sql in CHANGE_SQL:
                 conn.execute(text(sql), {"paid": changed // 2, "new": changed - changed // 2,
@@ -164,7 +164,7 @@ def measure(server_env: dict[str, str], work_dir: Path, size: int, changed: int)
         event.remove(engine, "before_cursor_execute", before)
         event.remove(engine, "after_cursor_execute", after)
         dispose_engines()
-        return {"size": size, "seconds": elapsed, "statements": len(timings), "result": result.as_dict(),
+        return {"size": size, "seconds": elapsed, "statements": len(timings), "result": result.counts(),
                 "seed_seconds": seeded, "plan": plan, "idle_seconds": idle_seconds, "invoices": invoices,
                 "sql_seconds": sum(t for t, _ in timings), "slowest": sorted(timings, reverse=True)[:3]}
 
@@ -239,7 +239,7 @@ def measure_reads(server_env: dict[str, str], open_count: int, due: int) -> dict
         event.remove(engine, "after_cursor_execute", count)
         dispose_engines()
         get_settings.cache_clear()
-        return {"open": open_count, "seconds": elapsed, "statements": statements, "result": result.as_dict(),
+        return {"open": open_count, "seconds": elapsed, "statements": statements, "result": result.counts(),
                 "calls": fake.call_count()}
 
 

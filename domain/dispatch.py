@@ -4,19 +4,7 @@ A handler is a plain function `handler(session, event)` registered for one or
 more event types. It runs in the same database transaction as the inbox status
 update, so an event is either fully applied and marked processed, or not at all.
 
-Lock order, shared by every writer (event handlers, the poller, completion and
-reconciliation), so concurrent work serializes without deadlocks:
-
-    1. the inbox row of the event (`stripe_events`, FOR UPDATE)
-    2. the `"Invoice"` row the event is about (FOR UPDATE)
-    3. that invoice's `marketplace.transactions` row
-    4. the worker's per-object rows (`stripe_object_versions`, refunds, disputes, ...)
-       and the per-payment advisory lock (domain/transactions.py explains it)
-
-(`touched_providers` takes no lock anyone waits for: its rows are only ever inserted.)
-
-Work that has no event (the poller) starts at step 2; several invoice rows are locked in
-id order. A charge, refund or dispute that matches no invoice skips steps 2-3.
+The lock order every money writer follows, the inbox row first, is in domain/payments.py.
 """
 
 from __future__ import annotations
@@ -82,7 +70,7 @@ def process_batch(session: Session, event_ids: list[str]) -> dict[str, AttemptOu
     rows another transaction holds, is rolled back alone and comes out DEFERRED, for the
     caller to apply in a transaction of its own after this one commits (`attempt_batch`).
     A failure outside the handlers propagates; the caller's transaction must roll back. The
-    inbox rows are all locked first, in id order, before any invoice: the lock order above.
+    inbox rows are all locked first, in id order, before any invoice: the lock order (domain/payments.py).
     """
     several = len(set(event_ids)) > 1
     session.execute(_ASYNC_COMMIT)

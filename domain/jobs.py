@@ -62,11 +62,6 @@ _HOLDS_SLOT = f"outcome IN ('{JobOutcome.RUNNING}', '{JobOutcome.OK}')"
 
 _CURRENT: ContextVar[Run | None] = ContextVar("current_job_run", default=None)
 
-# Until every job's task runs through @job (tasks/base.py): the slot of the beat message being
-# executed, set by the app's Task class, for a task body that calls run_once itself.
-SCHEDULED_SLOT: ContextVar[datetime | None] = ContextVar("scheduled_slot", default=None)
-_FROM_BEAT: Any = object()
-
 
 class JobSkipped(Exception):
     def __init__(self, job: str, reason: str) -> None:
@@ -95,12 +90,8 @@ def current_run() -> Run:
 def counts_of(result: Any) -> Any:
     """What `job_runs.counts` keeps of a job's result: its `counts()`, or the result itself
     (a dict of counts)."""
-    # as_dict: PollResult's name for its counts until it is renamed counts().
-    for name in ("counts", "as_dict"):
-        counts = getattr(result, name, None)
-        if callable(counts):
-            return counts()
-    return result
+    counts = getattr(result, "counts", None)
+    return counts() if callable(counts) else result
 
 
 def run_job(job: str, work: Callable[[], Result], *, slot: datetime | None = None) -> Result:
@@ -113,10 +104,10 @@ def run_job(job: str, work: Callable[[], Result], *, slot: datetime | None = Non
 
 
 @contextmanager
-def run_once(job: str, *, slot: datetime | None = _FROM_BEAT) -> Iterator[Run]:
+def run_once(job: str, *, slot: datetime | None = None) -> Iterator[Run]:
     """Run the body as `job` for beat's `slot` (None: a run by hand), or raise JobSkipped;
     see the module docstring. `run_job` is the way in for a job's code."""
-    run = Run(job, SCHEDULED_SLOT.get() if slot is _FROM_BEAT else slot)
+    run = Run(job, slot)
     with psycopg.connect(get_settings().libpq_database_url, autocommit=True, connect_timeout=5) as conn:
         locked = conn.execute(
             "SELECT pg_try_advisory_lock(%s, hashtext(%s))", (LOCK_NAMESPACE, job)

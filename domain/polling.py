@@ -58,7 +58,7 @@ class PollResult:
         if outcome.skipped:
             self.skipped[outcome.skipped] += 1
 
-    def as_dict(self) -> dict:
+    def counts(self) -> dict:
         return {
             "created": self.created,
             "advanced": self.advanced,
@@ -77,7 +77,7 @@ def poll_invoices(
         log.warning("STRIPE_API_KEY is not set: invoices due for a read are not read from Stripe")
     else:
         refresh_from_stripe(session_factory, client, settings, result)
-    log.info("invoice poll: %s", result.as_dict())
+    log.info("invoice poll: %s", result.counts())
     return result
 
 

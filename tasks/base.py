@@ -24,7 +24,7 @@ import celery
 from celery import Celery, current_app, shared_task
 
 from config.settings import is_amqp_url
-from domain.jobs import SCHEDULED_SLOT, JobSkipped, counts_of, run_job
+from domain.jobs import JobSkipped, counts_of, run_job
 
 Result = TypeVar("Result")
 
@@ -35,28 +35,19 @@ APP_NAME = "marketplace_worker"
 # The slot a beat message was fired for (an ISO instant): the header worker/schedule.py stamps.
 SLOT_HEADER = "mw_slot"
 
-# The longest hard time limit a task may have. A broker must not take back an unacked message
-# of a task that could still be running: the app sets Redis's visibility timeout and
-# RabbitMQ's consumer timeout above it. Nothing waits on them to recover lost work: the inbox
-# and fan-out sweepers (domain/fanout.py) re-enqueue what a lost message carried within
-# minutes, and a job's next slot replaces a lost beat message.
-LONGEST_TASK_SECONDS = 3600
+# The longest hard time limit a task may have: `reconcile_account`'s (tasks/reconciliation.py).
+# Long jobs are split into short tasks (the full stats pass into provider ranges, the purge
+# into runs that send the next) so that this stays a task's length, not a job's. A broker must
+# not take back an unacked message of a task that could still be running: the app sets Redis's
+# visibility timeout and RabbitMQ's consumer timeout above it, and a message whose restore
+# failed while Redis was down comes back after that much. Nothing waits on them to recover
+# lost work: the inbox and fan-out sweepers (domain/fanout.py) re-enqueue what a lost message
+# carried within minutes, and a job's next slot replaces a lost beat message.
+LONGEST_TASK_SECONDS = 1900
 
 
 class Task(celery.Task):
     """Every task of the app (its `task_cls`)."""
-
-    # Until tasks/stats.py, tasks/maintenance.py and tasks/reconciliation.py run through @job:
-    # their bodies call run_once themselves, which reads the slot from here.
-    def __call__(self, *args, **kwargs):
-        slot = self.request.get(SLOT_HEADER)
-        token = SCHEDULED_SLOT.set(datetime.fromisoformat(slot) if slot else None)
-        try:
-            return super().__call__(*args, **kwargs)
-        except JobSkipped as skipped:
-            return f"skipped: {skipped.reason}"
-        finally:
-            SCHEDULED_SLOT.reset(token)
 
     def apply_async(self, args=None, kwargs=None, task_id=None, producer=None, link=None, link_error=None,
                     shadow=None, **options):

@@ -16,15 +16,14 @@ import logging
 from functools import lru_cache
 
 import stripe
+from celery import shared_task
 
 from config import get_settings
-from domain import fanout
 from domain.connect import run as connect_run
 from domain.connect.reader import StripeReader, reader_for
-from domain.jobs import Run, run_once
 from models.db import get_engine, session_scope
-from tasks.fanout import PieceTask, publish
-from worker import app
+from tasks.base import job
+from tasks.fanout import PieceTask, fan_out
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +41,7 @@ def _reader() -> StripeReader:
 RECONCILE_ACCOUNT = "tasks.reconciliation.reconcile_account"
 
 
-@app.task(
+@shared_task(
     name=RECONCILE_ACCOUNT,
     base=PieceTask,
     bind=True,
@@ -65,32 +64,22 @@ def reconcile_account(self, account: str, since: int | None = None) -> dict:
             "outcomes": dict(result.outcomes)}
 
 
-def fan_out(run: Run, accounts: list[str], since: int | None = None) -> int:
-    """Record one piece per account not already pending, then publish them; returns how many."""
-    with session_scope() as session:
-        pieces = fanout.record(session, run.job, run.id, RECONCILE_ACCOUNT,
-                               ((account, [account, since]) for account in accounts))
-    publish(pieces)
-    return len(pieces)
+def _fan_out(accounts: list[str], since: int | None = None) -> int:
+    """One piece per account not already pending; returns how many were published."""
+    return fan_out(RECONCILE_ACCOUNT, ((account, [account, since]) for account in accounts))
 
 
-@app.task(name="tasks.reconciliation.reconcile_all")
+@job
 def reconcile_all(since: int | None = None) -> dict:
     """Every account with activity, and transfers to accounts no provider has."""
-    with run_once("reconcile_all") as run:
-        with session_scope() as session:
-            accounts, unknown = connect_run.start_pass(session)
-        enqueued = fan_out(run, accounts, since)
-        run.counts = {"accounts": len(accounts), "enqueued": enqueued, "unknown_destination": unknown}
-    return run.counts
+    with session_scope() as session:
+        accounts, unknown = connect_run.start_pass(session)
+    return {"accounts": len(accounts), "enqueued": _fan_out(accounts, since), "unknown_destination": unknown}
 
 
-@app.task(name="tasks.reconciliation.reconcile_dirty")
+@job
 def reconcile_dirty() -> dict:
     """The accounts transfer and payout events named since they were last reconciled."""
-    with run_once("reconcile_dirty") as run:
-        with session_scope() as session:
-            accounts = connect_run.dirty_accounts(session)
-        enqueued = fan_out(run, accounts)
-        run.counts = {"accounts": len(accounts), "enqueued": enqueued}
-    return run.counts
+    with session_scope() as session:
+        accounts = connect_run.dirty_accounts(session)
+    return {"accounts": len(accounts), "enqueued": _fan_out(accounts)}

@@ -13,33 +13,29 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+from celery import shared_task
 from sqlalchemy.exc import OperationalError
 
 from config import get_settings
 from domain import stats
-from domain.jobs import run_once
 from models.db import get_engine, session_scope
+from tasks.base import job
 from tasks.fanout import PieceTask, fan_out
-from worker import app
 
 FULL_STATS_RANGE = "tasks.stats.full_stats_range"
 
 
-@app.task(name="tasks.stats.incremental_stats")
-def incremental_stats() -> dict:
+@job
+def incremental_stats() -> stats.PassResult:
     """Recompute the providers touched since the last pass."""
-    overlap = timedelta(seconds=get_settings().stats_change_overlap_seconds)
-    with run_once("incremental_stats") as run:
-        with session_scope() as session:
-            result = stats.incremental_pass(session, overlap=overlap)
-        run.counts = result.counts()
-    return run.counts
+    with session_scope() as session:
+        return stats.incremental_pass(session, overlap=timedelta(seconds=get_settings().stats_change_overlap_seconds))
 
 
 # A range takes seconds (benchmarks/stats_bench.py); ten minutes leave room for tables a
 # hundred times the benchmark's. A database that restarts under it is retried.
-@app.task(name=FULL_STATS_RANGE, base=PieceTask, autoretry_for=(OperationalError,), retry_backoff=30,
-          max_retries=3, soft_time_limit=600, time_limit=660)
+@shared_task(name=FULL_STATS_RANGE, base=PieceTask, autoretry_for=(OperationalError,), retry_backoff=30,
+             max_retries=3, soft_time_limit=600, time_limit=660)
 def full_stats_range(first: int, last: int) -> dict:
     """Recompute the providers with ids from `first` to `last`: one piece of the full pass."""
     with get_engine().connect() as connection:
@@ -48,12 +44,10 @@ def full_stats_range(first: int, last: int) -> dict:
     return result.counts()
 
 
-@app.task(name="tasks.stats.full_stats")
+@job
 def full_stats() -> dict:
     """Recompute every provider: one full_stats_range piece per range of providers."""
-    with run_once("full_stats") as run:
-        with session_scope() as session:
-            ranges = stats.provider_ranges(session, get_settings().stats_full_range_size)
-        enqueued = fan_out(FULL_STATS_RANGE, ((f"{first}..{last}", [first, last]) for first, last in ranges))
-        run.counts = {"ranges": len(ranges), "enqueued": enqueued}
-    return run.counts
+    with session_scope() as session:
+        ranges = stats.provider_ranges(session, get_settings().stats_full_range_size)
+    return {"ranges": len(ranges),
+            "enqueued": fan_out(FULL_STATS_RANGE, ((f"{first}..{last}", [first, last]) for first, last in ranges))}

@@ -126,6 +126,20 @@ def test_a_reconciliation_fans_out_to_every_account(idle_broker, db, stripe_api)
     assert statuses == ["completed"] * 3
 
 
+def test_the_ack_deadline_follows_the_longest_task():
+    """The visibility timeout is sized from a task's hard limit: no task may outlive it, and
+    the constant is the longest limit some task has (not a job's length)."""
+    from harness.brokers import app_for
+
+    app = app_for({"DATABASE_URL": "postgresql://u@h/db", "REDIS_URL": "redis://h:6379/0"})
+    app.loader.import_default_modules()
+    limits = {name: task.time_limit or app.conf.task_time_limit
+              for name, task in app.tasks.items() if name.startswith("tasks.")}
+    assert limits and all(limits.values()), limits
+    assert max(limits.values()) == LONGEST_TASK_SECONDS, limits
+    assert ACK_DEADLINE_SECONDS == LONGEST_TASK_SECONDS + 600 < 3600
+
+
 def test_the_broker_options_follow_the_broker_url(monkeypatch):
     from config import load_settings
     from harness.brokers import app_for

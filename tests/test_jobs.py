@@ -13,12 +13,6 @@ import pytest
 
 from tasks.base import job
 
-# Jobs whose task still calls run_once itself rather than being a @job (tasks/base.py).
-NOT_YET_JOB_TASKS = {
-    "tasks.stats.incremental_stats", "tasks.stats.full_stats", "tasks.maintenance.purge_inbox",
-    "tasks.reconciliation.reconcile_all", "tasks.reconciliation.reconcile_dirty",
-}
-
 
 def _job_tasks() -> dict:
     from tasks.base import JobTask
@@ -35,12 +29,11 @@ def test_every_scheduled_job_has_its_task_and_every_job_task_is_scheduled_or_man
     job_tasks = _job_tasks()
     scheduled = {job.task for job in JOBS}
     assert len({job.name for job in JOBS}) == len(JOBS)
-    assert scheduled - set(job_tasks) == NOT_YET_JOB_TASKS & scheduled
+    assert scheduled <= set(job_tasks)
     assert {name for name, task in job_tasks.items() if not task.manual} <= scheduled
-    assert {name for name in scheduled & set(job_tasks) if job_tasks[name].manual} == set()
+    assert {name for name in scheduled if job_tasks[name].manual} == set()
     for job in JOBS:
-        if job.task in job_tasks:
-            assert job_tasks[job.task].job == job.name
+        assert job_tasks[job.task].job == job.name
 
 
 def _runs(services, job: str) -> list[tuple]:
@@ -114,9 +107,6 @@ def test_then_runs_with_the_result_once_the_run_has_let_go_of_the_job(db, servic
 
 PROJECT = Path(__file__).resolve().parents[1]
 
-# Task modules that still build their tasks on `worker.app` (converted to @job at the end).
-STILL_IMPORT_WORKER = {"tasks/stats.py", "tasks/maintenance.py", "tasks/reconciliation.py"}
-
 
 def _imports(path: Path) -> set[str]:
     names = set()
@@ -138,7 +128,7 @@ def test_dependencies_point_from_worker_to_tasks_to_domain():
         return {path for path, names in _modules(package).items()
                 if any(name == prefix or name.startswith(prefix + ".") for name in names)}
 
-    assert importing("tasks", "worker") == STILL_IMPORT_WORKER & importing("tasks", "worker")
+    assert importing("tasks", "worker") == set()
     assert importing("domain", "tasks") == set()
     assert importing("domain", "worker") == set()
     # The inbox's bookkeeping is domain/inbox.py's; applying events is the task layer's alone.

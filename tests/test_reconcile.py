@@ -639,7 +639,7 @@ def keyed_transaction(db, provider: Provider, *, amount: int = 10_000, paid_days
 
 
 def record_refunds(txn: Transaction, charge_id: str, amounts: list[int]) -> None:
-    """What the ledger (domain/transactions.py) records from charge.refunded / refund.* events:
+    """What the ledger (domain/payments.py) records from charge.refunded / refund.* events:
     the refunds and the transaction's refunded cents."""
     with session_scope() as session:
         for amount in amounts:

@@ -137,13 +137,11 @@ def _replay(args: argparse.Namespace) -> int:
 
 @command("stats")
 def _stats(args: argparse.Namespace) -> int:
-    from datetime import timedelta
-
     from config import get_settings
     from domain import stats
-    from domain.jobs import run_job
     from models import Provider
     from models.db import get_engine, session_scope
+    from tasks.stats import full_stats, incremental_stats
 
     if args.full and args.provider is not None:
         print("marketplace-worker stats: --full and --provider cannot be combined", file=sys.stderr)
@@ -159,7 +157,7 @@ def _stats(args: argparse.Namespace) -> int:
             with get_engine().connect() as connection:
                 return stats.full_pass(connection, batch_size=settings.stats_full_batch_size, on_changes=show)
 
-        full = run_job("full_stats", full_pass)
+        full = full_stats.run_by_hand(full_pass)
         print(f"{full.changed} of {full.providers} provider(s) changed")
         return 0
     if args.provider is not None:
@@ -169,12 +167,7 @@ def _stats(args: argparse.Namespace) -> int:
                 return 1
             result = stats.recompute_providers(session, [args.provider])
     else:
-        def incremental_pass() -> stats.PassResult:
-            with session_scope() as session:
-                return stats.incremental_pass(
-                    session, overlap=timedelta(seconds=settings.stats_change_overlap_seconds))
-
-        result = run_job("incremental_stats", incremental_pass)
+        result = incremental_stats.run_by_hand()
     show(result.changes)
     print(f"{len(result.changes)} of {result.recomputed} provider(s) changed")
     return 0
@@ -224,8 +217,8 @@ def _reconcile(args: argparse.Namespace) -> int:
     from config import get_settings
     from domain.connect import run as connect_run
     from domain.connect.reader import reader_for
-    from domain.jobs import run_once
     from models.db import get_engine, session_scope
+    from tasks.reconciliation import reconcile_all
 
     since = None
     if args.since:
@@ -243,9 +236,8 @@ def _reconcile(args: argparse.Namespace) -> int:
             print(f"marketplace-worker reconcile: no stripe_connect provider has {args.account}", file=sys.stderr)
             return 1
     else:
-        with run_once("reconcile_all", slot=None) as job:
-            done = connect_run.reconcile_active(session_scope, get_engine(), reader, settings=settings, since=since)
-            job.counts = done.counts()
+        done = reconcile_all.run_by_hand(lambda: connect_run.reconcile_active(
+            session_scope, get_engine(), reader, settings=settings, since=since))
     for result in done.results:
         if args.account or result.skipped or result.completed or result.opened or result.resolved:
             print(result.describe())
