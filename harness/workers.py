@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -30,12 +31,14 @@ class WorkerProcess:
     `env` is laid over this process's environment. `probe` is the Celery app that pings the
     worker: this process's own unless the worker is on another broker (harness/brokers.py, the
     chaos run's servers). A restart starts a node of a new name, so the readiness ping cannot be
-    answered by the node that was stopped.
+    answered by the node that was stopped. The suite's workers run without gossip and mingle
+    (faster to start, no chatter between test nodes); `gossip=True` turns both on, as
+    docker-compose.yml runs the worker. `extra_args` are added to the command line.
     """
 
     def __init__(self, env: dict[str, str], log_path: Path, concurrency: int = 2, probe=None, *,
                  name: str = "test", queues: list[str] | None = None, log_level: str = "INFO",
-                 ready_timeout: float = 60) -> None:
+                 ready_timeout: float = 60, gossip: bool = False, extra_args: Sequence[str] = ()) -> None:
         self.env = {**os.environ, **env}
         self.log_path = log_path
         self.concurrency = concurrency
@@ -44,6 +47,8 @@ class WorkerProcess:
         self.queues = queues
         self.log_level = log_level
         self.ready_timeout = ready_timeout
+        self.gossip = gossip
+        self.extra_args = list(extra_args)
         self.instance = next(_instances)
         self.generation = 0
         self.node = ""
@@ -66,13 +71,12 @@ class WorkerProcess:
         self.generation += 1
         node_name = f"{self.name}-{self.instance}-{self.generation}-{os.getpid()}"
         self.node = f"{node_name}@{socket.gethostname()}"
+        command = [sys.executable, "-m", "celery", "-A", "worker", "worker", "-Q", ",".join(self.queues or QUEUES),
+                   "-c", str(self.concurrency), "-l", self.log_level, "-n", f"{node_name}@%h"]
+        if not self.gossip:
+            command += ["--without-gossip", "--without-mingle"]
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "celery", "-A", "worker", "worker", "-Q", ",".join(self.queues or QUEUES),
-                 "-c", str(self.concurrency), "-l", self.log_level, "--without-gossip", "--without-mingle",
-                 "-n", f"{node_name}@%h"],
-                env=self.env, stdout=log, stderr=subprocess.STDOUT,
-            )
+            self.proc = subprocess.Popen(command + self.extra_args, env=self.env, stdout=log, stderr=subprocess.STDOUT)
         self.wait_ready(self.ready_timeout)
 
     def wait_ready(self, timeout: float = 60) -> None:

@@ -93,23 +93,6 @@ class RedisServer:
             self.proc.wait(10)
 
 
-class ProductionLikeWorker(WorkerProcess):
-    """The harness's worker process with gossip and mingle on, as docker-compose.yml runs it,
-    importing this module for its task."""
-
-    def start(self) -> None:
-        self.generation += 1
-        node_name = f"restart{self.generation}-{os.getpid()}"
-        self.node = f"{node_name}@{socket.gethostname()}"
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "celery", "-A", "worker", "worker", "-Q", "webhooks", "-c", "2",
-                 "-l", "INFO", "-I", __name__, "-n", f"{node_name}@%h"],
-                env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
-            )
-        self.wait_ready(self.ready_timeout)
-
-
 @pytest.fixture
 def broker(tmp_path: Path) -> Iterator[RedisServer]:
     server = RedisServer(tmp_path)
@@ -141,7 +124,9 @@ def test_worker_survives_a_broker_restart(services, broker: RedisServer, tmp_pat
     marks = tmp_path / "marks.txt"
     marks.touch()
     client = redis.Redis.from_url(broker.url)
-    worker = ProductionLikeWorker(env, tmp_path / "worker.log", probe=app, name="restart")
+    # As docker-compose.yml runs it (gossip and mingle on), importing this module for its task.
+    worker = WorkerProcess(env, tmp_path / "worker.log", probe=app, name="restart", queues=["webhooks"],
+                           gossip=True, extra_args=["-I", __name__])
     try:
         worker.start()
         in_flight = app.send_task(HOLD, args=[str(marks), "in-flight", IN_FLIGHT_SECONDS]).id
