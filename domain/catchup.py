@@ -369,9 +369,11 @@ def _catch_up_scope(session_factory: SessionFactory, client: stripe.StripeClient
 
 
 def catch_up(session_factory: SessionFactory, client: stripe.StripeClient, *, accounts: list[str] | None = None,
-             since: int | None = None, clock: Callable[[], float] = time.time) -> CatchUpResult:
+             since: int | None = None, clock: Callable[[], float] = time.time,
+             progress: Callable[[int, int], None] | None = None) -> CatchUpResult:
     """One catch-up run: the platform and the flagged accounts (or, for an operator, the named
-    `accounts`, from `since` when given), then the API reads of accounts whose snapshots tied."""
+    `accounts`, from `since` when given), then the API reads of accounts whose snapshots tied.
+    `progress(done, total)` after each scope listed."""
     result = CatchUpResult()
     now = int(clock())
     with session_factory() as session:
@@ -393,9 +395,11 @@ def catch_up(session_factory: SessionFactory, client: stripe.StripeClient, *, ac
         windows = [] if accounts is not None else [platform_window(session, now)]
         windows += account_windows(session, scopes, now)
     types = {PLATFORM: list(handled_types())}
-    for window in windows:
+    for done, window in enumerate(windows, 1):
         scope_types = types[PLATFORM] if window.scope == PLATFORM else types.setdefault("account", account_types())
         _catch_up_scope(session_factory, client, window, scope_types, result, clock)
+        if progress is not None:
+            progress(done, len(windows))
     result.reads = read_accounts(session_factory, client, clock=clock)
     if result.stored:
         log.warning("catch-up stored %d events the endpoints never received", len(result.stored))

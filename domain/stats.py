@@ -70,7 +70,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 from domain.clock import utcnow
-from models import Watermark
+from models import Provider, Watermark
 
 # Arbitrary, unique among the worker's advisory locks: held by every writer of provider stats.
 STATS_LOCK_KEY = 5_202_604
@@ -251,6 +251,10 @@ def _serialize_stats_writers(conn: Session | Connection) -> None:
     conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": STATS_LOCK_KEY})
 
 
+def provider_exists(session: Session, provider_id: int) -> bool:
+    return session.get(Provider, provider_id) is not None
+
+
 def recompute_providers(session: Session, provider_ids: Iterable[int]) -> PassResult:
     """Recompute the providers named (unknown ids are ignored) and write those that changed."""
     ids = sorted(set(provider_ids))
@@ -322,20 +326,24 @@ def full_pass(
     batch_size: int,
     range_size: int | None = None,
     on_changes: Callable[[list[StatsChange]], None] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> FullPassResult:
     """Recompute every provider here, range after range (`range_size` providers each; one
-    range when None): what the nightly job's tasks do on the workers."""
+    range when None): what the nightly job's tasks do on the workers. `progress(done, total)`
+    after each range."""
     ranges = [(FIRST_ID, LAST_ID)]
     if range_size is not None:
         with connection.begin():
             ranges = provider_ranges(connection, range_size)
     providers = changed = batches = 0
-    for first, last in ranges:
+    for done, (first, last) in enumerate(ranges, 1):
         result = full_pass_range(connection, first=first, last=last, batch_size=batch_size,
                                  on_changes=on_changes)
         providers += result.providers
         changed += result.changed
         batches += result.batches
+        if progress is not None:
+            progress(done, len(ranges))
     return FullPassResult(providers=providers, changed=changed, batches=batches)
 
 
