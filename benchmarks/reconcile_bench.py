@@ -27,7 +27,8 @@ The fake Stripe API (harness/stripe_server.py, with the transfers indexed by
 destination, see indexed_fake) runs in a process of its own (so it does not share a GIL with the workers),
 seeded with the same data, `--latency-ms` added to every request and its own 429 limit at
 1.1x the worker's cap. The reconciliation runs in `--workers`
-real Celery worker processes (`celery -A worker worker -Q reconciliation -c 1` each) sharing
+real Celery worker processes (`celery -A worker worker -Q reconciliation -c 1` each, started by
+harness/workers.py) sharing
 the Redis token bucket at STRIPE_RATE_LIMIT_PER_S = `--rate`; the clock runs from sending
 `tasks.reconciliation.reconcile_all` until every account is reconciled.
 
@@ -386,18 +387,16 @@ def outcome(database_url: str) -> tuple[Counter, Counter, int]:
 # --- peak memory -----------------------------------------------------------------------------
 
 
-def _children(pid: int) -> list[int]:
-    try:
-        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        return []
-
-
 def _vm_kib(pid: int, field: str) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1])
     return 0
+
+
+def _pool_kib(worker, field: str) -> int:
+    """The largest `field` of the worker's pool processes (0 if it has none)."""
+    return max((_vm_kib(pid, field) for pid in worker.pids()[1:]), default=0)
 
 
 # --- the run ---------------------------------------------------------------------------------
@@ -425,6 +424,7 @@ def measure(args: argparse.Namespace, mixed: bool, server_env: dict[str, str | N
     """One workload on its own scratch database, fake Stripe and workers."""
     from models.migrate import create_app_tables_if_absent, upgrade
     from harness.services import test_services
+    from harness.workers import WorkerProcess
 
     name = "mixed" if mixed else "baseline"
     for key, value in server_env.items():  # the servers, not the previous workload's scratch database
@@ -453,7 +453,7 @@ def measure(args: argparse.Namespace, mixed: bool, server_env: dict[str, str | N
          "serve", "--port", str(port), "--now", str(now), "--rate-limit", str(args.rate * 1.1)]
         + (["--mixed"] if mixed else []),
         stdout=subprocess.PIPE, text=True)
-    workers: list[subprocess.Popen] = []
+    workers: list[WorkerProcess] = []
     with tempfile.TemporaryDirectory(prefix="mw-reconcile-bench-") as work, \
             test_services(Path(work)) as (database_url, redis_url):
         try:
@@ -467,19 +467,13 @@ def measure(args: argparse.Namespace, mixed: bool, server_env: dict[str, str | N
                    "STRIPE_RATE_LIMIT_PER_S": str(args.rate), "LOG_LEVEL": "WARNING"}
             os.environ.update(env)
             for n in range(args.workers):
-                workers.append(subprocess.Popen(
-                    [sys.executable, "-m", "celery", "-A", "worker", "worker", "-Q", "reconciliation", "-c", "1",
-                     "-l", "WARNING", "--without-gossip", "--without-mingle", "--without-heartbeat",
-                     "-n", f"bench{n}-{name}-{os.getpid()}@%h"],
-                    env=env, stdout=open(Path(work) / f"worker{n}.log", "wb"), stderr=subprocess.STDOUT))
+                workers.append(WorkerProcess(env, Path(work) / f"worker{n}.log", 1, name=f"bench{n}",
+                                             queues=["reconciliation"], log_level="WARNING"))
+                workers[-1].start()
             from worker import app
 
-            deadline = time.monotonic() + 60
-            while len(app.control.ping(timeout=1)) < args.workers:
-                if time.monotonic() > deadline:
-                    raise RuntimeError("workers did not start: " + (Path(work) / "worker0.log").read_text()[-2000:])
             before = bench_calls(base)["total"]
-            idle_rss = [max((_vm_kib(c, "VmRSS") for c in _children(w.pid)), default=0) for w in workers]
+            idle_rss = [_pool_kib(w, "VmRSS") for w in workers]
 
             start = time.monotonic()
             app.send_task("tasks.reconciliation.reconcile_all")
@@ -490,17 +484,16 @@ def measure(args: argparse.Namespace, mixed: bool, server_env: dict[str, str | N
                     # Read again: the last account may have committed between the reads above.
                     statuses, kinds, _ = outcome(database_url)
                     break
-                if any(w.poll() is not None for w in workers):
-                    raise RuntimeError("a worker died: " + (Path(work) / "worker0.log").read_text()[-2000:])
+                for w in workers:
+                    if not w.running:
+                        raise RuntimeError(f"a worker died:\n{w.log_tail()}")
             wall = time.monotonic() - start
-            pool_rss = [max((_vm_kib(c, "VmHWM") for c in _children(w.pid)), default=0) for w in workers]
-            main_rss = [_vm_kib(w.pid, "VmHWM") for w in workers]
+            pool_rss = [_pool_kib(w, "VmHWM") for w in workers]
+            main_rss = [_vm_kib(w.proc.pid, "VmHWM") for w in workers]
             counted = bench_calls(base)
         finally:
             for w in workers:
-                w.terminate()
-            for w in workers:
-                w.wait(30)
+                w.stop()
             stripe_proc.terminate()
             stripe_proc.wait(30)
 

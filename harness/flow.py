@@ -1,7 +1,7 @@
 """Flow tests: waiting on the database, and the receiver in a process of its own.
 
-Worker processes start in harness/workers.py; `WorkerProcess` is importable from here too, as
-tests/test_brokers.py and tests/test_fanout.py import it."""
+Worker processes start in harness/workers.py; `WorkerProcess` is importable from here only
+until tests/test_retention.py imports it from there."""
 
 from __future__ import annotations
 

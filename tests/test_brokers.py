@@ -22,7 +22,8 @@ from harness import factories
 from harness import stripe_events as se
 from harness.brokers import BROKERS, broker_run, vhost_of
 from harness.db_role import worker_role
-from harness.flow import ReceiverProcess, WorkerProcess, wait_for
+from harness.workers import WorkerProcess
+from harness.flow import ReceiverProcess, wait_for
 from tests.test_reconcile import paid_out_accounts
 from tasks.base import LONGEST_TASK_SECONDS
 from worker.celery_app import ACK_DEADLINE_SECONDS, QUEUES

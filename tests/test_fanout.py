@@ -7,9 +7,6 @@ broker loses every waiting message, and beat's fan-out sweeper gets every accoun
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import time
 
 import pytest
@@ -18,9 +15,9 @@ from sqlalchemy import text
 from domain import fanout
 from models.db import session_scope
 from harness.brokers import BROKERS, broker_run
-from harness.chaos import schedule_env
 from harness.db_role import worker_role
-from harness.flow import WorkerProcess, wait_for
+from harness.flow import wait_for
+from harness.workers import BeatProcess, WorkerProcess, schedule_env
 from tests.test_reconcile import paid_out_accounts
 
 TASK = "tasks.reconciliation.reconcile_account"
@@ -110,20 +107,11 @@ def fleet(request, role_env, work_dir):
     """A worker and a beat that runs the fan-out sweeper every 2 s (and no other job)."""
     settings = {"FANOUT_SWEEP_AFTER_SECONDS": "3", **schedule_env({"sweep_fanout": 2})}
     with broker_run(request.param, role_env, **settings) as run:
-        worker = WorkerProcess(run.env, work_dir / f"fanout-{run.name}-worker.log", probe=run.app)
-        worker.start()
-        log = open(work_dir / f"fanout-{run.name}-beat.log", "ab")
-        beat = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "worker", "beat", "-l", "INFO",
-             "-s", str(work_dir / f"fanout-{run.name}-beat-schedule")],
-            env={**os.environ, **run.env}, stdout=log, stderr=subprocess.STDOUT,
-        )
         try:
-            yield run
+            with WorkerProcess(run.env, work_dir / f"fanout-{run.name}-worker.log", probe=run.app), \
+                    BeatProcess(run.env, work_dir, name=f"fanout-{run.name}-beat"):
+                yield run
         finally:
-            beat.terminate()
-            beat.wait(20)
-            worker.stop()
             run.app.close()
 
 

@@ -33,7 +33,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.conftest import CONNECT_WEBHOOK_SECRET, STRIPE_API_KEY, WEBHOOK_SECRET
 from harness import stripe_events
 from harness.flow import wait_for
-from harness.workers import WorkerProcess
+from harness.workers import BeatProcess, WorkerProcess
 
 PROJECT = Path(__file__).resolve().parents[1]
 FLOWER_USER, FLOWER_PASSWORD = "ops", "test-flower-password"  # tests/conftest.py's FLOWER_BASIC_AUTH
@@ -240,10 +240,6 @@ def _stop(proc: subprocess.Popen) -> None:
 
 def test_two_beat_processes_run_each_job_once_per_slot(db, services, ops_env, ops_worker, work_dir):
     env = {**ops_env, "SCHEDULE_SWEEP_INBOX": "1", "SCHEDULE_PURGE_INBOX": "2"}
-    beats = [
-        _spawn(["beat", "-l", "INFO", "--schedule", str(work_dir / f"beat-{i}")], env, work_dir / f"beat-{i}.log")
-        for i in range(2)
-    ]
 
     def slots_fired_by_both(job: str) -> int:
         rows = _job_runs(services, job)
@@ -252,14 +248,11 @@ def test_two_beat_processes_run_each_job_once_per_slot(db, services, ops_env, op
             per_slot[slot] += 1
         return sum(1 for count in per_slot.values() if count == 2)
 
-    try:
+    with BeatProcess(env, work_dir, name="beat-0"), BeatProcess(env, work_dir, name="beat-1"):
         wait_for(
             lambda: slots_fired_by_both("sweep_inbox") >= 4 and slots_fired_by_both("purge_inbox") >= 2,
             timeout=45, interval=0.2, message="several slots fired by both beats",
         )
-    finally:
-        for beat in beats:
-            _stop(beat)
     _wait_until_broker_idle(ops_env)
 
     runs = defaultdict(list)

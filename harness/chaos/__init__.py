@@ -54,8 +54,3 @@ that the result does not depend on delivery order, duplication, crashes or outag
 independent oracle, computed from the generated histories alone (what each invoice's
 outcome must leave), checks the domain code itself on top of that.
 """
-
-# tests/test_fanout.py reads the beat schedule settings from here; they live with the launchers.
-from harness.workers import schedule_env
-
-__all__ = ["schedule_env"]
