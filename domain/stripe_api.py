@@ -11,9 +11,11 @@ plain 429: callers wrap calls with `with_rate_limit_retry`.
 from __future__ import annotations
 
 import random
+import re
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import stripe
 
@@ -23,6 +25,19 @@ from domain.rate_limit import TokenBucket, redis_client
 T = TypeVar("T")
 
 
+# Told of every HTTP request to Stripe: its endpoint kind (`endpoint_kind`) and the answer's
+# status, None when none came. The worker's metrics set it (tasks/metrics.py).
+request_observer: Callable[[str, int | None], None] | None = None
+
+_KIND = re.compile(r"^/v1/([a-z_]+)")
+
+
+def endpoint_kind(url: str) -> str:
+    """`https://api.stripe.com/v1/invoices/in_1/pay?x=1` -> `invoices`: the resource, never an id."""
+    kind = _KIND.match(urlsplit(url).path)
+    return kind[1] if kind else "other"
+
+
 class RateLimitedHTTPClient(stripe.RequestsClient):
     """The SDK's default HTTP client, paced by a shared token bucket."""
 
@@ -30,13 +45,26 @@ class RateLimitedHTTPClient(stripe.RequestsClient):
         super().__init__(**kwargs)
         self.bucket = bucket
 
-    def request(self, *args: Any, **kwargs: Any):
+    def request(self, method: str, url: str, *args: Any, **kwargs: Any):
         self.bucket.acquire()
-        return super().request(*args, **kwargs)
+        return _observed(url, super().request, method, url, *args, **kwargs)
 
-    def request_stream(self, *args: Any, **kwargs: Any):
+    def request_stream(self, method: str, url: str, *args: Any, **kwargs: Any):
         self.bucket.acquire()
-        return super().request_stream(*args, **kwargs)
+        return _observed(url, super().request_stream, method, url, *args, **kwargs)
+
+
+def _observed(url: str, send: Callable[..., tuple], *args: Any, **kwargs: Any) -> tuple:
+    observer = request_observer
+    if observer is None:
+        return send(*args, **kwargs)
+    status = None
+    try:
+        response = send(*args, **kwargs)
+        status = response[1]
+        return response
+    finally:
+        observer(endpoint_kind(url), status)
 
 
 def shared_bucket(settings: Settings | None = None) -> TokenBucket:

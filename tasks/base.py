@@ -16,6 +16,7 @@ still holding the lock would see skipped). The schedule (worker/schedule.py) nam
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any, TypeVar
@@ -25,6 +26,8 @@ from celery import Celery, current_app, shared_task
 
 from config.settings import is_amqp_url
 from domain.jobs import JobSkipped, counts_of, run_job
+from models import JobOutcome
+from tasks import metrics
 
 Result = TypeVar("Result")
 
@@ -75,11 +78,17 @@ class JobTask(Task):
     def __call__(self, *args, **kwargs):
         slot = self.request.get(SLOT_HEADER)
         body = super().__call__
+        started = time.monotonic()
         try:
             result = run_job(self.job, lambda: body(*args, **kwargs),
                              slot=datetime.fromisoformat(slot) if slot else None)
         except JobSkipped as skipped:
+            metrics.record_job(self.job, JobOutcome.SKIPPED, None)
             return f"skipped: {skipped.reason}"
+        except BaseException:
+            metrics.record_job(self.job, JobOutcome.FAILED, time.monotonic() - started)
+            raise
+        metrics.record_job(self.job, JobOutcome.OK, time.monotonic() - started)
         if self.then is not None:
             self.then(result)
         return counts_of(result)

@@ -17,6 +17,7 @@ from domain.catchup import CatchUpResult, catch_up
 from domain.errors import describe
 from domain.stripe_api import get_client
 from models.db import session_scope
+from tasks import metrics
 from tasks.base import job, worker_app
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,7 @@ def _attempt(event_id: str) -> dispatch.Attempt:
         session_scope, event_id,
         max_attempts=settings.event_max_attempts, retry_base_seconds=settings.event_retry_base_seconds,
     )
+    metrics.record_attempts({event_id: attempt}, time.time(), session_scope)
     _log(event_id, attempt)
     return attempt
 
@@ -66,6 +68,7 @@ def process_events(event_ids: list[str]) -> dict[str, int]:
         session_scope, event_ids,
         max_attempts=settings.event_max_attempts, retry_base_seconds=settings.event_retry_base_seconds,
     )
+    metrics.record_attempts(attempts, time.time(), session_scope)
     outcomes: Counter[str] = Counter()
     for event_id, attempt in attempts.items():
         _log(event_id, attempt)

@@ -10,10 +10,11 @@ same on both: the task routes below name queues only.
 from __future__ import annotations
 
 import gc
+import os
 
 import click
 from celery import Celery
-from celery.signals import setup_logging, worker_process_init
+from celery.signals import setup_logging, worker_init, worker_process_init, worker_process_shutdown, worker_ready
 from kombu import Exchange, Queue
 
 from config import Settings, get_settings
@@ -145,3 +146,27 @@ def _freeze_startup_heap(**_: object) -> None:
     # collections need not walk it again and again (about a tenth of an event's CPU time).
     # The task modules, and through them every handler, are imported by now.
     gc.freeze()
+
+
+# The worker's metrics (tasks/metrics.py): the multiprocess directory wiped before the pool
+# forks, served by the main process once the worker is ready, a pool process's live gauges
+# dropped when it exits.
+@worker_init.connect
+def _prepare_metrics(**_: object) -> None:
+    from tasks import metrics
+
+    metrics.prepare_worker()
+
+
+@worker_ready.connect
+def _serve_metrics(**_: object) -> None:
+    from tasks import metrics
+
+    metrics.serve()
+
+
+@worker_process_shutdown.connect
+def _metrics_process_gone(pid: int | None = None, **_: object) -> None:
+    from tasks import metrics
+
+    metrics.process_gone(pid or os.getpid())

@@ -54,6 +54,14 @@ class Metrics:
         self.job_last_ok = Gauge(
             "job_last_success_timestamp_seconds", "When each scheduled job last finished ok", ["job"], registry=r
         )
+        # The alerts' thresholds and the signals the worker cannot see from inside a task.
+        self.job_period = Gauge("job_period_seconds", "Each scheduled job's period", ["job"], registry=r)
+        self.backlog_age = Gauge(
+            "inbox_oldest_waiting_age_seconds", "Age of the oldest event still to be applied (0: none)", registry=r
+        )
+        self.unacknowledged = Gauge(
+            "reconcile_discrepancies_unacknowledged", "Open discrepancies nobody has acknowledged", registry=r
+        )
 
 
 METRICS = Metrics()
@@ -201,18 +209,28 @@ def _readiness(settings: Settings) -> dict[str, bool]:
 
 
 def _refresh_backlog(settings: Settings) -> None:
+    from domain.connect.discrepancies import count_unacknowledged
+    from models.db import session_scope
+    from tasks.metrics import backlog_age_seconds
     from worker.schedule import JOBS
 
+    for job in JOBS:
+        METRICS.job_period.labels(job.name).set(job.cadence(settings).period)
     try:
         with psycopg.connect(settings.libpq_database_url, connect_timeout=3) as conn:
             backlog = inbox.backlog(conn)
+            backlog_age = backlog_age_seconds(conn)
             last_ok = jobs.last_successes(conn, [job.name for job in JOBS])
+        with session_scope(settings.database_url) as session:
+            unacknowledged = count_unacknowledged(session)
     except Exception:
         return
     for status, count in backlog.items():
         METRICS.backlog.labels(status).set(count)
+    METRICS.backlog_age.set(backlog_age)
     for job, finished in last_ok.items():
         METRICS.job_last_ok.labels(job).set(finished.timestamp())
+    METRICS.unacknowledged.set(unacknowledged)
 
 
 def serve(host: str, port: int) -> None:
