@@ -1,32 +1,33 @@
-"""Provider stats at scale: full pass against a hand-written aggregate, incremental pass, memory.
+"""Provider stats at scale: the full pass as the workers run it, against a hand-written aggregate.
 
-    DATABASE_URL=postgresql://postgres@127.0.0.1:5432/postgres python -m benchmarks.stats_bench [--scale 1.0]
+    DATABASE_URL=postgresql://postgres@127.0.0.1:5432/postgres python -m benchmarks.stats_bench \
+        [--scale 1 10] [--case few|all|both] [--repeat 3] [--incremental]
 
-Uses the Postgres named by DATABASE_URL (a scratch database is created and dropped), else an
-embedded one. At scale 1 it generates, with INSERT ... SELECT generate_series, 20,000
-providers, 60,000 listings (10% soft-deleted), 2,000,000 transactions (all statuses, 2% of
-the paid/completed ones partly refunded) and 400,000 reviews (5% soft-deleted), plus the
-users and invoices their foreign keys need. It then prints:
+Uses the Postgres named by DATABASE_URL (a scratch database per scale is created and
+dropped), else an embedded one. At scale 1 it generates, with INSERT ... SELECT
+generate_series, 20,000 providers, 60,000 listings (10% soft-deleted), 2,000,000 transactions
+(all statuses, 2% of the paid/completed ones partly refunded) and 400,000 reviews (5%
+soft-deleted), plus the users and invoices their foreign keys need; scale 10 is ten times
+that (about 5 GB with indexes; the app's secondary indexes are built after the rows, as a
+restore would, which keeps the load to minutes). For each scale it prints:
 
-- the floor: one hand-written aggregate query computing the four stats of every provider
-  (best of 3, warm cache), next to the full pass when no provider's stats change (the usual
-  night, best of 3) and when every provider's do (they start at zero), with their ratios to
-  the floor; for the second, also the time of one hand-written UPDATE ... FROM (that
-  aggregate) writing every provider, and the longest batch transaction of the pass, which
-  bounds how long it keeps rows of marketplace.providers locked;
-- the full pass, every provider changing, in the ranges the nightly job fans out as tasks:
-  of STATS_FULL_RANGE_SIZE providers (its default), and of 5,000 and 2,000, each range run
-  here one after the other as the workers' tasks would, with the longest range (the longest
-  task) and the ratio to the floor: each range reads the transactions of its providers,
-  which lie all over the table, so every range costs about one read of it;
-- the first incremental pass (no watermark yet), then the incremental pass for 100 providers
-  touched by the worker (touched_providers) and for 100 touched by the app (a listing of each
-  updated), min, median and max of 5; then the same once the tables have the indexes on
-  service_listings("updatedAt"), reviews("createdAt") and reviews("deletedAt") that the app
-  could add (created in the scratch database only);
-- the peak RSS of a process that runs the full pass with every provider changing (a
-  subprocess, so the figure is the pass's own: imports and connection included), next to its
-  RSS before the pass.
+- the floor: one hand-written aggregate query computing the four stats of every provider,
+  fetched (best of --repeat, warm cache), and the same aggregate written into every
+  provider by one UPDATE ... FROM (the floor with writes, for reference);
+- the full pass as the workers run it: the nightly job's stage (one aggregate, the changed
+  providers kept) and then one range task per STATS_FULL_RANGE_SIZE providers (its
+  default), each on its own connection, one after the other; its ratio to the floor, when a
+  few providers change (100, the usual night; best of --repeat) and when every provider
+  changes (their stored stats zeroed first; one run per repeat), with the stage's share and
+  the longest range task;
+- the peak RSS of the process running the pass (a subprocess running the every-provider
+  case, imports and connection included), next to its RSS before the pass: the pass keeps
+  its rows in the database, so this stays flat from scale 1 to 10;
+- with --incremental, the incremental pass: first (no watermark yet), then for 100 providers
+  touched by the worker and 100 by the app, with and without the indexes the app could add.
+
+Ratios compare figures measured in the same run, on a machine whose load varies: compare
+them, not the times, between runs.
 """
 
 from __future__ import annotations
@@ -188,6 +189,16 @@ def best_of(n: int, fn) -> float:
     return min(times)
 
 
+# The app's secondary indexes on the big tables: dropped while the rows are generated and
+# built afterwards (far faster than maintaining them row by row), as a restore does.
+SECONDARY_INDEXES = """
+SELECT format('DROP INDEX %I.%I', schemaname, indexname), indexdef
+FROM pg_indexes
+WHERE schemaname = 'marketplace' AND tablename IN ('transactions', 'reviews', 'service_listings')
+  AND indexname NOT IN (SELECT conname FROM pg_constraint)
+"""
+
+
 def generate(url: str, scale: float) -> dict[str, int]:
     """Fill the tables of the database at `url` (a libpq URL); returns the row counts."""
     sizes = {
@@ -199,140 +210,183 @@ def generate(url: str, scale: float) -> dict[str, int]:
     }
     sql = GENERATE.format(provider_of=PROVIDER_OF.format(**sizes), **sizes)
     with psycopg.connect(url) as conn:
+        conn.execute("SET synchronous_commit = off")
+        conn.execute("SET maintenance_work_mem = '1GB'")
+        indexes = conn.execute(SECONDARY_INDEXES).fetchall()
+        for drop, _ in indexes:
+            conn.execute(drop)
         conn.execute(sql)
+        for _, create in indexes:
+            conn.execute(create)
         conn.commit()
         conn.autocommit = True
         conn.execute("VACUUM ANALYZE")
     return sizes
 
 
-def full_pass_rss(url: str) -> tuple[int, int]:
-    """(RSS before the pass, peak RSS) in KiB of a fresh process that runs one full pass."""
+def run_pass(url: str) -> None:
+    """The full pass as the nightly job runs it: the job's stage, then each range task on its
+    own connection (benchmarks and tasks alike: no row comes back to Python)."""
+    from config import Settings
+    from domain import stats
+    from models.db import get_engine
+
+    engine = get_engine(url)
+    with engine.connect() as connection:
+        stats.stage_full_pass(connection)
+        with connection.begin():
+            ranges = stats.provider_ranges(connection, Settings.model_fields["stats_full_range_size"].default)
+    for first, last in ranges:
+        with engine.connect() as connection:
+            stats.full_pass_range(connection, first=first, last=last, batch_size=1000)
+
+
+def timed_pass(url: str) -> dict:
+    """The full pass as `run_pass`, timed: total, the stage, the longest range task, ranges,
+    providers written."""
+    from config import Settings
+    from domain import stats
+    from models.db import get_engine
+
+    engine = get_engine(url)
+    start = time.perf_counter()
+    with engine.connect() as connection:
+        staged = stats.stage_full_pass(connection)
+        with connection.begin():
+            ranges = stats.provider_ranges(connection, Settings.model_fields["stats_full_range_size"].default)
+    stage_s = time.perf_counter() - start
+    longest, changed = 0.0, 0
+    for first, last in ranges:
+        range_start = time.perf_counter()
+        with engine.connect() as connection:
+            changed += stats.full_pass_range(connection, first=first, last=last, batch_size=1000).changed
+        longest = max(longest, time.perf_counter() - range_start)
+    return {"seconds": time.perf_counter() - start, "stage": stage_s, "longest_range": longest,
+            "ranges": len(ranges), "staged": staged.staged, "changed": changed}
+
+
+def full_pass_rss(url: str) -> dict:
+    """`timed_pass` in a fresh process, with its RSS (KiB) before the pass and at its peak."""
     code = (
         "import json, resource, sys\n"
-        "from domain import stats\n"
+        "from benchmarks.stats_bench import timed_pass\n"
         "from models.db import get_engine\n"
-        "engine = get_engine(sys.argv[1])\n"
-        "with engine.connect() as c: c.exec_driver_sql('SELECT 1')\n"
+        "with get_engine(sys.argv[1]).connect() as c: c.exec_driver_sql('SELECT 1')\n"
         "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
-        "with engine.connect() as c: stats.full_pass(c, batch_size=1000)\n"
-        "print(json.dumps([before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss]))\n"
+        "result = timed_pass(sys.argv[1])\n"
+        "result.update(before=before, peak=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+        "print(json.dumps(result))\n"
     )
     out = subprocess.run([sys.executable, "-c", code, url], check=True, capture_output=True, text=True)
-    before, peak = json.loads(out.stdout.strip().splitlines()[-1])
-    return before, peak
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def reset_every_provider(engine) -> None:
-    """Every provider's stored stats to zero: the next full pass writes them all."""
+def reset_providers(engine, ids: list[int] | None = None) -> None:
+    """The stored stats of these providers (every one when None) to zero: the next full pass
+    writes them."""
+    where = "" if ids is None else f" WHERE id = ANY(ARRAY{ids}::integer[])"
     with engine.connect() as conn:
-        conn.exec_driver_sql(RESET)
+        conn.exec_driver_sql(RESET + where)
         conn.commit()
         conn.execution_options(isolation_level="AUTOCOMMIT").exec_driver_sql("VACUUM marketplace.providers")
 
 
-def full_pass_in_ranges(engine, range_size: int, providers: int) -> tuple[int, float, float]:
-    """(ranges, total seconds, longest range's seconds) of a full pass writing every provider,
-    range after range as the nightly job's tasks run them."""
+def bench_scale(scale: float, cases: list[str], repeat: int, incremental: bool) -> dict:
     from domain import stats
-
-    reset_every_provider(engine)
-    with engine.connect() as conn:
-        ranges = stats.provider_ranges(conn, range_size)
-    took = []
-    with engine.connect() as conn:
-        for first, last in ranges:
-            start = time.perf_counter()
-            changed = stats.full_pass_range(conn, first=first, last=last, batch_size=1000).changed
-            took.append(time.perf_counter() - start)
-            providers -= changed
-    assert providers == 0, f"{providers} providers left unchanged"
-    return len(ranges), sum(took), max(took)
-
-
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--scale", type=float, default=1.0)
-    args = parser.parse_args()
-
-    from domain import stats
-    from models.db import get_engine, session_scope
-    from models.migrate import create_app_tables_if_absent, upgrade
     from harness.services import test_services
+    from models.db import dispose_engines, get_engine, session_scope
+    from models.migrate import create_app_tables_if_absent, upgrade
 
+    figures = {"scale": scale}
     with tempfile.TemporaryDirectory(prefix="mw-stats-bench-") as work, test_services(Path(work)) as (db, _):
         create_app_tables_if_absent(db)
         upgrade(db)
         url = "postgresql+psycopg://" + db.split("://", 1)[1]
         start = time.perf_counter()
-        sizes = generate(db, args.scale)
-        print(f"generated {sizes} in {time.perf_counter() - start:.1f} s")
+        sizes = generate(db, scale)
+        print(f"\n== scale {scale:g}: generated {sizes} in {time.perf_counter() - start:.0f} s", flush=True)
         engine = get_engine(url)
+        providers = sizes["providers"]
 
         def floor():
             with engine.connect() as conn:
                 conn.exec_driver_sql(FLOOR).all()
 
         floor()  # warm the cache
-        floor_s = best_of(3, floor)
-
-        # The same floor when every provider's stats change: that one statement, writing them.
+        floor_s = best_of(repeat, floor)
         with engine.begin() as conn:
             start = time.perf_counter()
             conn.exec_driver_sql(WRITE_FLOOR)
             write_floor_s = time.perf_counter() - start
-        reset_every_provider(engine)
+        figures.update(floor=floor_s, write_floor=write_floor_s)
+        print(f"floor: one aggregate query over {providers:,} providers  {floor_s * 1000:8.0f} ms")
+        print(f"  with writes: one UPDATE ... FROM (aggregate), every provider {write_floor_s * 1000:8.0f} ms"
+              f"   {write_floor_s / floor_s:.2f}x floor", flush=True)
 
-        batch_ends = [time.perf_counter()]
-        with engine.connect() as conn:
-            first = stats.full_pass(
-                conn, batch_size=1000, on_changes=lambda changes: batch_ends.append(time.perf_counter()))
-        first_s = time.perf_counter() - batch_ends[0]
-        assert first.changed == sizes["providers"], first
-        # From the end of one batch to the end of the next: an upper bound of a batch transaction.
-        longest_batch = max((b - a for a, b in zip(batch_ends[1:], batch_ends[2:])), default=0)
+        def show(case: str, label: str, runs: list[dict]) -> None:
+            best = min(runs, key=lambda run: run["seconds"])
+            figures[case] = best["seconds"] / floor_s
+            print(f"full pass, {label:<36} {best['seconds'] * 1000:8.0f} ms   {best['seconds'] / floor_s:.2f}x floor"
+                  f"   (goal <= 1.5x; best of {len(runs)})")
+            print(f"  stage {best['stage'] * 1000:.0f} ms ({best['staged']:,} staged), then {best['ranges']} range"
+                  f" task(s), longest {best['longest_range'] * 1000:.0f} ms, {best['changed']:,} written", flush=True)
 
-        def steady_full():
-            with engine.connect() as conn:
-                assert stats.full_pass(conn, batch_size=1000).changed == 0
-
-        steady_s = best_of(3, steady_full)
-
-        print(f"\nfloor: one aggregate query over {sizes['providers']} providers      {floor_s * 1000:7.0f} ms")
-        print(f"full pass, nothing changes (best of 3)             {steady_s * 1000:7.0f} ms"
-              f"   {steady_s / floor_s:.2f}x floor   (goal <= 1.5x)")
-        print(f"full pass, every provider changes ({first.batches} batches)    {first_s * 1000:7.0f} ms"
-              f"   {first_s / floor_s:.2f}x floor   (goal <= 1.5x)")
-        print(f"  floor with writes: one UPDATE ... FROM (aggregate) {write_floor_s * 1000:7.0f} ms"
-              f"   full pass = {first_s / write_floor_s:.2f}x that")
-        print(f"  longest batch transaction (rows of providers locked) {longest_batch * 1000:5.1f} ms")
-        from config import Settings
-
-        for range_size in (Settings.model_fields["stats_full_range_size"].default, 5_000, 2_000):
-            ranges, total_s, longest_s = full_pass_in_ranges(engine, range_size, sizes["providers"])
-            tasks = f"{ranges} task" + ("s" if ranges > 1 else "")
-            print(f"  in ranges of {range_size:,} providers ({tasks})   {total_s * 1000:7.0f} ms"
-                  f"   {total_s / floor_s:.2f}x floor, longest task {longest_s * 1000:.0f} ms")
-
-        start = time.perf_counter()
-        with session_scope(url) as session:
-            first_incremental = stats.incremental_pass(session, overlap=timedelta(0))
-        print(f"first incremental pass (no watermark yet: every provider with a listing or review)"
-              f" {(time.perf_counter() - start) * 1000:.0f} ms, {first_incremental.recomputed} providers")
         rng = random.Random(1)
-        report_incremental(url, rng, sizes["providers"], "")
-        with engine.begin() as conn:
-            conn.exec_driver_sql(APP_INDEXES)
-        report_incremental(url, rng, sizes["providers"], " [with the indexes the app could add]")
+        timed_pass(url)  # stored stats right: every later run writes what it set up only
+        if "few" in cases:
+            runs = []
+            for _ in range(repeat):
+                reset_providers(engine, sorted(rng.sample(range(1, providers + 1), min(100, providers))))
+                runs.append(timed_pass(url))
+                assert runs[-1]["changed"] == min(100, providers), runs[-1]
+            show("few", "100 providers change (usual night)", runs)
+        if "all" in cases:
+            runs = []
+            for _ in range(repeat):
+                reset_providers(engine)
+                runs.append(full_pass_rss(url))
+                assert runs[-1]["changed"] == providers, runs[-1]
+            show("all", "every provider changes", runs)
+            before = max(run["before"] for run in runs) / 1024
+            peak = max(run["peak"] for run in runs) / 1024
+            figures["rss"] = peak
+            print(f"  process running it: RSS {before:.0f} MiB before the pass, peak {peak:.0f} MiB", flush=True)
 
-        with engine.begin() as conn:
-            conn.exec_driver_sql(RESET)  # the worst case: every provider changes
-        before, peak = full_pass_rss(url)
-        print(f"full pass process RSS: {before / 1024:.0f} MiB before the pass, peak {peak / 1024:.0f} MiB"
-              "   (goal < 200 MB)")
-        from models.db import dispose_engines
-
+        if incremental:
+            start = time.perf_counter()
+            with session_scope(url) as session:
+                first_incremental = stats.incremental_pass(session, overlap=timedelta(0))
+            print(f"first incremental pass (no watermark yet: every provider with a listing or review)"
+                  f" {(time.perf_counter() - start) * 1000:.0f} ms, {first_incremental.recomputed} providers")
+            report_incremental(url, rng, providers, "")
+            with engine.begin() as conn:
+                conn.exec_driver_sql(APP_INDEXES)
+            report_incremental(url, rng, providers, " [with the indexes the app could add]")
         dispose_engines()
+    return figures
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scale", type=float, nargs="+", default=[1.0],
+                        help="one run per scale, each on its own data (scale 1: 20,000 providers)")
+    parser.add_argument("--case", choices=("few", "all", "both"), default="both",
+                        help="100 providers change, every provider changes, or both")
+    parser.add_argument("--repeat", type=int, default=3, help="runs of each measure (the best is kept)")
+    parser.add_argument("--incremental", action="store_true", help="also time the incremental pass")
+    args = parser.parse_args()
+    cases = ["few", "all"] if args.case == "both" else [args.case]
+
+    results = [bench_scale(scale, cases, args.repeat, args.incremental) for scale in args.scale]
+    if len(results) > 1:
+        print("\nsummary (ratios to the floor of the same scale)")
+        for figures in results:
+            line = f"  scale {figures['scale']:>4g}:"
+            if "few" in figures:
+                line += f" 100 change {figures['few']:.2f}x,"
+            if "all" in figures:
+                line += f" all change {figures['all']:.2f}x, peak RSS {figures['rss']:.0f} MiB,"
+            print(line + f" floor with writes {figures['write_floor'] / figures['floor']:.2f}x")
     return 0
 
 

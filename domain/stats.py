@@ -28,29 +28,35 @@ Three ways in, one SQL aggregate:
   in the same transaction, minus an overlap (STATS_CHANGE_OVERLAP_SECONDS) so that an app
   transaction committing after the pass read the tables, or an app clock a little behind the
   database's, is still seen.
-- `full_pass_range` (nightly): every provider whose id is in a range. Per-provider batches
-  would read the transactions table once per batch (a provider's transactions are spread over
-  the whole heap), so a range aggregates its providers' rows of every table at once into a
-  temporary table, without locking anything, then applies it in keyset batches of provider
-  ids, each a short transaction, so Python memory and the time rows of
-  `marketplace.providers` stay locked do not grow with the tables. The nightly job fans out
-  one task per range of `provider_ranges` (tasks/stats.py); `full_pass` runs the ranges one
-  after the other in the caller's process (the `stats --full` command). Each range reads the
-  transactions of its providers, which lie all over the table, so a range costs about one
-  read of the table whatever its size: few large ranges cost least in all
-  (benchmarks/stats_bench.py prints the full pass in one range and in several).
+- the full pass (nightly): every provider. A provider's transactions are spread over the
+  whole heap, so any subset of providers costs about one read of the transactions table (the
+  app's index on transactions("providerId", status, "createdAt") holds no "totalCents": a
+  range read through it visits as many heap pages as the table has). So `stage_full_pass`
+  aggregates every provider once, in one statement that reads each table once, without
+  locking anything, and keeps only the providers whose stored stats differ: it writes their
+  values into `marketplace_worker.provider_stats_staged` (unlogged: nightly and recomputable),
+  which it empties first. Then `full_pass_range`, one task per range of `provider_ranges`
+  (tasks/stats.py fans them out after staging), applies the staged rows of its range in
+  keyset batches of provider ids, each a short transaction, so neither Python memory (no row
+  comes to Python unless the caller asks for the changes) nor the time rows of
+  `marketplace.providers` stay locked grows with the tables; a range's cost follows its
+  changed providers, not the tables. `full_pass` does both in the caller's process (the
+  `stats --full` command). benchmarks/stats_bench.py prints it against a plain aggregate.
 
 Concurrency. Every write of stats takes one transaction-scoped advisory lock, so writers run
 one at a time and each computes from a snapshot taken after the previous one committed (ranges
-of the full pass running on several workers stage side by side and apply one batch at a
-time). A range applies values it staged at time T0, up to minutes before a batch is applied,
-and a provider recomputed by an incremental pass in between holds newer values. So every
-incremental and single-provider recompute stamps the provider in
-`marketplace_worker.provider_stats_recomputed` (database clock, after its aggregate ran), and
-a batch leaves alone the providers stamped at or after T0. Any change after T0 that no such
-recompute has seen is still pending when the batch applies (its touched row is there, or it is
-inside the watermark's window), so the next incremental pass corrects what the batch wrote.
-The full pass does not claim touched rows, for the same reason. Nothing holds a lock on
+of the full pass running on several workers apply one batch at a time). A range applies
+values staged at time T0 (each staged row carries its T0), minutes or, for a range task
+retried or swept, hours before a batch is applied, and a provider recomputed by an
+incremental pass in between holds newer values. So every incremental and single-provider
+recompute stamps the provider in `marketplace_worker.provider_stats_recomputed` (database
+clock, after its aggregate ran), and a batch leaves alone the providers stamped at or after
+T0. Any change after T0 that no such recompute has seen is still pending when the batch
+applies (its touched row is there, or it is inside the watermark's window), so the next
+incremental pass corrects what the batch wrote; and a provider left out of the staged rows
+because its stats were right at T0 is in the same case. A pass staging again while ranges of
+the previous one still apply replaces their rows with newer ones, which the same argument
+covers. The full pass does not claim touched rows, for the same reason. Nothing holds a lock on
 `marketplace.providers` beyond one batch's transaction; a webhook never waits for a pass.
 
 Not seen by the incremental pass (the nightly full pass corrects them): a review whose rating
@@ -126,8 +132,9 @@ class FullPassResult:
 
 def _fresh_sql(providers: str | None) -> str:
     """Fresh stats per provider as (provider_id, total_listings, total_transactions,
-    total_revenue_cents, average_rating): every provider, or those whose id satisfies
-    `providers`, a condition written after the id (`= ANY(CAST(:ids AS integer[]))`)."""
+    total_revenue_cents, average_rating), then the stored ones as (stored_listings,
+    stored_transactions, stored_revenue_cents, stored_rating): every provider, or those whose
+    id satisfies `providers`, a condition written after the id (`= ANY(CAST(:ids AS integer[]))`)."""
     only = f'AND x."providerId" {providers}' if providers else ""
     where = f"WHERE p.id {providers}" if providers else ""
     return f"""
@@ -135,7 +142,9 @@ SELECT p.id AS provider_id,
        COALESCE(l.n, 0)::integer AS total_listings,
        COALESCE(t.n, 0)::integer AS total_transactions,
        COALESCE(t.cents, 0)::bigint AS total_revenue_cents,
-       COALESCE(rv.rating, 0)::numeric(3, 2) AS average_rating
+       COALESCE(rv.rating, 0)::numeric(3, 2) AS average_rating,
+       p."totalListings" AS stored_listings, p."totalTransactions" AS stored_transactions,
+       p."totalRevenueCents" AS stored_revenue_cents, p."averageRating" AS stored_rating
 FROM marketplace.providers p
 LEFT JOIN (
     SELECT x."providerId", count(*) AS n
@@ -161,10 +170,26 @@ LEFT JOIN (
 """
 
 
-def _apply_sql(source: str, *, extra_condition: str = "") -> str:
+def _apply_sql(source: str, *, extra_condition: str = "", returning: bool = True) -> str:
     """UPDATE the providers whose stats differ from `source` (a relation with _fresh_sql's
-    columns), returning the old and new values. `o` is the row as the statement's snapshot
-    saw it; stats have one writer at a time (the advisory lock), so that is the old value."""
+    first five columns), returning the old and new values unless `returning` is false. `o` is
+    the row as the statement's snapshot saw it; stats have one writer at a time (the advisory
+    lock), so that is the old value."""
+    if not returning:
+        return f"""
+UPDATE marketplace.providers p
+SET "totalListings" = f.total_listings,
+    "totalTransactions" = f.total_transactions,
+    "totalRevenueCents" = f.total_revenue_cents,
+    "averageRating" = f.average_rating,
+    "updatedAt" = :now
+FROM {source}
+WHERE p.id = f.provider_id
+  AND (p."totalListings", p."totalTransactions", p."totalRevenueCents", p."averageRating")
+      IS DISTINCT FROM
+      (f.total_listings, f.total_transactions, f.total_revenue_cents, f.average_rating)
+  {extra_condition}
+"""
     return f"""
 UPDATE marketplace.providers p
 SET "totalListings" = f.total_listings,
@@ -216,22 +241,42 @@ SELECT ARRAY(
        now() AT TIME ZONE 'UTC' AS pass_started_at
 """)
 
-_STAGED = "pg_temp.provider_stats_staged"
+_STAGED = "marketplace_worker.provider_stats_staged"
+
+# Every provider aggregated in one statement: each table is read once (the planner hashes the
+# refunds and the per-provider aggregates), and only the providers whose stored stats differ
+# are kept, compared on the providers row the aggregate reads anyway.
+_STAGE_SQL = text(f"""
+INSERT INTO {_STAGED}
+    (provider_id, total_listings, total_transactions, total_revenue_cents, average_rating, staged_at)
+SELECT f.provider_id, f.total_listings, f.total_transactions, f.total_revenue_cents,
+       f.average_rating, :staged_at
+FROM ({_fresh_sql(None)}) f
+WHERE (f.stored_listings, f.stored_transactions, f.stored_revenue_cents, f.stored_rating)
+      IS DISTINCT FROM
+      (f.total_listings, f.total_transactions, f.total_revenue_cents, f.average_rating)
+""")
+
+# Memory for the stage's hash aggregates (a few hundred bytes per provider): at the default
+# 4 MB they spill to disk from about 20,000 providers on. For this statement only.
+_STAGE_WORK_MEM = "256MB"
 
 # The staged values of one keyset batch, except for providers recomputed from data at least
-# as new as the staged values (stamped at or after :staged_at).
-_APPLY_STAGED_SQL = text(_apply_sql(
-    f"{_STAGED} f",
-    extra_condition="""AND f.provider_id > :after AND f.provider_id <= :upto
+# as new as the staged values (stamped at or after the row's staged_at).
+_APPLY_STAGED_CONDITION = """AND f.provider_id > :after AND f.provider_id <= :upto
   AND NOT EXISTS (
       SELECT 1 FROM marketplace_worker.provider_stats_recomputed m
-      WHERE m.provider_id = f.provider_id AND m.recomputed_at >= :staged_at
-  )""",
-))
+      WHERE m.provider_id = f.provider_id AND m.recomputed_at >= f.staged_at
+  )"""
+_APPLY_STAGED_SQL = text(_apply_sql(f"{_STAGED} f", extra_condition=_APPLY_STAGED_CONDITION))
+# The same, for a caller that does not want the changes: no row comes back to Python.
+_APPLY_STAGED_QUIET_SQL = text(
+    _apply_sql(f"{_STAGED} f", extra_condition=_APPLY_STAGED_CONDITION, returning=False))
 
 _BATCH_END_SQL = text(f"""
-SELECT max(provider_id) FROM (
-    SELECT provider_id FROM {_STAGED} WHERE provider_id > :after ORDER BY provider_id LIMIT :n
+SELECT max(provider_id), count(*) FROM (
+    SELECT provider_id FROM {_STAGED} WHERE provider_id > :after AND provider_id <= :last
+    ORDER BY provider_id LIMIT :n
 ) batch
 """)
 
@@ -295,12 +340,6 @@ def incremental_pass(session: Session, *, overlap: timedelta) -> PassResult:
 # Provider ids are INTEGER: a range from FIRST_ID to LAST_ID holds every provider.
 FIRST_ID, LAST_ID = -(2**31), 2**31 - 1
 
-_STAGE_RANGE_SQL = text(
-    f"CREATE TEMPORARY TABLE provider_stats_staged AS {_fresh_sql('BETWEEN :first AND :last')}"
-)
-# Every provider: without the test of each row's id, which costs about a tenth of the aggregate.
-_STAGE_ALL_SQL = text(f"CREATE TEMPORARY TABLE provider_stats_staged AS {_fresh_sql(None)}")
-
 # Every `size`-th provider id but the greatest: the last id of each range but the last one.
 _RANGE_ENDS_SQL = text("""
 SELECT id FROM (
@@ -328,23 +367,51 @@ def full_pass(
     on_changes: Callable[[list[StatsChange]], None] | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> FullPassResult:
-    """Recompute every provider here, range after range (`range_size` providers each; one
-    range when None): what the nightly job's tasks do on the workers. `progress(done, total)`
-    after each range."""
+    """Recompute every provider here: stage, then apply range after range (`range_size`
+    providers each; one range when None), what the nightly job and its tasks do on the
+    workers. `progress(done, total)` after each range."""
+    staged = stage_full_pass(connection)
     ranges = [(FIRST_ID, LAST_ID)]
     if range_size is not None:
         with connection.begin():
             ranges = provider_ranges(connection, range_size)
-    providers = changed = batches = 0
+    changed = batches = 0
     for done, (first, last) in enumerate(ranges, 1):
         result = full_pass_range(connection, first=first, last=last, batch_size=batch_size,
                                  on_changes=on_changes)
-        providers += result.providers
         changed += result.changed
         batches += result.batches
         if progress is not None:
             progress(done, len(ranges))
-    return FullPassResult(providers=providers, changed=changed, batches=batches)
+    return FullPassResult(providers=staged.providers, changed=changed, batches=batches)
+
+
+@dataclass(frozen=True, slots=True)
+class StagedPass:
+    providers: int  # aggregated
+    staged: int  # whose stored stats differed, to be applied by the ranges
+
+    def counts(self) -> dict[str, int]:
+        return {"providers": self.providers, "staged": self.staged}
+
+
+def stage_full_pass(connection: Connection) -> StagedPass:
+    """Aggregate every provider and stage the values of those whose stored stats differ,
+    replacing what an earlier pass staged. Writes no provider.
+
+    Runs its own transaction on `connection` (which must not be in one). Emptying the staged
+    table locks it until the aggregate commits: a range of an earlier pass still applying
+    waits, then applies the newer values.
+    """
+    with connection.begin():
+        connection.execute(text(f"TRUNCATE {_STAGED}"))
+        connection.execute(text(f"SET LOCAL work_mem = '{_STAGE_WORK_MEM}'"))
+        # Taken before the aggregate's snapshot: a recompute stamped at or after it may have
+        # seen newer data than the staged values.
+        staged_at = connection.execute(text("SELECT clock_timestamp()")).scalar_one()
+        staged = connection.execute(_STAGE_SQL, {"staged_at": staged_at}).rowcount
+        providers = connection.execute(text("SELECT count(*) FROM marketplace.providers")).scalar_one()
+    return StagedPass(providers=providers, staged=staged)
 
 
 def full_pass_range(
@@ -355,40 +422,32 @@ def full_pass_range(
     batch_size: int,
     on_changes: Callable[[list[StatsChange]], None] | None = None,
 ) -> FullPassResult:
-    """Recompute the providers with ids from `first` to `last`: one aggregate into a temporary
-    table, applied in keyset batches.
+    """Apply the staged values (stage_full_pass) of the providers with ids from `first` to
+    `last`, in keyset batches of `batch_size`; `providers` counts the staged rows of the range.
+    The old and new values come back to Python only for `on_changes`.
 
-    Runs its own transactions on `connection` (which must not be in one): the temporary
-    table lives as long as the connection, and each batch commits on its own.
+    Runs its own transactions on `connection` (which must not be in one), each batch one.
+    Applying twice writes nothing the second time, so a range retried or swept is harmless.
     """
-    with connection.begin():
-        connection.execute(text(f"DROP TABLE IF EXISTS {_STAGED}"))
-        # Taken before the aggregate's snapshot: a recompute stamped at or after it may have
-        # seen newer data than the staged values.
-        staged_at = connection.execute(text("SELECT clock_timestamp()")).scalar_one()
-        stage = _STAGE_ALL_SQL if (first, last) == (FIRST_ID, LAST_ID) else _STAGE_RANGE_SQL
-        providers = connection.execute(stage, {"first": first, "last": last}).rowcount
-        connection.execute(text(f"ALTER TABLE {_STAGED} ADD PRIMARY KEY (provider_id)"))
-        connection.execute(text(f"ANALYZE {_STAGED}"))
-
-    after, changed, batches = first - 1, 0, 0
+    after, providers, changed, batches = first - 1, 0, 0, 0
     while True:
         with connection.begin():
-            upto = connection.execute(_BATCH_END_SQL, {"after": after, "n": batch_size}).scalar_one()
+            upto, n = connection.execute(
+                _BATCH_END_SQL, {"after": after, "last": last, "n": batch_size}).one()
             if upto is None:
                 break
             _serialize_stats_writers(connection)
-            rows = connection.execute(
-                _APPLY_STAGED_SQL,
-                {"after": after, "upto": upto, "staged_at": staged_at, "now": utcnow()},
-            ).all()
+            params = {"after": after, "upto": upto, "now": utcnow()}
+            if on_changes is None:
+                written = connection.execute(_APPLY_STAGED_QUIET_SQL, params).rowcount
+                changes = []
+            else:
+                changes = _changes(connection.execute(_APPLY_STAGED_SQL, params).all())
+                written = len(changes)
+        providers += n
         batches += 1
-        changes = _changes(rows)
-        changed += len(changes)
-        if on_changes is not None and changes:
+        changed += written
+        if changes:
             on_changes(changes)
         after = upto
-
-    with connection.begin():
-        connection.execute(text(f"DROP TABLE {_STAGED}"))
     return FullPassResult(providers=providers, changed=changed, batches=batches)

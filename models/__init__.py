@@ -38,7 +38,7 @@ from models.ledger import (
     TransactionRefund,
 )
 from models.state import ObjectVersion, StripeInvoiceRead, Watermark
-from models.stats import ProviderStatsRecomputed
+from models.stats import ProviderStatsRecomputed, ProviderStatsStaged
 
 __all__ = [
     "WORKER_SCHEMA",
@@ -64,6 +64,7 @@ __all__ = [
     "ObjectVersion",
     "Provider",
     "ProviderStatsRecomputed",
+    "ProviderStatsStaged",
     "ReconcileDiscrepancy",
     "ReconcileDiscrepancyEvent",
     "Review",

@@ -35,10 +35,10 @@ LONG_AGO = timedelta(days=1)
 
 def stored(session: Session, provider_id: int) -> tuple:
     """(totalListings, totalTransactions, totalRevenueCents, averageRating) as stored."""
-    return session.execute(
+    return tuple(session.execute(
         select(Provider.totalListings, Provider.totalTransactions, Provider.totalRevenueCents,
                Provider.averageRating).where(Provider.id == provider_id)
-    ).one()._tuple()
+    ).one())
 
 
 def updated_at(session: Session, provider_id: int):
@@ -332,7 +332,7 @@ def test_the_full_pass_writes_every_stale_provider_in_batches(db):
 
     result = full(batch_size=3, on_changes=seen.extend)
 
-    assert (result.providers, result.batches) == (7, 3)
+    assert (result.providers, result.batches) == (7, 2)  # the 6 changed ones only are staged
     assert all_stored(db) == expected
     assert sorted(c.provider_id for c in seen) == sorted(p for p in expected if expected[p] != was[p])
     assert len(seen) == result.changed == 6
@@ -469,6 +469,39 @@ def test_the_full_pass_in_ranges_writes_what_one_range_does(db):
     make_stale(db)
     assert full(batch_size=2).counts() == {"providers": 10, "batches": 5, "changed": 10}
     assert all_stored(db) == expected
+
+
+def test_the_stage_keeps_the_changed_providers_and_each_range_applies_its_own_once(db):
+    """The nightly job stages once and its range tasks apply: staging writes no provider, a
+    range writes the staged providers of its ids only, and a range run again (retried, or
+    swept after a lost message) writes nothing."""
+    providers = stale_providers(db, 6)
+    expected = reference(db)
+    right = providers[0]
+    db.execute(update(Provider).where(Provider.id == right.id)
+               .values(**dict(zip(stats.COLUMNS, expected[right.id], strict=True))))
+    db.commit()
+    was, updated_before = all_stored(db), all_updated_at(db)
+    ids = sorted(p.id for p in providers if p.id != right.id)
+
+    def apply(first: int, last: int) -> stats.FullPassResult:
+        with get_engine().connect() as connection:
+            return stats.full_pass_range(connection, first=first, last=last, batch_size=10)
+
+    with get_engine().connect() as connection:
+        assert stats.stage_full_pass(connection).counts() == {"providers": 6, "staged": 5}
+    assert all_stored(db) == was
+    db.rollback()
+
+    assert apply(ids[1], ids[2]).counts() == {"providers": 2, "batches": 1, "changed": 2}
+    now = all_stored(db)
+    assert {p for p in now if now[p] != was[p]} == {ids[1], ids[2]}
+    db.rollback()
+    assert apply(stats.FIRST_ID, stats.LAST_ID).counts() == {"providers": 5, "batches": 1, "changed": 3}
+    assert apply(stats.FIRST_ID, stats.LAST_ID).changed == 0
+    assert all_stored(db) == expected
+    updated_after = all_updated_at(db)
+    assert sorted(p for p in updated_after if updated_after[p] != updated_before[p]) == ids
 
 
 # ------------------------------------------------------------------------ randomized ---
@@ -652,7 +685,7 @@ def test_the_full_pass_through_the_workers_writes_what_the_pass_in_process_does(
     stale_providers(db, 11)
     ranges_of(3)
 
-    assert full_stats() == {"ranges": 4, "enqueued": 4}
+    assert full_stats() == {"providers": 11, "staged": 11, "ranges": 4, "enqueued": 4}
     wait_for(lambda: [outcome for _, outcome in range_pieces(db)] == ["ok"] * 4, message="every range done")
     through_workers = all_stored(db)
 
@@ -678,7 +711,7 @@ def test_ranges_whose_messages_the_broker_lost_are_swept_and_the_pass_completes(
 
     with monkeypatch.context() as lossy:
         lossy.setattr(tasks.fanout, "publish", publish_every_other)
-        assert tasks.stats.full_stats() == {"ranges": 4, "enqueued": 4}
+        assert tasks.stats.full_stats() == {"providers": 12, "staged": 12, "ranges": 4, "enqueued": 4}
     sent_keys = {piece.key for piece in sent}
     wait_for(lambda: {key for key, outcome in range_pieces(db) if outcome == "ok"} == sent_keys,
              message="the ranges sent")
