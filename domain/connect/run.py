@@ -43,6 +43,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -299,19 +300,6 @@ def report_unknown_destinations(session: Session) -> tuple[int, int]:
     return len(findings), resolve_unseen(session, (UNKNOWN_DESTINATION,), None, findings)
 
 
-def open_discrepancies(session: Session, account: str | None = None) -> list[Any]:
-    query = text(
-        """
-        SELECT kind, subject, account, transaction_id, expected_cents, seen_cents, currency, transfer_ids,
-               payout_id, detail, first_seen_at, last_seen_at
-        FROM marketplace_worker.reconcile_discrepancies
-        WHERE resolved_at IS NULL AND (CAST(:account AS text) IS NULL OR account = :account)
-        ORDER BY kind, first_seen_at, subject
-        """
-    )
-    return list(session.execute(query, {"account": account}))
-
-
 # --- reconciling accounts one after another ------------------------------------------------
 
 
@@ -349,18 +337,26 @@ class Reconciled:
 
 
 def reconcile_accounts(session_factory: SessionFactory, engine: Engine, reader: StripeReader, accounts: list[str],
-                       *, settings: Settings, since: int | None = None) -> Reconciled:
-    """Reconcile each account in turn with the settings' transfer grace."""
+                       *, settings: Settings, since: int | None = None,
+                       progress: Callable[[int, int], None] | None = None) -> Reconciled:
+    """Reconcile each account in turn with the settings' transfer grace; `progress(done, total)`
+    after each account."""
     grace = transfer_grace(settings)
-    return Reconciled([reconcile_account(session_factory, engine, reader, account, grace=grace, since=since)
-                       for account in accounts])
+    done = Reconciled()
+    for account in accounts:
+        done.results.append(reconcile_account(session_factory, engine, reader, account, grace=grace, since=since))
+        if progress is not None:
+            progress(len(done.results), len(accounts))
+    return done
 
 
 def reconcile_active(session_factory: SessionFactory, engine: Engine, reader: StripeReader, *,
-                     settings: Settings, since: int | None = None) -> Reconciled:
+                     settings: Settings, since: int | None = None,
+                     progress: Callable[[int, int], None] | None = None) -> Reconciled:
     """A whole pass in this process: every account with activity, one after another."""
     with session_factory() as session:
         accounts, unknown = start_pass(session)
-    done = reconcile_accounts(session_factory, engine, reader, accounts, settings=settings, since=since)
+    done = reconcile_accounts(session_factory, engine, reader, accounts, settings=settings, since=since,
+                              progress=progress)
     done.unknown_destination = unknown
     return done
