@@ -143,12 +143,18 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     log_json: bool = False
 
+    # Traces (worker/tracing.py): on with OTEL_EXPORTER_OTLP_ENDPOINT, or with this and the
+    # exporter's other OTEL_* variables. Error reports: on with a DSN.
+    tracing_enabled: bool = False
+    sentry_dsn: SecretStr | None = None
+    sentry_environment: str | None = None
+
     @field_validator("stripe_webhook_secrets", "stripe_connect_webhook_secrets", mode="before")
     @classmethod
     def _split_secrets(cls, value: object) -> object:
         return _comma_list(value)
 
-    @field_validator("stripe_api_key", "flower_basic_auth", mode="before")
+    @field_validator("stripe_api_key", "flower_basic_auth", "sentry_dsn", "sentry_environment", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         # Compose passes an unset secret as an empty string: it must count as missing.

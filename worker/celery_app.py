@@ -15,6 +15,7 @@ import os
 import click
 from celery import Celery
 from celery.signals import setup_logging, worker_init, worker_process_init, worker_process_shutdown, worker_ready
+from celery.signals import celeryd_init
 from kombu import Exchange, Queue
 
 from config import Settings, get_settings
@@ -146,6 +147,22 @@ def _freeze_startup_heap(**_: object) -> None:
     # collections need not walk it again and again (about a tenth of an event's CPU time).
     # The task modules, and through them every handler, are imported by now.
     gc.freeze()
+
+
+@worker_process_init.connect
+def _traces(**_: object) -> None:
+    # After _fresh_connections_after_fork: the engine traced is this process's own.
+    from worker.tracing import setup_tracing
+
+    setup_tracing("marketplace-worker")
+
+
+@celeryd_init.connect
+def _error_reports(**_: object) -> None:
+    # Before the pool forks: Sentry wraps the task tracers each pool process then builds.
+    from worker.tracing import setup_error_reports
+
+    setup_error_reports()
 
 
 # The worker's metrics (tasks/metrics.py): the multiprocess directory wiped before the pool

@@ -20,6 +20,7 @@ from datetime import UTC, datetime
 from urllib.parse import unquote, urlsplit
 
 from config import ConfigError, Settings, get_settings
+from worker.tracing import current_ids
 
 REDACTED = "[REDACTED]"
 
@@ -116,6 +117,7 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
             **_extras(record),
+            **current_ids(),
         }
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)

@@ -29,6 +29,7 @@ from config import ConfigError, Settings, get_settings
 from domain import inbox, jobs
 from domain.inbox import InboxWriter, InvalidEvent, StorageUnavailable, UnstorablePayload, parse_event
 from models import Endpoint
+from worker import tracing
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +99,8 @@ def _verified(body: str, header: str, secrets: list[str], tolerance: int) -> boo
 
 def create_app(settings: Settings | None = None) -> Starlette:
     settings = settings or get_settings()
+    tracing.setup_tracing("marketplace-receiver")
+    tracing.setup_error_reports(settings)
     secrets_by_endpoint = {
         Endpoint.PLATFORM: [s.get_secret_value() for s in settings.stripe_webhook_secrets],
         Endpoint.CONNECT: [s.get_secret_value() for s in settings.stripe_connect_webhook_secrets],
@@ -140,6 +143,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             METRICS.ignored.labels(endpoint, event.ignored_reason).inc()
             return JSONResponse({"status": "ignored", "id": event.id, "reason": event.ignored_reason})
         METRICS.stored.labels(endpoint).inc()
+        tracing.carrying(event.id)
         state["publisher"].submit([event.id])
         return JSONResponse({"status": "stored", "id": event.id})
 
@@ -166,13 +170,15 @@ def create_app(settings: Settings | None = None) -> Starlette:
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        from tasks.events import Publisher
+        from tasks.events import Publisher, enqueue_events
         from worker import get_app
 
         get_app()  # the app the publisher sends through, built before the first request
         writer = InboxWriter(settings.libpq_database_url)
         state["writer"] = writer
-        state["publisher"] = Publisher(on_published=METRICS.enqueued.inc, on_failed=METRICS.enqueue_failed.inc)
+        state["publisher"] = Publisher(
+            tracing.publishing(enqueue_events), on_published=METRICS.enqueued.inc, on_failed=METRICS.enqueue_failed.inc
+        )
         writer.start()
         # Everything loaded so far (Celery, the Stripe SDK, ...) lives as long as the process:
         # out of the collector's sight, a full collection no longer walks it on the request
@@ -192,6 +198,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             Route("/metrics", metrics, methods=["GET"]),
         ],
         lifespan=lifespan,
+        middleware=tracing.middleware(),
     )
 
 
