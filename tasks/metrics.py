@@ -11,6 +11,7 @@ each child would count on its own, out of the main process's sight.
 
 The domain returns what happened and the task layer records it; the one exception is the Stripe
 HTTP client, which reports each request through `domain.stripe_api.request_observer`, set here.
+The receiver's own metrics (worker/receiver.py) take the backlog's age from `backlog_age_seconds`.
 """
 
 from __future__ import annotations
@@ -38,8 +39,12 @@ REGISTRY = CollectorRegistry(auto_describe=True)
 # One event's attempt, by what came of it: `failed` is an attempt that will be retried.
 EVENTS = Counter("worker_events", "Event attempts by event type and outcome (processed, failed, parked, ignored)",
                  ["type", "outcome"], registry=REGISTRY)
+# Every worker metric has labels, so none has a value (and a file in the multiprocess directory)
+# before a task records one: a process that only imports the tasks (the healthcheck's `celery
+# inspect`, the CLI) leaves nothing behind.
 LAG = Histogram(
-    "event_processing_lag_seconds", "From an event's arrival in the inbox to the commit that applied it",
+    "event_processing_lag_seconds", "From an event's arrival in the inbox to the commit that applied it, by endpoint",
+    ["endpoint"],
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 4 * 3600),
     registry=REGISTRY,
 )
@@ -79,17 +84,17 @@ def record_attempts(attempts: Mapping[str, Attempt], applied_at: float, session_
     try:
         with session_factory() as session:
             rows = session.execute(
-                select(StripeEvent.id, StripeEvent.type, StripeEvent.received_at)
+                select(StripeEvent.id, StripeEvent.type, StripeEvent.endpoint, StripeEvent.received_at)
                 .where(StripeEvent.id.in_(list(counted)))
             ).all()
     except Exception as error:  # metrics never fail the task whose work is already committed
         log.warning("event metrics not recorded: %s", type(error).__name__)
         return
-    for event_id, event_type, received_at in rows:
+    for event_id, event_type, endpoint, received_at in rows:
         outcome = counted[event_id]
         EVENTS.labels(event_type, outcome).inc()
         if outcome == "processed":
-            LAG.observe(max(0.0, applied_at - received_at.timestamp()))
+            LAG.labels(endpoint).observe(max(0.0, applied_at - received_at.timestamp()))
 
 
 def record_job(job: str, outcome: str, seconds: float | None) -> None:

@@ -3,6 +3,10 @@ by type and outcome, the lag of those applied, job runs, Stripe requests and the
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -62,6 +66,13 @@ def test_the_directory_left_by_an_earlier_start_is_wiped(metrics_worker):
     assert not (directory / "counter_999999.db").exists()
 
 
+def test_a_process_that_only_imports_the_tasks_leaves_no_file(services, tmp_path):
+    # The worker's healthcheck (`celery inspect ping`) and the CLI run beside it with its settings.
+    env = {**os.environ, **services, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    subprocess.run([sys.executable, "-c", "import worker, tasks.events, tasks.base"], env=env, check=True, timeout=60)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_events_a_pool_process_applied_show_by_type_with_their_lag(metrics_worker, db):
     run, url, _ = metrics_worker
     platform = "acct_metrics000001"
@@ -85,9 +96,9 @@ def test_events_a_pool_process_applied_show_by_type_with_their_lag(metrics_worke
 
     assert delta("worker_events_total", type="transfer.created", outcome="processed") == 3
     assert delta("worker_events_total", type="customer.created", outcome="ignored") == 1
-    assert delta("event_processing_lag_seconds_count") == 3
-    assert delta("event_processing_lag_seconds_sum") > 0
-    assert delta("event_processing_lag_seconds_bucket", le="+Inf") == 3
+    assert delta("event_processing_lag_seconds_count", endpoint="platform") == 3
+    assert delta("event_processing_lag_seconds_sum", endpoint="platform") > 0
+    assert delta("event_processing_lag_seconds_bucket", endpoint="platform", le="+Inf") == 3
 
 
 def test_a_job_run_shows_its_outcome_duration_and_its_stripe_requests_with_the_429(metrics_worker, db, stripe_api):
