@@ -113,7 +113,7 @@ def transactions_for(session: Session, invoices: list[Invoice]) -> dict[int, Tra
         .where(InvoiceTransaction.invoice_id.in_([i.id for i in invoices]))
         .order_by(Transaction.id)
         .with_for_update(of=Transaction)
-    ).tuples().all())
+    ).all())
     missing = {i.id: i for i in invoices if i.id not in by_key}
     if missing:
         tenants = {i.tenantId for i in missing.values() if i.tenantId is not None}
@@ -289,8 +289,8 @@ def apply_refunds(session: Session, invoice: Invoice, row: Transaction) -> bool:
     status up to date."""
     if invoice.stripeChargeId is None and invoice.stripePaymentIntentId is None:
         return False  # no payment linked, so no refund either (links are never removed)
-    if row.id is None:
-        session.flush([row])
+    if row.id is None:  # created by this call: its id keys the refund row
+        session.flush()
     refunded, fully = session.execute(
         _REFUNDED_SQL,
         {"charge_id": invoice.stripeChargeId, "payment_intent_id": invoice.stripePaymentIntentId},

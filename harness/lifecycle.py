@@ -45,9 +45,9 @@ def deliver(session: Session, *events: dict) -> list[str]:
 
 def event_status(session: Session, event_id: str) -> tuple[str, str | None]:
     session.expire_all()
-    return session.execute(
+    return tuple(session.execute(
         text("SELECT status, last_error FROM marketplace_worker.stripe_events WHERE id = :id"), {"id": event_id}
-    ).one()._tuple()
+    ).one())
 
 
 def ledger_state(session: Session, invoice_id: int) -> dict:
