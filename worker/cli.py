@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import logging
 import sys
@@ -406,11 +407,11 @@ def _csv_row(d: Any) -> list[Any]:
 
 
 def _csv(header: tuple[str, ...], rows: list[list[Any]]) -> None:
-    out = click.get_text_stream("stdout")
-    writer = csv.writer(out, lineterminator="\n")
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(header)
     writer.writerows(rows)
-    out.flush()
+    click.echo(buffer.getvalue(), nl=False)
 
 
 def _print_open(found: list, unacknowledged: int) -> None:
@@ -421,7 +422,7 @@ def _print_open(found: list, unacknowledged: int) -> None:
     by_kind = Counter(d.kind for d in found)
     acknowledged = len(found) - unacknowledged
     click.echo(f"{len(found)} open discrepancies: " + ", ".join(f"{k} {n}" for k, n in sorted(by_kind.items()))
-               + (f"; {acknowledged} acknowledged, {unacknowledged} not" if acknowledged else ""))
+               + (f"; {acknowledged} of them acknowledged" if acknowledged else ""))
     click.echo(_TABLE_HEAD)
     for d in found:
         click.echo(_table_row(d))
