@@ -4,13 +4,17 @@ documents; the task's JSON log lines carry the trace id; nothing of it loads unl
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import logging
 import os
 import subprocess
 import sys
-import time
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -22,6 +26,8 @@ from starlette.testclient import TestClient
 from config import get_settings
 from harness import factories
 from harness import stripe_events as se
+from harness.flow import wait_for
+from harness.workers import WorkerProcess
 from models import Transaction
 from tests.conftest import WEBHOOK_SECRET
 from worker import tracing
@@ -29,6 +35,8 @@ from worker.logging_setup import JsonFormatter, Redactor, TaskContext
 
 ROOT = Path(__file__).resolve().parent.parent
 T0 = 1_790_000_000
+# The receiver's messages go to a queue of their own here, out of reach of the suite's worker.
+QUEUE = "tracing-test"
 
 
 @pytest.fixture
@@ -41,6 +49,20 @@ def spans(services):
         tracing.shutdown_tracing()
 
 
+@pytest.fixture
+def private_queue(monkeypatch):
+    """The receiver's publisher sends to QUEUE (through Celery's publish, headers and all)."""
+    import tasks.events
+    from tasks.base import worker_app
+
+    def enqueue(event_ids: list[str]) -> None:
+        with worker_app().producer_or_acquire() as producer:
+            tasks.events.process_events.apply_async((event_ids,), producer=producer, retry=False, queue=QUEUE)
+
+    monkeypatch.setattr(tasks.events, "enqueue_events", enqueue)
+    return QUEUE
+
+
 def _run_the_next_message_as_a_worker(app, timeout: float = 10) -> None:
     """Take the message the receiver's publisher sent off the broker and run it through the
     worker's own path (its headers become the task's request), in this process so that its
@@ -48,7 +70,7 @@ def _run_the_next_message_as_a_worker(app, timeout: float = 10) -> None:
     from celery.worker.request import Request
 
     with app.connection_for_read() as conn:
-        queue = conn.SimpleQueue("webhooks")
+        queue = conn.SimpleQueue(QUEUE)
         try:
             message = queue.get(timeout=timeout)
             Request(message, app=app, task=app.tasks[message.headers["task"]]).execute()
@@ -57,14 +79,8 @@ def _run_the_next_message_as_a_worker(app, timeout: float = 10) -> None:
             queue.close()
 
 
-def _json_lines(stream: io.StringIO) -> list[dict]:
-    return [json.loads(line) for line in stream.getvalue().splitlines() if line.strip()]
-
-
-def test_one_trace_from_the_webhook_to_the_transaction_update(db, spans):
-    from worker import get_app
-    from worker.receiver import create_app
-
+def _paid_invoice_event(db) -> tuple[int, dict]:
+    """An app invoice with its `invoiced` transaction, and Stripe's invoice.paid for it."""
     provider = factories.provider(db, payment_mode="stripe")
     invoice = factories.invoice(db, provider, amount_cents=10_000, stripe=False, status="open")
     factories.transaction(db, invoice, status="invoiced")
@@ -72,12 +88,32 @@ def test_one_trace_from_the_webhook_to_the_transaction_update(db, spans):
     snapshot = se.invoice(id="in_tracing0001", app_invoice_id=str(invoice.id), amount=10_000, status="paid",
                           created=T0, status_transitions={"finalized_at": T0, "paid_at": T0 + 60,
                                                           "voided_at": None, "marked_uncollectible_at": None})
-    event = se.event("invoice.paid", snapshot, created=T0 + 60)
+    return invoice.id, se.event("invoice.paid", snapshot, created=T0 + 60)
+
+
+def _post(event: dict) -> None:
+    from worker.receiver import create_app
 
     with TestClient(create_app(get_settings())) as client:
         body, headers = se.webhook(event, WEBHOOK_SECRET)
         answer = client.post("/webhooks/stripe", content=body, headers=headers)
         assert answer.json() == {"status": "stored", "id": event["id"]}
+
+
+def _status(db, invoice_id: int) -> str:
+    db.expire_all()
+    return db.execute(select(Transaction.status).where(Transaction.invoiceId == invoice_id)).scalar_one()
+
+
+def _json_lines(stream: io.StringIO) -> list[dict]:
+    return [json.loads(line) for line in stream.getvalue().splitlines() if line.strip()]
+
+
+def test_one_trace_from_the_webhook_to_the_transaction_update(db, spans, private_queue):
+    from worker import get_app
+
+    invoice_id, event = _paid_invoice_event(db)
+    _post(event)
 
     logs = io.StringIO()
     handler = logging.StreamHandler(logs)
@@ -93,8 +129,7 @@ def test_one_trace_from_the_webhook_to_the_transaction_update(db, spans):
         task_log.setLevel(level)
     tracing.flush()
 
-    db.expire_all()
-    assert db.execute(select(Transaction.status).where(Transaction.invoiceId == invoice.id)).scalar_one() == "paid"
+    assert _status(db, invoice_id) == "paid"
 
     finished = spans.get_finished_spans()
     by_id = {span.context.span_id: span for span in finished}
@@ -198,3 +233,92 @@ def test_configured_without_the_extra_says_so_and_carries_on(services):
     done = _check(services, block, TRACING_ENABLED="true", SENTRY_DSN="https://key@sentry.example/1")
     assert done.returncode == 0, done.stderr
     assert "observability extra is not installed" in done.stderr
+
+
+# --- across processes -----------------------------------------------------------------------
+
+
+@contextmanager
+def collector() -> Iterator[tuple[str, dict[str, list[bytes]]]]:
+    """An HTTP server keeping what is POSTed to it by path: an OTLP collector, a Sentry."""
+    received: dict[str, list[bytes]] = {}
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers.get("content-length", 0)))
+            if self.headers.get("content-encoding") == "gzip":
+                body = gzip.decompress(body)
+            received.setdefault(self.path, []).append(body)
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}", received
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _exported_spans(bodies: list[bytes]) -> list:
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+    found = []
+    for body in bodies:
+        request = ExportTraceServiceRequest.FromString(body)
+        for resource in request.resource_spans:
+            for scope in resource.scope_spans:
+                found.extend(scope.spans)
+    return found
+
+
+@pytest.mark.flow
+def test_a_worker_process_continues_the_publish_trace_it_receives(db, spans, private_queue, services, work_dir):
+    invoice_id, event = _paid_invoice_event(db)
+    with collector() as (url, received):
+        env = {**services, "OTEL_EXPORTER_OTLP_ENDPOINT": url, "OTEL_BSP_SCHEDULE_DELAY": "100",
+               "SENTRY_DSN": url.replace("http://", "http://publickey@") + "/1"}
+        with WorkerProcess(env, work_dir / "tracing-worker.log", concurrency=1, name="tracing", queues=[QUEUE]):
+            _post(event)
+            wait_for(lambda: _status(db, invoice_id) == "paid", message="the transaction paid")
+            tracing.flush()
+            sent = [s for s in spans.get_finished_spans() if s.name == "apply_async/tasks.events.process_events"]
+            assert len(sent) == 1
+
+            def worker_spans() -> list:
+                exported = _exported_spans(received.get("/v1/traces", []))
+                return exported if any(s.name.startswith("UPDATE") for s in exported) else []
+
+            exported = wait_for(worker_spans, timeout=20, message="the worker's spans")
+    (run,) = [s for s in exported if s.name == "run/tasks.events.process_events"]
+    assert int.from_bytes(run.trace_id, "big") == sent[0].context.trace_id
+    assert int.from_bytes(run.parent_span_id, "big") == sent[0].context.span_id
+    update = [s for s in exported if s.name.startswith("UPDATE") and s.trace_id == run.trace_id]
+    assert update, [s.name for s in exported]
+
+
+def test_error_reports_reach_sentry_redacted(services):
+    with collector() as (url, received):
+        dsn = url.replace("http://", "http://publickey@") + "/1"
+        script = (
+            "import logging, sentry_sdk\n"
+            "from worker.tracing import setup_error_reports\n"
+            "assert setup_error_reports()\n"
+            "logging.getLogger('tasks.events').error('charge failed with sk_live_abcdef0123456789 for %s',"
+            " 'card 4242 4242 4242 4242')\n"
+            "sentry_sdk.flush(5)\n"
+        )
+        environ = {**os.environ, **services, "SENTRY_DSN": dsn}
+        done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=environ,
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        reports = b"".join(received.get("/api/1/envelope/", [])).decode()
+    assert "charge failed" in reports
+    assert "sk_live_abcdef0123456789" not in reports and "4242 4242 4242 4242" not in reports
+    assert "[REDACTED]" in reports

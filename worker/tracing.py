@@ -145,6 +145,10 @@ def current_ids() -> dict[str, str]:
 # --- the receiver ---------------------------------------------------------------------------
 
 
+# Probes and scrapes: every few seconds, nothing to follow.
+UNTRACED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+
+
 class RequestSpans:
     """ASGI middleware: one server span per HTTP request, named by its route
     (`POST /webhooks/stripe`), current while the endpoint runs."""
@@ -154,7 +158,7 @@ class RequestSpans:
         self.tracer = provider.get_tracer(__name__)
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope["path"] in UNTRACED_PATHS:
             await self.app(scope, receive, send)
             return
         from opentelemetry import trace
