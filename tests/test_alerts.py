@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from sqlalchemy import text
 
 PROJECT = Path(__file__).resolve().parent.parent
 PROMETHEUS = PROJECT / "deploy" / "prometheus"
@@ -129,3 +130,48 @@ def test_every_metric_the_alerts_and_the_dashboard_read_is_exported():
     for expr in queries:
         unknown = {name for name in metric_names(expr) if not name.startswith("flower_")} - exported
         assert not unknown, f"{expr}: {sorted(unknown)}"
+
+
+# --- the receiver's signals for the alerts ---------------------------------------------------------
+
+def test_the_receiver_exports_the_backlog_age_the_unacknowledged_discrepancies_and_the_job_periods(db, services):
+    from starlette.testclient import TestClient
+
+    from config import get_settings
+    from domain.connect import classify
+    from domain.connect.classify import Finding
+    from harness import stripe_events
+    from harness.lifecycle import store
+    from models.db import session_scope
+    from worker.receiver import create_app
+    from worker.schedule import JOBS
+
+    def scrape(client) -> dict:
+        from prometheus_client.parser import text_string_to_metric_families
+
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for family in text_string_to_metric_families(client.get("/metrics").text) for s in family.samples}
+
+    with TestClient(create_app(get_settings())) as client:
+        empty = scrape(client)
+        [waiting, retrying, done] = store(db, *(stripe_events.event("customer.created", {"id": f"cus_{i}"}) for i in range(3)))
+        db.execute(text("UPDATE marketplace_worker.stripe_events SET received_at = now() - interval '20 minutes'"
+                        " WHERE id = :id"), {"id": waiting})
+        db.execute(text("UPDATE marketplace_worker.stripe_events SET status = 'retrying',"
+                        " received_at = now() - interval '10 minutes' WHERE id = :id"), {"id": retrying})
+        db.execute(text("UPDATE marketplace_worker.stripe_events SET status = 'processed',"
+                        " received_at = now() - interval '2 hours' WHERE id = :id"), {"id": done})
+        db.commit()
+        with session_scope() as session:
+            classify.upsert_findings(session, [
+                Finding(kind="amount_mismatch", subject=str(i), account="acct_a", detail="mismatch",
+                        expected_cents=9_500, seen_cents=9_000, currency="eur") for i in range(2)])
+        full = scrape(client)
+
+    assert empty[("inbox_oldest_waiting_age_seconds", ())] == 0
+    assert empty[("reconcile_discrepancies_unacknowledged", ())] == 0
+    assert 20 * 60 <= full[("inbox_oldest_waiting_age_seconds", ())] < 25 * 60  # the processed one is not waiting
+    assert full[("reconcile_discrepancies_unacknowledged", ())] == 2
+    settings = get_settings()
+    assert {job.name: full[("job_period_seconds", (("job", job.name),))] for job in JOBS} == {
+        job.name: job.cadence(settings).period for job in JOBS}
