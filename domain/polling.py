@@ -41,7 +41,8 @@ log = logging.getLogger(__name__)
 
 WATERMARK_PREFIX = "invoice_poll:"
 # The version an API read is recorded with: Stripe's object is newer than every event stored
-# before the read. "api" sorts before every "evt_…", so an event of the same second wins.
+# before the read. "api" sorts before every "evt_…", so an event of the same second wins (the
+# opposite of a Connect read's domain.versions.API_READ_ID).
 API_READ_EVENT_ID = "api_read"
 
 

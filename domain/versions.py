@@ -12,6 +12,14 @@ from __future__ import annotations
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
+# The version id of a Connect account, transfer or payout read from the API rather than
+# delivered by an event: not an event id, and above every `evt_...` (code point order), so a
+# read beats an event of its second, and of two versions that tie the later write wins (an
+# event's own redelivery rewrites the same data). Invoices read by polling are recorded below
+# every event instead (domain.polling.API_READ_EVENT_ID): their snapshots of one second are
+# ordered by their progress first.
+API_READ_ID = "~api"
+
 _ADVANCE = text(
     """
     INSERT INTO marketplace_worker.stripe_object_versions AS old

@@ -29,14 +29,12 @@ from sqlalchemy.orm import Session
 
 from domain.clock import utcnow
 from domain.stripe_api import with_rate_limit_retry
+from domain.versions import API_READ_ID
 from models import Provider
 from models.db import SessionFactory
 
 log = logging.getLogger(__name__)
 
-# The version id of an API read: not an event id, and above every `evt_...` (code point order),
-# so an interim tie between a read and an event of its second keeps the read's state.
-API_READ_ID = "~api"
 # API reads of tied accounts per catch-up run; the rest wait for the next run.
 READS_PER_RUN = 100
 # A failed read is retried after this, doubling per failure, at most READ_RETRY_MAX_SECONDS.

@@ -17,15 +17,12 @@ import stripe
 from config import Settings
 from domain.connect import mirror
 from domain.stripe_api import get_client, with_rate_limit_retry
+from domain.versions import API_READ_ID
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 R = TypeVar("R")
-
-# Sorts after every event id: a listing beats an event of the same second, and of two
-# versions that tie, the later write wins (an event's own redelivery rewrites the same data).
-API_VERSION_ID = "~api"
 
 
 class StripeReader:
@@ -111,8 +108,8 @@ def list_transfers_and_payouts(reader: StripeReader, account: str, since: int, p
         ("payouts", {"created": {"gte": payouts_since}}, account),
     ])
     return mirror.Listing(
-        transfers=[mirror.transfer_row(obj, now, API_VERSION_ID) for obj in transfers],
-        payouts=[mirror.payout_row(account, obj, now, API_VERSION_ID) for obj in payouts],
+        transfers=[mirror.transfer_row(obj, now, API_READ_ID) for obj in transfers],
+        payouts=[mirror.payout_row(account, obj, now, API_READ_ID) for obj in payouts],
     )
 
 
