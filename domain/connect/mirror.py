@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 
 from domain import lifecycle
 from domain.errors import InvalidPayload
+from domain.payload import ref
 from models import ConnectAccount
 
 # --- transfers and payouts -----------------------------------------------------------------
@@ -139,13 +140,6 @@ _MARK_DIRTY = text(
 )
 
 
-def _ref(value: Any) -> str | None:
-    """An id field, whether Stripe sent the id or the expanded object."""
-    if isinstance(value, dict):
-        value = value.get("id")
-    return value if isinstance(value, str) and value else None
-
-
 def _int(obj: dict[str, Any], name: str, default: int | None = None) -> int:
     value = obj.get(name, default)
     if isinstance(value, bool) or not isinstance(value, int):
@@ -158,7 +152,7 @@ def _columns(rows: list[dict[str, Any]], names: Iterable[str]) -> dict[str, list
 
 
 def transfer_row(obj: dict[str, Any], as_of: int, as_of_id: str) -> dict[str, Any]:
-    transfer_id, destination = _ref(obj.get("id")), _ref(obj.get("destination"))
+    transfer_id, destination = ref(obj.get("id")), ref(obj.get("destination"))
     if transfer_id is None or destination is None:
         raise InvalidPayload("transfer without an id or a destination")
     metadata = obj.get("metadata") if isinstance(obj.get("metadata"), dict) else {}
@@ -167,8 +161,8 @@ def transfer_row(obj: dict[str, Any], as_of: int, as_of_id: str) -> dict[str, An
     return {
         "id": transfer_id, "destination": destination, "amount": _int(obj, "amount"),
         "amount_reversed": amount_reversed, "currency": str(obj.get("currency") or "").lower(),
-        "destination_payment": _ref(obj.get("destination_payment")),
-        "source_transaction": _ref(obj.get("source_transaction")),
+        "destination_payment": ref(obj.get("destination_payment")),
+        "source_transaction": ref(obj.get("source_transaction")),
         "transfer_group": obj.get("transfer_group") or None,
         "marketplace_transaction_id": str(named) if named not in (None, "") else None,
         "created": _int(obj, "created"), "as_of": as_of, "as_of_id": as_of_id,
@@ -189,26 +183,26 @@ def _source_charge(charge: Any, destination: str, amount_reversed: int) -> dict[
     if not isinstance(charge, dict) or charge.get("object") != "charge":
         return dict(_NO_SOURCE_CHARGE)
     transfer_data = charge.get("transfer_data") if isinstance(charge.get("transfer_data"), dict) else {}
-    row = {**_NO_SOURCE_CHARGE, "source_payment_intent": _ref(charge.get("payment_intent")),
-           "destination_charge": _ref(transfer_data.get("destination")) == destination}
+    row = {**_NO_SOURCE_CHARGE, "source_payment_intent": ref(charge.get("payment_intent")),
+           "destination_charge": ref(transfer_data.get("destination")) == destination}
     if not row["destination_charge"]:
         return row
     fee = charge.get("application_fee")
     if isinstance(fee, dict):
-        row |= {"application_fee_id": _ref(fee.get("id")), "application_fee_amount": _int(fee, "amount"),
+        row |= {"application_fee_id": ref(fee.get("id")), "application_fee_amount": _int(fee, "amount"),
                 "application_fee_refunded": _int(fee, "amount_refunded", 0),
                 "fee_checked_reversed": amount_reversed}
     else:
         # Not expanded: the fee as charged; its refunds are read before they can matter.
         amount = charge.get("application_fee_amount")
-        row |= {"application_fee_id": _ref(fee),
+        row |= {"application_fee_id": ref(fee),
                 "application_fee_amount": amount if isinstance(amount, int) and not isinstance(amount, bool) else 0,
                 "application_fee_refunded": 0}
     return row
 
 
 def payout_row(account: str, obj: dict[str, Any], as_of: int, as_of_id: str) -> dict[str, Any]:
-    payout_id = _ref(obj.get("id"))
+    payout_id = ref(obj.get("id"))
     if payout_id is None or not isinstance(obj.get("status"), str):
         raise InvalidPayload("payout without an id or a status")
     return {
@@ -223,16 +217,16 @@ def payout_row(account: str, obj: dict[str, Any], as_of: int, as_of_id: str) -> 
 
 def payout_item_row(account: str, payout_id: str, bt: dict[str, Any]) -> dict[str, Any]:
     """A balance transaction of an automatic payout: what `connect_payout_items` keeps of it."""
-    return {"id": bt["id"], "account": account, "payout_id": payout_id, "source": _ref(bt.get("source")),
+    return {"id": bt["id"], "account": account, "payout_id": payout_id, "source": ref(bt.get("source")),
             "type": str(bt.get("type") or ""), "amount": _int(bt, "amount")}
 
 
 def payment_row(account: str, bt: dict[str, Any]) -> dict[str, Any] | None:
     """A `payment` balance transaction (a transfer's money arriving on the account), as
     `connect_payments` keeps it; None for any other balance transaction."""
-    if bt.get("type") != "payment" or not _ref(bt.get("source")):
+    if bt.get("type") != "payment" or not ref(bt.get("source")):
         return None
-    return {"id": _ref(bt.get("source")), "account": account, "balance_transaction_id": bt["id"],
+    return {"id": ref(bt.get("source")), "account": account, "balance_transaction_id": bt["id"],
             "amount": _int(bt, "amount"), "available_on": _int(bt, "available_on"), "created": _int(bt, "created")}
 
 
