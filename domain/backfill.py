@@ -52,7 +52,7 @@ from config import Settings, get_settings
 from domain import catchup
 from domain.connect.classify import AccountResult
 from domain.connect.reader import StripeReader, reader_for
-from domain.connect.run import reconcile_account
+from domain.connect.run import reconcile_account, transfer_grace
 from domain.errors import InvalidPayload, NotYetKnown, describe
 from domain.invoice_mirror import Snapshot, apply_invoice_snapshots
 from domain.ledger import Outcome
@@ -422,7 +422,7 @@ def _run(session_factory: SessionFactory, client: stripe.StripeClient, result: B
                 return
         accounts = [account]
     reader = reader_for(settings, client)
-    grace = timedelta(hours=settings.reconcile_transfer_grace_hours)
+    grace = transfer_grace(settings)
     for acct in accounts:
         backfill_account(session_factory, reader, acct, since, result, grace=grace, restart=restart,
                          on_page=on_page)
