@@ -15,15 +15,12 @@ one deletes what it would have.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from sqlalchemy import TextClause, text
-from sqlalchemy.orm import Session
 
-SessionFactory = Callable[[], AbstractContextManager[Session]]
+from models.db import SessionFactory
 
 _DELETE_EVENTS = text("""
 DELETE FROM marketplace_worker.stripe_events
