@@ -18,16 +18,21 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psycopg
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from sqlalchemy import select
 
-from domain import stripe_api
-from domain.dispatch import Attempt, AttemptOutcome
 from models import EventStatus, StripeEvent
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
+    from domain.dispatch import Attempt
 
 log = logging.getLogger(__name__)
 
@@ -59,26 +64,25 @@ STRIPE_REQUESTS = Counter("stripe_api_requests", "HTTP requests to Stripe's API 
 STRIPE_RATE_LIMITED = Counter("stripe_api_rate_limited", "Stripe API requests answered 429, by endpoint kind",
                               ["endpoint"], registry=REGISTRY)
 
-# Attempt outcomes that count, under the name the metric gives them; the others (already
-# settled, unknown, deferred) are a message seen again, not an attempt at the event.
-_COUNTED = {
-    AttemptOutcome.PROCESSED: "processed",
-    AttemptOutcome.IGNORED: "ignored",
-    AttemptOutcome.RETRYING: "failed",
-    AttemptOutcome.PARKED: "parked",
-}
+# Attempt outcomes (domain.dispatch.AttemptOutcome's values) that count, under the name the
+# metric gives them; the others (already settled, unknown, deferred) are a message seen again,
+# not an attempt at the event. By value, so that every process importing the task base (beat,
+# the CLI) need not import the handlers.
+COUNTED_OUTCOMES = {"processed": "processed", "ignored": "ignored", "retrying": "failed", "parked": "parked"}
 
 # Set in the worker's main process before the pool forks, so the children inherit it: the
 # lag needs one extra read of the batch's inbox rows, paid only by a worker that exports it.
 _exporting = False
 
 
-def record_attempts(attempts: Mapping[str, Attempt], applied_at: float, session_factory) -> None:
+def record_attempts(attempts: Mapping[str, Attempt], applied_at: float,
+                    session_factory: Callable[[], AbstractContextManager[Session]]) -> None:
     """Count a batch's attempts by event type, and the lag of those applied. `applied_at` is
     when the batch committed (a Unix time)."""
     if not _exporting:
         return
-    counted = {event_id: _COUNTED[a.outcome] for event_id, a in attempts.items() if a.outcome in _COUNTED}
+    counted = {event_id: COUNTED_OUTCOMES[a.outcome] for event_id, a in attempts.items()
+               if a.outcome in COUNTED_OUTCOMES}
     if not counted:
         return
     try:
@@ -121,19 +125,21 @@ def prepare_worker() -> bool:
     if not directory:
         log.error("%s is set but %s is not: the worker exports no metrics", PORT_VARIABLE, MULTIPROC_DIR_VARIABLE)
         return False
-    _wipe(Path(directory), keep=os.getpid())
+    from domain import stripe_api
+
+    _wipe(Path(directory))
     stripe_api.request_observer = record_stripe_request
     _exporting = True
     return True
 
 
-def _wipe(directory: Path, keep: int) -> None:
-    """Files of processes of an earlier start would add their counts to this one's; this
-    process's own (metrics created at import) stay."""
+def _wipe(directory: Path) -> None:
+    """Files of the processes of an earlier start would add their counts to this one's. No
+    process of this one has written yet: every metric has labels, so none has a file before
+    it records a value."""
     directory.mkdir(parents=True, exist_ok=True)
     for path in directory.glob("*.db"):
-        if not path.stem.endswith(f"_{keep}"):
-            path.unlink(missing_ok=True)
+        path.unlink(missing_ok=True)
 
 
 def serve() -> int | None:

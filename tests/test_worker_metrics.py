@@ -61,6 +61,13 @@ def value(samples, name: str, **labels: str) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
+def test_the_outcomes_counted_are_attempt_outcomes():
+    from domain.dispatch import AttemptOutcome
+    from tasks.metrics import COUNTED_OUTCOMES
+
+    assert set(COUNTED_OUTCOMES) <= {outcome.value for outcome in AttemptOutcome}
+
+
 def test_the_directory_left_by_an_earlier_start_is_wiped(metrics_worker):
     _, _, directory = metrics_worker
     assert not (directory / "counter_999999.db").exists()
@@ -73,21 +80,22 @@ def test_a_process_that_only_imports_the_tasks_leaves_no_file(services, tmp_path
     assert list(tmp_path.iterdir()) == []
 
 
-def test_events_a_pool_process_applied_show_by_type_with_their_lag(metrics_worker, db):
+def test_events_a_pool_process_attempted_show_by_type_and_outcome_with_the_lag_of_those_applied(metrics_worker, db):
     run, url, _ = metrics_worker
     platform = "acct_metrics000001"
     transfers = [stripe_events.event("transfer.created", stripe_events.transfer(amount=100 + i, destination=platform))
                  for i in range(3)]
     unhandled = stripe_events.event("customer.created", {"id": "cus_metrics", "object": "customer"})
-    ids = store(db, *transfers, unhandled)
+    wrong_object = stripe_events.event("transfer.created", {"id": "cus_wrong", "object": "customer"})
+    ids = store(db, *transfers, unhandled, wrong_object)
     before = scrape(url)
 
     run.app.send_task("tasks.events.process_events", args=[ids])
 
     def moved():
         now = scrape(url)
-        return now if value(now, "worker_events_total", type="customer.created", outcome="ignored") \
-            - value(before, "worker_events_total", type="customer.created", outcome="ignored") >= 1 else None
+        return now if value(now, "worker_events_total", type="transfer.created", outcome="parked") \
+            - value(before, "worker_events_total", type="transfer.created", outcome="parked") >= 1 else None
 
     after = wait_for(moved, timeout=30, interval=0.2, message="the event metrics")
 
@@ -96,6 +104,7 @@ def test_events_a_pool_process_applied_show_by_type_with_their_lag(metrics_worke
 
     assert delta("worker_events_total", type="transfer.created", outcome="processed") == 3
     assert delta("worker_events_total", type="customer.created", outcome="ignored") == 1
+    assert delta("worker_events_total", type="transfer.created", outcome="parked") == 1
     assert delta("event_processing_lag_seconds_count", endpoint="platform") == 3
     assert delta("event_processing_lag_seconds_sum", endpoint="platform") > 0
     assert delta("event_processing_lag_seconds_bucket", endpoint="platform", le="+Inf") == 3
