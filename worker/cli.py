@@ -140,29 +140,26 @@ class Progress:
 
     def __call__(self, done: int, total: int) -> None:
         if self.shown:
-            self.stream.write(f"\r{self.label} {done} of {total}")
-            self.open_line = True
-            self.stream.flush()
+            self._write(f"\r{self.label} {done} of {total}", open_line=True)
 
     def clear(self) -> None:
         """Take the progress line off the screen before something is printed on stdout."""
         if self.open_line:
-            self.stream.write("\r\033[K")
-            self.stream.flush()
-            self.open_line = False
+            self._write("\r\033[K")
 
     def line(self, text: str) -> None:
         """A line of its own (kept on the screen), when stderr is a terminal."""
         if self.shown:
-            self.stream.write(("\r\033[K" if self.open_line else "") + text + "\n")
-            self.open_line = False
-            self.stream.flush()
+            self._write(("\r\033[K" if self.open_line else "") + text + "\n")
 
     def close(self) -> None:
         if self.open_line:
-            self.stream.write("\n")
-            self.stream.flush()
-            self.open_line = False
+            self._write("\n")
+
+    def _write(self, text: str, *, open_line: bool = False) -> None:
+        self.stream.write(text)
+        self.stream.flush()
+        self.open_line = open_line
 
 
 @contextmanager
