@@ -39,6 +39,8 @@ from typing import Any
 from sqlalchemy import bindparam, text
 from sqlalchemy.orm import Session
 
+from models.fanout import FanoutOutcome
+
 
 @dataclass(frozen=True)
 class Piece:
@@ -97,7 +99,7 @@ def postpone(session: Session, item_id: int, seconds: float) -> None:
     )
 
 
-def finish(session: Session, item_id: int, outcome: str, error: str | None = None) -> None:
+def finish(session: Session, item_id: int, outcome: FanoutOutcome, error: str | None = None) -> None:
     session.execute(
         text(
             "UPDATE marketplace_worker.fanout_items SET finished_at = now(), outcome = :outcome, error = :error,"
@@ -140,9 +142,9 @@ def pending_tasks(session: Session) -> list[str]:
 MAX_ENQUEUES = 10
 
 _GIVE_UP = text(
-    """
+    f"""
     UPDATE marketplace_worker.fanout_items
-    SET finished_at = now(), outcome = 'failed', lease_until = NULL,
+    SET finished_at = now(), outcome = '{FanoutOutcome.FAILED}', lease_until = NULL,
         error = 'given up after ' || enqueues || ' messages: its task never finished'
     WHERE finished_at IS NULL AND enqueues >= :max_enqueues AND (lease_until < now()
           OR (started_at IS NULL AND due_at < now() - make_interval(secs => :stale_after)))

@@ -4,21 +4,25 @@ task is done, so a broker that loses the message does not lose the work (domain/
 from __future__ import annotations
 
 from datetime import datetime
+from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import BigInteger, CheckConstraint, DateTime, Identity, Index, Integer, Text, func, text
+from sqlalchemy import BigInteger, DateTime, Identity, Index, Integer, Text, func, text
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapped, mapped_column
 
-from models.base import WORKER_SCHEMA, Base
+from models.base import WORKER_SCHEMA, Base, one_of
 
-FANOUT_OUTCOMES = ("ok", "failed")
+
+class FanoutOutcome(StrEnum):
+    OK = "ok"
+    FAILED = "failed"  # the task failed for good, or never finished (given up by the sweeper)
 
 
 class FanoutItem(Base):
     __tablename__ = "fanout_items"
     __table_args__ = (
-        CheckConstraint("outcome IN ('ok', 'failed')", name="outcome"),
+        one_of("outcome", FanoutOutcome, name="outcome"),
         # One pending piece per (task, key): a job that fans out an account already waiting for
         # its reconciliation (the previous run's, or the other job's) adds nothing.
         Index("uq_fanout_items_task_key_pending", "task", "key", unique=True,

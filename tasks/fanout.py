@@ -12,6 +12,7 @@ from domain import fanout
 from domain.errors import describe
 from domain.jobs import current_run
 from models.db import session_scope
+from models.fanout import FanoutOutcome
 from tasks.base import Task, job, ready_messages, worker_app
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ class PieceTask(Task):
         item = kwargs.get(ITEM)
         if item is not None and retval != ALREADY_FINISHED:
             with session_scope() as session:
-                fanout.finish(session, item, "ok")
+                fanout.finish(session, item, FanoutOutcome.OK)
 
     def on_retry(self, exc, task_id, args, kwargs, einfo):
         item = kwargs.get(ITEM)
@@ -51,7 +52,7 @@ class PieceTask(Task):
         item = kwargs.get(ITEM)
         if item is not None:
             with session_scope() as session:
-                fanout.finish(session, item, "failed", describe(exc))
+                fanout.finish(session, item, FanoutOutcome.FAILED, describe(exc))
 
 
 def fan_out(task: str, pieces: Iterable[tuple[str, list[Any]]]) -> int:
