@@ -228,8 +228,6 @@ def _refresh_backlog(settings: Settings) -> None:
             backlog = inbox.backlog(conn)
             backlog_age = backlog_age_seconds(conn)
             last_ok = jobs.last_successes(conn, [job.name for job in JOBS])
-        with session_scope(settings.database_url) as session:
-            unacknowledged = count_unacknowledged(session)
     except Exception:
         return
     for status, count in backlog.items():
@@ -237,7 +235,11 @@ def _refresh_backlog(settings: Settings) -> None:
     METRICS.backlog_age.set(backlog_age)
     for job, finished in last_ok.items():
         METRICS.job_last_ok.labels(job).set(finished.timestamp())
-    METRICS.unacknowledged.set(unacknowledged)
+    try:
+        with session_scope(settings.database_url) as session:
+            METRICS.unacknowledged.set(count_unacknowledged(session))
+    except Exception:  # the gauge keeps its last value, as the backlog's do
+        pass
 
 
 def serve(host: str, port: int) -> None:
