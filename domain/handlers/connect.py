@@ -43,8 +43,11 @@ def transfer_event(session: Session, event: StripeEvent) -> None:
 
 @handles("payout.paid", "payout.failed", "payout.canceled", "payout.updated", "payout.reconciliation_completed")
 def payout_event(session: Session, event: StripeEvent) -> None:
+    # Checked first, whichever endpoint: another kind of object is parked as on every type.
+    payout = event_object(event, "payout")
     if not event.account:
-        # The platform's own payout to its bank: nothing a provider is owed.
+        # The platform's own payout to its bank: nothing a provider is owed (SPEC §5 reconciles
+        # the connected accounts' payouts only).
         log.info("%s of the platform ignored", event.type, extra={"event_id": event.id})
         return
-    record_payouts(session, [payout_row(event.account, event_object(event, "payout"), event.created, event.id)])
+    record_payouts(session, [payout_row(event.account, payout, event.created, event.id)])
