@@ -311,12 +311,6 @@ def serve(args: argparse.Namespace) -> None:
     uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning", access_log=False)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def bench_calls(base: str) -> dict:
     with urllib.request.urlopen(base + "/_bench/calls", timeout=30) as response:
         return json.load(response)
@@ -425,6 +419,7 @@ def measure(args: argparse.Namespace, mixed: bool, server_env: dict[str, str | N
     from models.migrate import create_app_tables_if_absent, upgrade
     from harness.services import test_services
     from harness.workers import WorkerProcess
+    from worker.embedded import free_port
 
     name = "mixed" if mixed else "baseline"
     for key, value in server_env.items():  # the servers, not the previous workload's scratch database
