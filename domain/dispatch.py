@@ -72,6 +72,10 @@ def process_batch(session: Session, event_ids: list[str]) -> dict[str, AttemptOu
     A failure outside the handlers propagates; the caller's transaction must roll back. The
     inbox rows are all locked first, in id order, before any invoice: the lock order (domain/payments.py).
     """
+    return _apply_batch(session, event_ids)[0]
+
+
+def _apply_batch(session: Session, event_ids: list[str]) -> tuple[dict[str, AttemptOutcome], dict[str, EventFacts]]:
     several = len(set(event_ids)) > 1
     session.execute(_ASYNC_COMMIT)
     if several:
@@ -82,6 +86,7 @@ def process_batch(session: Session, event_ids: list[str]) -> dict[str, AttemptOu
             select(StripeEvent).where(StripeEvent.id.in_(event_ids)).order_by(StripeEvent.id).with_for_update()
         ).scalars()
     }
+    facts = {event.id: EventFacts(event.type, event.endpoint, event.received_at) for event in locked.values()}
     outcomes: dict[str, AttemptOutcome] = {}
     batches: dict[Callable, list[StripeEvent]] = {}
     singles: list[tuple[Callable, StripeEvent]] = []
@@ -124,7 +129,7 @@ def process_batch(session: Session, event_ids: list[str]) -> dict[str, AttemptOu
         event.next_attempt_at = None
         event.processed_at = now
         outcomes[event.id] = AttemptOutcome.PROCESSED
-    return outcomes
+    return outcomes, facts
 
 
 def _ignored_reason(event: StripeEvent) -> str | None:
@@ -155,10 +160,20 @@ def _forget_rows(session: Session) -> None:
 
 
 @dataclass(frozen=True)
+class EventFacts:
+    """What is known of an attempt's event without reading it again (for metrics and logs)."""
+
+    type: str
+    endpoint: str
+    received_at: datetime
+
+
+@dataclass(frozen=True)
 class Failure:
     attempts: int
     parked: bool
     retry_in: float
+    event: EventFacts | None = None
 
 
 @dataclass(frozen=True)
@@ -166,6 +181,7 @@ class Attempt:
     outcome: AttemptOutcome
     retry_in: float = 0.0
     error: BaseException | None = None
+    event: EventFacts | None = None  # None when the event was not found or not read
 
 
 def attempt_event(
@@ -181,7 +197,8 @@ def attempt_event(
     """
     try:
         with session_factory() as session:
-            return Attempt(process_event(session, event_id))
+            outcomes, facts = _apply_batch(session, [event_id])
+        return Attempt(outcomes[event_id], event=facts.get(event_id))
     except Exception as error:  # every failure is counted; the last one parks the event
         with session_factory() as session:
             failure = record_failure(
@@ -189,10 +206,10 @@ def attempt_event(
                 park_now=is_permanent(error), retry_base_seconds=retry_base_seconds,
             )
         if failure.parked:
-            return Attempt(AttemptOutcome.PARKED, error=error)
+            return Attempt(AttemptOutcome.PARKED, error=error, event=failure.event)
         if failure.attempts == 0:
             return Attempt(AttemptOutcome.ALREADY_HANDLED)
-        return Attempt(AttemptOutcome.RETRYING, retry_in=failure.retry_in, error=error)
+        return Attempt(AttemptOutcome.RETRYING, retry_in=failure.retry_in, error=error, event=failure.event)
 
 
 def attempt_batch(
@@ -207,14 +224,14 @@ def attempt_batch(
     failed. One bad or busy event costs its neighbours nothing."""
     try:
         with session_factory() as session:
-            outcomes = process_batch(session, event_ids)
+            outcomes, facts = _apply_batch(session, event_ids)
     except Exception as error:
         log.info("batch of %d events goes one event at a time: %s", len(event_ids), describe(error))
-        outcomes = dict.fromkeys(event_ids, AttemptOutcome.DEFERRED)
+        outcomes, facts = dict.fromkeys(event_ids, AttemptOutcome.DEFERRED), {}
     return {
         event_id: attempt_event(session_factory, event_id, max_attempts=max_attempts,
                                 retry_base_seconds=retry_base_seconds)
-        if outcome == AttemptOutcome.DEFERRED else Attempt(outcome)
+        if outcome == AttemptOutcome.DEFERRED else Attempt(outcome, event=facts.get(event_id))
         for event_id, outcome in outcomes.items()
     }
 
@@ -235,14 +252,15 @@ def record_failure(
 ) -> Failure:
     """Count a failed attempt in its own transaction; park the event after the last one."""
     message = describe(error)
-    attempts = session.execute(
+    counted = session.execute(
         update(StripeEvent)
         .where(StripeEvent.id == event_id, StripeEvent.status.in_(EventStatus.pending()))
         .values(attempts=StripeEvent.attempts + 1, last_error=message)
-        .returning(StripeEvent.attempts)
-    ).scalar_one_or_none()
-    if attempts is None:  # processed meanwhile by another worker, or already parked
+        .returning(StripeEvent.attempts, StripeEvent.type, StripeEvent.endpoint, StripeEvent.received_at)
+    ).one_or_none()
+    if counted is None:  # processed meanwhile by another worker, or already parked
         return Failure(attempts=0, parked=False, retry_in=0)
+    attempts = counted.attempts
     parked = park_now or attempts >= max_attempts
     delay = 0.0 if parked else backoff_seconds(attempts, base=retry_base_seconds)
     session.execute(
@@ -253,4 +271,5 @@ def record_failure(
             next_attempt_at=None if parked else datetime.now(UTC) + timedelta(seconds=delay),
         )
     )
-    return Failure(attempts=attempts, parked=parked, retry_in=delay)
+    return Failure(attempts=attempts, parked=parked, retry_in=delay,
+                   event=EventFacts(counted.type, counted.endpoint, counted.received_at))

@@ -312,6 +312,22 @@ def backlog(conn: psycopg.Connection) -> dict[EventStatus, int]:
     return {status: counts.get(status, 0) for status in BACKLOG_STATUSES}
 
 
+# The oldest event still to be applied, per pending status: each a walk of one end of the
+# (status, received_at) index, however long the backlog.
+_OLDEST_WAITING = f"""
+    SELECT extract(epoch FROM now() - least({", ".join(
+        f"(SELECT min(received_at) FROM marketplace_worker.stripe_events WHERE status = '{status}')"
+        for status in EventStatus.pending())}))
+"""
+
+
+def backlog_age_seconds(conn: psycopg.Connection) -> float:
+    """How long the oldest event still to be applied (received or retrying) has waited since
+    it arrived; 0 with none waiting. The receiver exports it beside the backlog's counts."""
+    age = conn.execute(_OLDEST_WAITING).fetchone()[0]
+    return 0.0 if age is None else max(0.0, float(age))
+
+
 def database_answers(conninfo: str) -> bool:
     """The receiver's readiness: the inbox's database takes a connection and a query."""
     try:

@@ -35,7 +35,7 @@ def _attempt(event_id: str) -> dispatch.Attempt:
         session_scope, event_id,
         max_attempts=settings.event_max_attempts, retry_base_seconds=settings.event_retry_base_seconds,
     )
-    metrics.record_attempts({event_id: attempt}, time.time(), session_scope)
+    metrics.record_attempts({event_id: attempt}, time.time())
     _log(event_id, attempt)
     return attempt
 
@@ -68,7 +68,7 @@ def process_events(event_ids: list[str]) -> dict[str, int]:
         session_scope, event_ids,
         max_attempts=settings.event_max_attempts, retry_base_seconds=settings.event_retry_base_seconds,
     )
-    metrics.record_attempts(attempts, time.time(), session_scope)
+    metrics.record_attempts(attempts, time.time())
     outcomes: Counter[str] = Counter()
     for event_id, attempt in attempts.items():
         _log(event_id, attempt)

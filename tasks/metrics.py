@@ -11,27 +11,19 @@ each child would count on its own, out of the main process's sight.
 
 The domain returns what happened and the task layer records it; the one exception is the Stripe
 HTTP client, which reports each request through `domain.stripe_api.request_observer`, set here.
-The receiver's own metrics (worker/receiver.py) take the backlog's age from `backlog_age_seconds`.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Mapping
-from contextlib import AbstractContextManager
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import psycopg
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from sqlalchemy import select
-
-from models import EventStatus, StripeEvent
 
 if TYPE_CHECKING:
-    from sqlalchemy.orm import Session
-
     from domain.dispatch import Attempt
 
 log = logging.getLogger(__name__)
@@ -70,35 +62,24 @@ STRIPE_RATE_LIMITED = Counter("stripe_api_rate_limited", "Stripe API requests an
 # the CLI) need not import the handlers.
 COUNTED_OUTCOMES = {"processed": "processed", "ignored": "ignored", "retrying": "failed", "parked": "parked"}
 
-# Set in the worker's main process before the pool forks, so the children inherit it: the
-# lag needs one extra read of the batch's inbox rows, paid only by a worker that exports it.
+# Set in the worker's main process before the pool forks, so the children inherit it: a
+# process that exports nothing records nothing.
 _exporting = False
 
 
-def record_attempts(attempts: Mapping[str, Attempt], applied_at: float,
-                    session_factory: Callable[[], AbstractContextManager[Session]]) -> None:
+def record_attempts(attempts: Mapping[str, Attempt], applied_at: float) -> None:
     """Count a batch's attempts by event type, and the lag of those applied. `applied_at` is
-    when the batch committed (a Unix time)."""
+    when the batch committed (a Unix time). Each attempt carries its event's type, endpoint and
+    arrival, read with the event itself: recording costs no query."""
     if not _exporting:
         return
-    counted = {event_id: COUNTED_OUTCOMES[a.outcome] for event_id, a in attempts.items()
-               if a.outcome in COUNTED_OUTCOMES}
-    if not counted:
-        return
-    try:
-        with session_factory() as session:
-            rows = session.execute(
-                select(StripeEvent.id, StripeEvent.type, StripeEvent.endpoint, StripeEvent.received_at)
-                .where(StripeEvent.id.in_(list(counted)))
-            ).all()
-    except Exception as error:  # metrics never fail the task whose work is already committed
-        log.warning("event metrics not recorded: %s", type(error).__name__)
-        return
-    for event_id, event_type, endpoint, received_at in rows:
-        outcome = counted[event_id]
-        EVENTS.labels(event_type, outcome).inc()
+    for attempt in attempts.values():
+        outcome = COUNTED_OUTCOMES.get(attempt.outcome)
+        if outcome is None or attempt.event is None:
+            continue
+        EVENTS.labels(attempt.event.type, outcome).inc()
         if outcome == "processed":
-            LAG.labels(endpoint).observe(max(0.0, applied_at - received_at.timestamp()))
+            LAG.labels(attempt.event.endpoint).observe(max(0.0, applied_at - attempt.event.received_at.timestamp()))
 
 
 def record_job(job: str, outcome: str, seconds: float | None) -> None:
@@ -163,19 +144,3 @@ def process_gone(pid: int) -> None:
         from prometheus_client import multiprocess
 
         multiprocess.mark_process_dead(pid)
-
-
-# The oldest event still to be applied, per pending status: each a walk of one end of the
-# (status, received_at) index, however long the backlog.
-_OLDEST_WAITING = f"""
-    SELECT extract(epoch FROM now() - least({", ".join(
-        f"(SELECT min(received_at) FROM marketplace_worker.stripe_events WHERE status = '{status}')"
-        for status in EventStatus.pending())}))
-"""
-
-
-def backlog_age_seconds(conn: psycopg.Connection) -> float:
-    """How long the oldest event still to be applied (received or retrying) has waited since
-    it arrived; 0 with none waiting. The receiver exports it beside the backlog's counts."""
-    age = conn.execute(_OLDEST_WAITING).fetchone()[0]
-    return 0.0 if age is None else max(0.0, float(age))

@@ -14,8 +14,14 @@ import os
 
 import click
 from celery import Celery
-from celery.signals import setup_logging, worker_init, worker_process_init, worker_process_shutdown, worker_ready
-from celery.signals import celeryd_init
+from celery.signals import (
+    celeryd_init,
+    setup_logging,
+    worker_init,
+    worker_process_init,
+    worker_process_shutdown,
+    worker_ready,
+)
 from kombu import Exchange, Queue
 
 from config import Settings, get_settings

@@ -2,7 +2,8 @@
 
 Text by default; with LOG_JSON=true one JSON object per line. Every line carries the ids
 it is about: whatever the code passed as `extra` (event_id, provider_id, job, ...) and,
-inside a Celery task, task_id and task_name. Every line, exception text included, goes
+inside a Celery task, task_id and task_name; in JSON, with tracing on (worker/tracing.py),
+trace_id and span_id of the active span. Every line, exception text included, goes
 through `Redactor` last, so no secret reaches the log: the configured secrets themselves
 (webhook secrets, API key, Flower and URL passwords) and anything shaped like one (Stripe
 keys, whsec_ secrets, passwords in URLs or key=value pairs, Authorization headers, card

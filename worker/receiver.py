@@ -218,7 +218,6 @@ def _readiness(settings: Settings) -> dict[str, bool]:
 def _refresh_backlog(settings: Settings) -> None:
     from domain.connect.discrepancies import count_unacknowledged
     from models.db import session_scope
-    from tasks.metrics import backlog_age_seconds
     from worker.schedule import JOBS
 
     for job in JOBS:
@@ -226,7 +225,7 @@ def _refresh_backlog(settings: Settings) -> None:
     try:
         with psycopg.connect(settings.libpq_database_url, connect_timeout=3) as conn:
             backlog = inbox.backlog(conn)
-            backlog_age = backlog_age_seconds(conn)
+            backlog_age = inbox.backlog_age_seconds(conn)
             last_ok = jobs.last_successes(conn, [job.name for job in JOBS])
     except Exception:
         return
