@@ -295,6 +295,12 @@ _FAILED = text(
 # --- listing and storing ---------------------------------------------------------------------
 
 
+def platform_types() -> list[str]:
+    """Handled types the platform's own event can be applied for: the registry's, less the
+    connect-only ones (the platform's own payouts are not reconciled)."""
+    return [t for t in handled_types() if not HANDLERS[t].connect_only]
+
+
 def account_types() -> list[str]:
     """Handled types a connected account's event can be applied for: the registry's, less the
     platform-only ones (a connected account's invoices, charges... change no platform record)."""
@@ -394,7 +400,7 @@ def catch_up(session_factory: SessionFactory, client: stripe.StripeClient, *, ac
     with session_factory() as session:
         windows = [] if accounts is not None else [platform_window(session, now)]
         windows += account_windows(session, scopes, now)
-    types = {PLATFORM: list(handled_types())}
+    types = {PLATFORM: platform_types()}
     for done, window in enumerate(windows, 1):
         scope_types = types[PLATFORM] if window.scope == PLATFORM else types.setdefault("account", account_types())
         _catch_up_scope(session_factory, client, window, scope_types, result, clock)

@@ -138,6 +138,8 @@ def _ignored_reason(event: StripeEvent) -> str | None:
         return "no handler for this event type"
     if registered.platform_only and event.account:
         return f"connected account {event.account}: its {event.type} changes no platform record"
+    if registered.connect_only and not event.account:
+        return f"the platform's own {event.type}: only connected accounts' are reconciled"
     return None
 
 

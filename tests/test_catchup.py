@@ -119,7 +119,8 @@ def test_each_window_starts_an_overlap_before_what_its_scope_last_had(db, stripe
 
 
 def test_catch_up_pages_through_long_lists_and_rides_out_a_429(db, stripe_api):
-    events = [se.event("payout.paid", se.payout(amount=1000 + i), created=int(time.time()) - i) for i in range(230)]
+    events = [se.event("transfer.created", se.transfer(amount=1000 + i, destination="acct_1PAGING"), created=int(time.time()) - i)
+              for i in range(230)]
     se.publish(stripe_api, events)
     stripe_api.fail_next(429, count=2, path_prefix="/v1/events")
     result = catch_up(session_scope, get_client())
@@ -226,8 +227,15 @@ def test_the_types_once_missing_are_asked_for_and_stored(db, stripe_api):
 
     assert {e["id"] for e in platform + connect} <= set(result.stored)
     asked = [c.params["types"] for c in events_calls(stripe_api)]
-    assert all(len(types) <= 20 for types in asked)
-    assert sorted(t for types in asked for t in types) == sorted(handled_types())
+    asked_account = [c.params["types"] for c in events_calls(stripe_api, account)]
+    assert all(len(types) <= 20 for types in asked + asked_account)
+    # Every handled type is asked of the scope whose events it can change: the platform's own
+    # payouts are not reconciled, and an account's invoices change no platform record.
+    platform_asked = sorted(t for types in asked for t in types)
+    account_asked = sorted(t for types in asked_account for t in types)
+    assert platform_asked == sorted(catchup.platform_types()) and "payout.paid" not in platform_asked
+    assert account_asked == sorted(catchup.account_types()) and "invoice.paid" not in account_asked
+    assert set(platform_asked) | set(account_asked) == set(handled_types())
 
 
 def test_a_healthy_run_costs_the_same_calls_at_any_number_of_accounts(db, stripe_api):

@@ -78,19 +78,26 @@ def test_an_unknown_type_is_marked_ignored_and_never_applied(db, test_handlers):
     assert row(db, event_id).status == "ignored"
 
 
-def test_a_platform_payout_is_checked_like_any_event_and_mirrors_nothing(db):
-    """The platform's own payouts are not reconciled (SPEC §5: the accounts' payouts are), but a
-    `payout.*` that carries another kind of object is parked all the same, as on every type."""
-    wrong = store(db, "payout.paid")
-    assert run(db, wrong) == "parked"
-    assert row(db, wrong).last_error == "InvalidPayload: payout.paid carries a 'thing', not a payout"
-
+def test_a_platform_payout_is_ignored_with_its_reason_and_mirrors_nothing(db):
+    """The platform's own payouts are not reconciled (SPEC §5: the connected accounts' are):
+    recorded as ignored, saying why, whatever they carry; an account's payout is mirrored."""
     event = se.event("payout.paid", se.payout(amount=5_000))
     incoming = event_from_dict(event, json.dumps(event), "platform", livemode=False)
     db.connection().exec_driver_sql(INSERT_EVENTS_SQL, insert_params([incoming]))
     db.commit()
-    assert run(db, event["id"]) == "processed"
+    assert run(db, event["id"]) == "ignored"
+    assert row(db, event["id"]).last_error == "the platform's own payout.paid: only connected accounts' are reconciled"
     assert db.execute(text("SELECT count(*) FROM marketplace_worker.connect_payouts")).scalar() == 0
+
+    wrong = store(db, "payout.paid")
+    assert run(db, wrong) == "ignored"
+
+    account = se.event("payout.paid", se.payout(amount=5_000), account="acct_payouts")
+    incoming = event_from_dict(account, json.dumps(account), "connect", livemode=False)
+    db.connection().exec_driver_sql(INSERT_EVENTS_SQL, insert_params([incoming]))
+    db.commit()
+    assert run(db, account["id"]) == "processed"
+    assert db.execute(text("SELECT count(*) FROM marketplace_worker.connect_payouts")).scalar() == 1
 
 
 def test_a_failing_event_is_retried_then_parked_with_its_error(db, test_handlers):

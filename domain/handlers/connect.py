@@ -41,13 +41,9 @@ def transfer_event(session: Session, event: StripeEvent) -> None:
     record_transfers(session, [transfer_row(event_object(event, "transfer"), event.created, event.id)])
 
 
-@handles("payout.paid", "payout.failed", "payout.canceled", "payout.updated", "payout.reconciliation_completed")
+# The platform's own payouts to its bank owe no provider anything (SPEC §5 reconciles the
+# connected accounts' payouts only): recorded as ignored, with the reason, before any handler.
+@handles("payout.paid", "payout.failed", "payout.canceled", "payout.updated", "payout.reconciliation_completed",
+         connect_only=True)
 def payout_event(session: Session, event: StripeEvent) -> None:
-    # Checked first, whichever endpoint: another kind of object is parked as on every type.
-    payout = event_object(event, "payout")
-    if not event.account:
-        # The platform's own payout to its bank: nothing a provider is owed (SPEC §5 reconciles
-        # the connected accounts' payouts only).
-        log.info("%s of the platform ignored", event.type, extra={"event_id": event.id})
-        return
-    record_payouts(session, [payout_row(event.account, payout, event.created, event.id)])
+    record_payouts(session, [payout_row(event.account, event_object(event, "payout"), event.created, event.id)])

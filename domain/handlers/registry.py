@@ -21,24 +21,28 @@ class Registered:
     fn: Handler | BatchHandler
     batch: bool
     platform_only: bool
+    connect_only: bool = False
 
 
 HANDLERS: dict[str, Registered] = {}
 
 
-def handles(*event_types: str, batch: bool = False, platform_only: bool = False) -> Callable:
+def handles(*event_types: str, batch: bool = False, platform_only: bool = False,
+            connect_only: bool = False) -> Callable:
     """Register a handler of `event_types`: `fn(session, event)`, or with `batch=True`
     `fn(session, events, skip_busy=...) -> events left`, called once with all of a batch's
     events of those types (in order), for handlers that can share their lookups and locks.
 
     With `platform_only`, the types describe the platform's own money (invoices, charges,
     refunds, disputes, transfers): the same types from a connected account are about that
-    account's own objects, whatever their metadata says, and are recorded as ignored."""
+    account's own objects, whatever their metadata says, and are recorded as ignored.
+    With `connect_only`, the types matter only from a connected account (its payouts): the
+    platform's own are recorded as ignored."""
     def register(fn):
         for event_type in event_types:
             if event_type in HANDLERS:
                 raise RuntimeError(f"two handlers for {event_type}")
-            HANDLERS[event_type] = Registered(fn, batch, platform_only)
+            HANDLERS[event_type] = Registered(fn, batch, platform_only, connect_only)
         return fn
 
     return register
