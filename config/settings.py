@@ -127,6 +127,8 @@ class Settings(BaseSettings):
     # Accounts named by transfer/payout events since their last reconciliation.
     schedule_reconcile_dirty: CadenceSetting = Cadence(600)
     schedule_purge_inbox: CadenceSetting = Cadence(86_400, 4 * 3600)
+    # The inbox's monthly partitions, made two months ahead: a daily run has weeks to succeed.
+    schedule_prepare_inbox_partitions: CadenceSetting = Cadence(86_400, 3 * 3600 + 1800)
     schedule_sweep_fanout: CadenceSetting = Cadence(60)
 
     # Processed and ignored inbox events older than this are deleted nightly. Longer than the

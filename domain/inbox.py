@@ -27,16 +27,37 @@ log = logging.getLogger(__name__)
 # one commit, and a duplicate id (Stripe's retry) is a no-op by key. The arrays go in
 # binary (%b): in text format psycopg quotes every payload by regular expression, which
 # cost the receiver a fifth of its CPU.
+#
+# The inbox is partitioned by month (models/inbox.py), and a partitioned table's unique keys
+# include the partition key: `id` alone cannot be unique there. The statement claims each id
+# in `stripe_event_ids` first and stores only the events whose claim is new, so the key's
+# unique index decides, as `ON CONFLICT (id)` did on one table: a redelivery, in this batch or
+# in a transaction committed or still running (the second waits for the first), stores
+# nothing. Why a key table rather than partitioning by Stripe's `created` (fixed per id, so
+# (id, created) would be unique): retention is counted from receipt, and a catch-up or a
+# backfill stores events created weeks before, which would land in months already dropped.
+# One row per id costs a narrow insert per event; retention deletes those rows in batches
+# (domain/retention.py). The first of an id's copies in a batch is the one stored.
 INSERT_EVENTS_SQL = """
+WITH batch AS (
+    SELECT DISTINCT ON (id) *
+    FROM unnest(
+        %(id)b::text[], %(type)b::text[], %(account)b::text[], %(livemode)b::bool[],
+        %(api_version)b::text[], %(created)b::bigint[], %(payload)b::text[], %(endpoint)b::text[],
+        %(status)b::text[], %(note)b::text[]
+    ) WITH ORDINALITY AS batch(id, type, account, livemode, api_version, created, payload, endpoint, status,
+                               note, n)
+    ORDER BY id, n
+), claimed AS (
+    INSERT INTO marketplace_worker.stripe_event_ids (id, received_at)
+    SELECT id, now() FROM batch
+    ON CONFLICT (id) DO NOTHING
+    RETURNING id
+)
 INSERT INTO marketplace_worker.stripe_events
-    (id, type, account, livemode, api_version, created, payload, endpoint, status, last_error)
-SELECT id, type, account, livemode, api_version, created, payload::jsonb, endpoint, status, note
-FROM unnest(
-    %(id)b::text[], %(type)b::text[], %(account)b::text[], %(livemode)b::bool[],
-    %(api_version)b::text[], %(created)b::bigint[], %(payload)b::text[], %(endpoint)b::text[],
-    %(status)b::text[], %(note)b::text[]
-) AS batch(id, type, account, livemode, api_version, created, payload, endpoint, status, note)
-ON CONFLICT (id) DO NOTHING
+    (id, type, account, livemode, api_version, created, payload, endpoint, status, last_error, received_at)
+SELECT id, type, account, livemode, api_version, created, payload::jsonb, endpoint, status, note, now()
+FROM batch JOIN claimed USING (id)
 RETURNING id
 """
 

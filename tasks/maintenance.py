@@ -38,3 +38,10 @@ def purge_inbox() -> retention.Purged:
         batch=settings.retention_batch_size,
         budget=timedelta(seconds=settings.retention_run_seconds),
     )
+
+
+# The inbox's partitions of this month and the next two, made ahead of the inserts that need
+# them; an event of a month without one lands in DEFAULT and moves when its month's is made.
+@job
+def prepare_inbox_partitions() -> retention.Prepared:
+    return retention.prepare_partitions(session_scope, datetime.now(UTC))

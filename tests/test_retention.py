@@ -1,7 +1,11 @@
-"""Retention (domain/retention.py): a purge given a time budget stops and leaves the rest to
-the next run; the nightly job sends that run itself, so a backlog of months is purged through
-short tasks, and a run whose message is lost is made up by the next one. Whatever the number of
-runs, exactly the processed and ignored events past retention go, and the finished job runs."""
+"""Retention (domain/retention.py): a month's partition entirely past retention is dropped
+whole, its unfinished events kept (moved to DEFAULT, still visible to the sweeper, replay and
+the CLI), a month not entirely past is untouched; the job keeps partitions ready ahead and
+moves DEFAULT's rows into the month made for them. What is still deleted row by row (the
+legacy table, DEFAULT): a purge given a time budget stops and leaves the rest to the next run;
+the nightly job sends that run itself, so a backlog of months is purged through short tasks,
+and a run whose message is lost is made up by the next one. Whatever the number of runs,
+exactly the processed and ignored events past retention go, and the finished job runs."""
 
 from __future__ import annotations
 
@@ -126,3 +130,101 @@ def test_a_backlog_beyond_one_run_is_purged_by_runs_that_send_the_next(impatient
     assert [counts.get("finished", True) for _, counts in runs] == [False] * 7 + [True]
     assert events_left(db) == stay
     assert [outcome for outcome, _ in probe_runs_left(db)] == ["running", "ok"]
+
+
+# --- partitions --------------------------------------------------------------------------------
+
+def insert_at(session: Session, events: dict[str, tuple[str, datetime]], *, with_ids: bool = True) -> None:
+    for event_id, (status, received_at) in events.items():
+        session.execute(text(
+            "INSERT INTO marketplace_worker.stripe_events (id, type, livemode, created, payload, endpoint,"
+            " status, received_at) VALUES (:id, 'invoice.paid', false, 1, '{}', 'platform', :status, :at)"
+        ), {"id": event_id, "status": status, "at": received_at})
+        if with_ids:
+            session.execute(text("INSERT INTO marketplace_worker.stripe_event_ids VALUES (:id, :at)"),
+                            {"id": event_id, "at": received_at})
+    session.commit()
+
+
+def partition_of(session: Session) -> dict[str, str]:
+    session.rollback()
+    try:
+        return dict(session.execute(text(
+            "SELECT id, tableoid::regclass::text FROM marketplace_worker.stripe_events")).all())
+    finally:
+        session.rollback()  # no lock held on the inbox while a partition is detached
+
+
+def ids_left(session: Session) -> set[str]:
+    session.rollback()
+    try:
+        return set(session.execute(text("SELECT id FROM marketplace_worker.stripe_event_ids")).scalars())
+    finally:
+        session.rollback()
+
+
+def test_a_month_past_retention_is_dropped_whole_and_its_unfinished_events_stay_visible(db):
+    from domain.inbox import due_for_sweep, mark_for_replay, recent_events
+    from models import StripeEvent
+
+    # Two months far ahead, so that "past retention" is a cutoff in their future.
+    month = retention.month_start(NOW, 6)
+    following = retention.month_start(NOW, 7)
+    retention.prepare_partitions(session_scope, month)
+    gone = {f"evt_month_{i}": ("processed" if i % 2 else "ignored", month + timedelta(days=i)) for i in range(6)}
+    kept = {"evt_month_parked": ("parked", month + timedelta(days=3)),
+            "evt_month_received": ("received", month + timedelta(days=4)),
+            "evt_month_retrying": ("retrying", month + timedelta(days=5))}
+    # The next month is only partly past the cutoff: nothing of it goes, not even its old rows.
+    untouched = {"evt_next_early": ("processed", following + timedelta(days=1)),
+                 "evt_next_late": ("processed", following + timedelta(days=20))}
+    insert_at(db, {**gone, **kept, **untouched})
+    assert set(partition_of(db).values()) == {f"marketplace_worker.stripe_events_{month:%Y_%m}",
+                                              f"marketplace_worker.stripe_events_{following:%Y_%m}"}
+
+    purged = retention.purge(session_scope, events_before=following + timedelta(days=10),
+                             job_runs_before=NOW - timedelta(days=30), batch=1000)
+
+    assert purged.months_dropped >= 1 and purged.events_kept == 3
+    where = partition_of(db)
+    assert set(where) == set(kept) | set(untouched)
+    assert {where[i] for i in kept} == {"marketplace_worker.stripe_events_default"}
+    assert {where[i] for i in untouched} == {f"marketplace_worker.stripe_events_{following:%Y_%m}"}
+    with session_scope() as session:
+        names = {p.name for p in retention.partitions(session)}
+        assert f"stripe_events_{month:%Y_%m}" not in names and f"stripe_events_{following:%Y_%m}" in names
+        # Kept with their original receipt, found by id, by the CLI, the sweeper and replay.
+        assert session.get(StripeEvent, "evt_month_parked").received_at == kept["evt_month_parked"][1]
+        assert {e.id for e in recent_events(session, limit=100)} == set(kept) | set(untouched)
+        # These months are ahead of the clock: a negative threshold puts the sweeper there.
+        year_on = -int(timedelta(days=400).total_seconds())
+        assert set(due_for_sweep(session, year_on)) == {"evt_month_received", "evt_month_retrying"}
+        assert mark_for_replay(session, "evt_month_parked") == ["evt_month_parked"]
+    # The dropped month's ids went from the key table; the kept events' ids stay.
+    assert ids_left(db) == set(kept) | set(untouched)
+
+    # The layout of today, for whoever runs next: this month's partition and the next two.
+    retention.prepare_partitions(session_scope, NOW)
+
+
+def test_the_job_makes_partitions_ahead_and_moves_default_rows_into_the_month_made_for_them(db):
+    import tasks.maintenance
+
+    assert tasks.maintenance.prepare_inbox_partitions() is not None
+    with session_scope() as session:
+        layout = retention.partitions(session)
+    for ahead in range(3):
+        start, end = retention.month_start(NOW, ahead), retention.month_start(NOW, ahead + 1)
+        assert any(p.overlaps(start, end) for p in layout), start
+    assert layout[-1].is_default
+
+    # A month with no partition: its event lands in DEFAULT (the insert does not fail)...
+    far = retention.month_start(NOW, 12)
+    insert_at(db, {"evt_far": ("received", far + timedelta(days=2))})
+    assert partition_of(db) == {"evt_far": "marketplace_worker.stripe_events_default"}
+
+    # ...and moves to its month when the job, reaching that month, makes its partition.
+    prepared = retention.prepare_partitions(session_scope, far)
+    assert prepared.created[0] == f"stripe_events_{far:%Y_%m}" and prepared.moved == 1
+    assert partition_of(db) == {"evt_far": f"marketplace_worker.stripe_events_{far:%Y_%m}"}
+    assert retention.prepare_partitions(session_scope, far).created == []  # made once

@@ -61,6 +61,7 @@ JOBS = (
     Job("tasks.reconciliation.reconcile_dirty"),  # every 10 min
     Job("tasks.reconciliation.reconcile_all"),    # daily at 03:00
     Job("tasks.maintenance.purge_inbox"),         # daily at 04:00
+    Job("tasks.maintenance.prepare_inbox_partitions"),  # daily at 03:30
     Job("tasks.fanout.sweep_fanout"),             # every 1 min
 )
 JOBS_BY_NAME = {job.name: job for job in JOBS}
