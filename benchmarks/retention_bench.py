@@ -1,20 +1,25 @@
-"""Inbox retention: the batched purge against one plain DELETE of the same rows.
+"""Inbox retention: dropping a month's partition against the batched purge and one plain DELETE.
 
     DATABASE_URL=postgresql://postgres@127.0.0.1:5432/postgres python -m benchmarks.retention_bench [--scale 1.0]
 
 Uses the Postgres named by DATABASE_URL (a scratch database is created and dropped), else an
 embedded one. At scale 1 it fills the inbox with 200,000 events with 1 KB payloads, 80% of
 them processed or ignored and past retention (the rest: recent ones, and old parked,
-received and retrying ones, which must stay), then deletes the expired ones twice, from the
-same starting table:
+received and retrying ones, which must stay), then deletes the expired ones three times, from the
+same starting rows (their ids in `stripe_event_ids` as well):
 
 - the baseline: one `DELETE ... WHERE status IN ('processed', 'ignored') AND received_at < cutoff`,
   a single transaction holding every deleted row locked until it commits;
-- `domain.retention.purge` with the default batch of 1,000 rows per transaction.
+- `domain.retention.purge` deleting row by row (the expired rows in the legacy partition, as
+  before the inbox was partitioned), the default batch of 1,000 rows per transaction, the
+  rows' ids with them;
+- `domain.retention.purge` with the expired rows in a month's partition past retention: the
+  partition detached and dropped, its unfinished events moved to DEFAULT, then its ids deleted
+  from the key table in batches (timed apart: the part still row by row).
 
-It prints each one's total time, the median and longest transaction of the purge (how long
-any row stays locked, and how long autovacuum must wait to reclaim anything) and their ratios
-to the baseline, and checks that both left exactly the rows that must stay.
+It prints each one's total time, the median and longest transaction of the batched purge (how
+long any row stays locked, and how long autovacuum must wait to reclaim anything) and their
+ratios to the baseline, and checks that each left exactly the rows that must stay.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import statistics
 import tempfile
 import time
 from contextlib import contextmanager
+from functools import partial
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -39,10 +45,12 @@ SELECT 'evt_bench_' || i, 'invoice.paid', false, 1700000000 + i,
             WHEN i % 10 = 8 THEN 'processed'
             ELSE (ARRAY['parked', 'received', 'retrying'])[1 + i % 3] END,
        -- One arrival every 10 ms; the receiver's group commits give a few neighbours one time.
-       CASE WHEN i % 10 = 8 THEN now() - interval '10 days' ELSE now() - interval '120 days' END
+       CASE WHEN i % 10 = 8 THEN now() - interval '10 days' ELSE {old} END
            + (i / 4) * interval '40 milliseconds'
 FROM generate_series(1, {events}) i
 """
+# The expired rows' time: in the legacy partition, or the first day of a month past retention.
+LEGACY_OLD = "now() - interval '120 days'"
 BASELINE = """
 DELETE FROM marketplace_worker.stripe_events
 WHERE status IN ('processed', 'ignored') AND received_at < %(cutoff)s
@@ -66,15 +74,19 @@ def main() -> int:
         create_app_tables_if_absent(db)
         upgrade(db)
         url = "postgresql+psycopg://" + db.split("://", 1)[1]
-        cutoff = datetime.now(UTC) - timedelta(days=90)
+        now = datetime.now(UTC)
+        cutoff = now - timedelta(days=90)
         expected_left = events - sum(1 for i in range(1, events + 1) if i % 10 < 8)
 
-        def refill(conn: psycopg.Connection) -> None:
-            conn.execute("TRUNCATE marketplace_worker.stripe_events")
-            conn.execute(GENERATE.format(events=events))
+        def refill(conn: psycopg.Connection, old: str = LEGACY_OLD) -> None:
+            conn.execute("TRUNCATE marketplace_worker.stripe_events, marketplace_worker.stripe_event_ids")
+            conn.execute(GENERATE.format(events=events, old=old))
+            conn.execute("INSERT INTO marketplace_worker.stripe_event_ids"
+                         " SELECT id, received_at FROM marketplace_worker.stripe_events")
             conn.commit()
             with psycopg.connect(db, autocommit=True) as vacuum:
                 vacuum.execute("VACUUM ANALYZE marketplace_worker.stripe_events")
+                vacuum.execute("VACUUM ANALYZE marketplace_worker.stripe_event_ids")
 
         def left(conn: psycopg.Connection) -> int:
             return conn.execute("SELECT count(*) FROM marketplace_worker.stripe_events").fetchone()[0]
@@ -104,11 +116,31 @@ def main() -> int:
             purge_s = time.perf_counter() - start
             assert left(conn) == expected_left
 
+            # Months instead of the legacy table: the expired rows in a month past retention.
+            conn.execute("TRUNCATE marketplace_worker.stripe_events")
+            conn.commit()
+            sessions = partial(session_scope, url)
+            retention.drop_expired(sessions, now + timedelta(days=400))  # every partition but DEFAULT
+            month = retention.month_start(now - timedelta(days=125))
+            retention.prepare_partitions(sessions, month, months_ahead=6)
+            refill(conn, old=f"'{month.isoformat()}'::timestamptz")
+            start = time.perf_counter()
+            months, kept = retention.drop_expired(sessions, cutoff)
+            drop_s = time.perf_counter() - start
+            start = time.perf_counter()
+            dropped = retention.purge(sessions, events_before=cutoff, job_runs_before=cutoff, batch=1000)
+            ids_s = time.perf_counter() - start
+            assert months >= 1 and left(conn) == expected_left, (months, left(conn))
+
         print(f"{events:,} events, {purged.events:,} past retention")
         print(f"baseline: one DELETE           {baseline_s:8.3f} s, one transaction of {baseline_s:.3f} s")
         print(f"purge, batches of 1,000        {purge_s:8.3f} s ({purge_s / baseline_s:.2f}x the baseline),"
               f" {purged.transactions} transactions: median {statistics.median(transactions):.4f} s,"
               f" longest {max(transactions):.4f} s ({max(transactions) / baseline_s:.3f}x the baseline's)")
+        print(f"drop the month's partition     {drop_s:8.3f} s ({drop_s / baseline_s:.3f}x the baseline,"
+              f" {drop_s / purge_s:.3f}x the batches), {kept:,} unfinished events moved to DEFAULT")
+        print(f"  then its ids, batches        {ids_s:8.3f} s ({ids_s / baseline_s:.2f}x the baseline,"
+              f" {ids_s / purge_s:.2f}x the batches), {dropped.event_ids:,} ids in {dropped.transactions} transactions")
     return 0
 
 
