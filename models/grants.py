@@ -7,7 +7,11 @@ prints the SQL that creates ROLE (LOGIN, no password: set one with ALTER ROLE, o
 server's own authentication) if it does not exist and grants it exactly what the worker does:
 
 - `marketplace_worker`: owned by ROLE, so `marketplace-worker migrate` (run as ROLE) creates
-  and alters its tables; tables an earlier install created as another role are handed over;
+  and alters its tables; tables an earlier install created as another role are handed over
+  (the inbox's partitions among them: pg_tables lists each). The worker itself changes DDL
+  there: the `prepare_inbox_partitions` and `purge_inbox` jobs create, attach, detach and drop
+  the inbox's monthly partitions, which needs ownership of the inbox, not a grant. Access to a
+  partition through the parent `stripe_events` is checked on the parent only;
 - SELECT on the app tables it reads, UPDATE on the columns it writes, nothing else:
 
   | table | reads | writes |
