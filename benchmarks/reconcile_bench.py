@@ -7,6 +7,13 @@
 Uses the Postgres and Redis named by DATABASE_URL / REDIS_URL (a scratch database is created
 and dropped per workload), else embedded ones.
 
+To try the operator's command line on the same data, `desk` loads it into the empty database
+DATABASE_URL names and serves the fake Stripe until interrupted (no workers, no measurement):
+
+    createdb -h 127.0.0.1 -U postgres desk
+    DATABASE_URL=postgresql://postgres@127.0.0.1:5432/desk \\
+        python -m benchmarks.reconcile_bench --transfers 6000 --payouts 2000 --latency-ms 5 desk [--port 12111]
+
 Two workloads of the same size, one after the other in the same run, each on a fresh database,
 fake Stripe and workers:
 - `baseline`: separate charges and transfers only. `--accounts` stripe_connect providers with
@@ -311,6 +318,29 @@ def serve(args: argparse.Namespace) -> None:
     uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning", access_log=False)
 
 
+def desk(args: argparse.Namespace) -> None:
+    """The data in the empty database DATABASE_URL names, and the fake Stripe serving it, for
+    `marketplace-worker reconcile` and `discrepancies` run by hand."""
+    import psycopg
+
+    from models.migrate import create_app_tables_if_absent, upgrade
+
+    database_url = os.environ.get("DATABASE_URL")
+    if not database_url:
+        sys.exit("desk: DATABASE_URL must name an empty scratch database")
+    create_app_tables_if_absent(database_url)
+    upgrade(database_url)
+    with psycopg.connect(database_url.replace("postgresql+psycopg://", "postgresql://")) as conn:
+        if conn.execute("SELECT EXISTS (SELECT FROM marketplace.providers)").fetchone()[0]:
+            sys.exit("desk: the database already has providers; give it an empty scratch database")
+    args.now, args.rate_limit = int(time.time()), None
+    load_database(database_url, generate(args.accounts, args.transfers, args.payouts, args.now, mixed=args.mixed))
+    # The fake answers at any rate; the command line's own cap would otherwise set the pace.
+    print(f"export DATABASE_URL={database_url} STRIPE_API_KEY=sk_test_desk "
+          f"STRIPE_API_BASE=http://127.0.0.1:{args.port} STRIPE_RATE_LIMIT_PER_S=200", flush=True)
+    serve(args)
+
+
 def bench_calls(base: str) -> dict:
     with urllib.request.urlopen(base + "/_bench/calls", timeout=30) as response:
         return json.load(response)
@@ -532,9 +562,16 @@ def main() -> int:
     server.add_argument("--now", type=int, required=True)
     server.add_argument("--rate-limit", type=float, default=None)
     server.add_argument("--mixed", action="store_true")
+    by_hand = sub.add_parser("desk", help="load the data into DATABASE_URL's empty database and serve the fake "
+                                          "Stripe for the command line until interrupted")
+    by_hand.add_argument("--port", type=int, default=12111)
+    by_hand.add_argument("--mixed", action="store_true")
     args = parser.parse_args()
     if args.mode == "serve":
         serve(args)
+        return 0
+    if args.mode == "desk":
+        desk(args)
         return 0
 
     server_env = {key: os.environ.get(key) for key in ("DATABASE_URL", "REDIS_URL")}
