@@ -17,9 +17,10 @@ same starting rows (their ids in `stripe_event_ids` as well):
   partition detached and dropped, its unfinished events moved to DEFAULT, then its ids deleted
   from the key table in batches (timed apart: the part still row by row).
 
-It prints each one's total time, the median and longest transaction of the batched purge (how
-long any row stays locked, and how long autovacuum must wait to reclaim anything) and their
-ratios to the baseline, and checks that each left exactly the rows that must stay.
+The baseline leaves the ids in the key table; the other two delete them. It prints each one's
+total time, the median and longest transaction of the batched purge (how long any row stays
+locked, and how long autovacuum must wait to reclaim anything) and their ratios to the
+baseline, and checks that each left exactly the rows that must stay.
 """
 
 from __future__ import annotations
