@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import os
 import re
 import subprocess
@@ -24,7 +25,7 @@ from tests.test_catchup import connect_providers, steady_state
 from tests.test_discrepancies import finding, store
 from tests.test_dispatch import store as store_event
 from tests.test_reconcile import connect_provider, paid_transaction, send_transfer
-from worker.cli import EXIT_DISCREPANCIES, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, Progress, cli
+from worker.cli import EXIT_DISCREPANCIES, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, Progress, cli, progress
 
 
 def invoke(*args: str, code: int = EXIT_OK):
@@ -216,6 +217,24 @@ def test_progress_is_one_line_rewritten_on_a_terminal():
     quiet.line("a page")
     quiet.close()
     assert piped.getvalue() == ""
+
+
+def test_log_lines_on_the_terminal_go_above_the_progress_line(monkeypatch):
+    screen = Terminal()
+    monkeypatch.setattr(sys, "stderr", screen)
+    handler = logging.StreamHandler(screen)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logging.getLogger().addHandler(handler)
+    try:
+        with progress("reconcile: account") as shown:
+            shown(1, 2)
+            logging.getLogger("domain.connect.run").warning("acct_1 reconciled")
+            shown(2, 2)
+    finally:
+        logging.getLogger().removeHandler(handler)
+    assert screen.getvalue() == ("\rreconcile: account 1 of 2\r\033[Kacct_1 reconciled\n\rreconcile: account 1 of 2"
+                                 "\rreconcile: account 2 of 2\n")
+    assert "emit" not in vars(handler)  # the handler writes plainly again
 
 
 # --- discrepancies ---------------------------------------------------------------------------

@@ -137,10 +137,23 @@ class Progress:
         self.stream = stream if stream is not None else sys.stderr
         self.shown = self.stream.isatty()
         self.open_line = False
+        self.text = ""
 
     def __call__(self, done: int, total: int) -> None:
         if self.shown:
-            self._write(f"\r{self.label} {done} of {total}", open_line=True)
+            self.text = f"{self.label} {done} of {total}"
+            self._write(f"\r{self.text}", open_line=True)
+
+    def above(self, emit: Callable[[logging.LogRecord], None]) -> Callable[[logging.LogRecord], None]:
+        """A log handler's `emit` that writes its line above the progress line, not onto it."""
+        def emit_above(record: logging.LogRecord) -> None:
+            shown = self.open_line
+            self.clear()
+            emit(record)
+            if shown:
+                self._write(f"\r{self.text}", open_line=True)
+
+        return emit_above
 
     def clear(self) -> None:
         """Take the progress line off the screen before something is printed on stdout."""
@@ -165,9 +178,16 @@ class Progress:
 @contextmanager
 def progress(label: str) -> Iterator[Progress]:
     reporter = Progress(label)
+    # Log lines on the same terminal are written above the progress line.
+    sharing = [handler for handler in logging.getLogger().handlers
+               if reporter.shown and getattr(handler, "stream", None) is reporter.stream]
+    for handler in sharing:
+        handler.emit = reporter.above(handler.emit)
     try:
         yield reporter
     finally:
+        for handler in sharing:
+            del handler.emit  # back to the class's own
         reporter.close()
 
 
@@ -464,7 +484,8 @@ def reconcile(account: str | None, since: str | None, as_json: bool) -> None:
         })
     else:
         for result in done.results:
-            if account or result.skipped or result.completed or result.opened or result.resolved:
+            # Completions alone are in the totals: a first run completes at thousands of accounts.
+            if account or result.skipped or result.opened or result.resolved:
                 click.echo(result.describe())
         click.echo(done.describe())
         _print_open(found, unacknowledged)

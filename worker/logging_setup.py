@@ -157,3 +157,7 @@ def configure_logging(level: int | str | None = None) -> None:
     configured = logging.getLevelName(settings.log_level) if settings else logging.INFO
     requested = logging.getLevelName(level.upper()) if isinstance(level, str) else level
     root.setLevel(min(configured, requested) if isinstance(requested, int) else configured)
+    # The stripe SDK logs every request and response at INFO: two lines per API call, which
+    # drown a reconciliation's own lines. Its requests are counted in the workers' metrics;
+    # LOG_LEVEL=DEBUG shows them again.
+    logging.getLogger("stripe").setLevel(logging.DEBUG if root.level <= logging.DEBUG else logging.WARNING)
