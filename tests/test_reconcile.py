@@ -215,7 +215,7 @@ def test_partial_and_full_reversals(db, stripe_api):
     found = {d.transaction_id: d for d in discrepancies(db)}
     assert (found[partly.id].kind, found[partly.id].seen_cents) == ("transfer_reversed", 7_500)
     assert (found[fully.id].kind, found[fully.id].seen_cents) == ("transfer_reversed", 0)
-    assert "2000 cents reversed" in found[partly.id].detail
+    assert "20.00 USD reversed" in found[partly.id].detail
 
 
 def test_a_transfer_reversed_long_after_completion_is_reported_and_the_status_kept(db, stripe_api):
@@ -725,7 +725,7 @@ def test_a_destination_charge_whose_fee_is_not_the_platform_fee_is_an_amount_mis
     [found] = discrepancies(db)
     assert (found.kind, found.transaction_id, found.expected_cents, found.seen_cents) == (
         "amount_mismatch", txn.id, 9_500, 9_200)
-    assert "application fee of 800" in found.detail
+    assert "application fee of 8.00 USD" in found.detail
 
 
 def test_a_partial_refund_with_its_proportional_reversal_completes_with_no_discrepancy(db, stripe_api):
@@ -778,7 +778,7 @@ def test_an_over_reversal_is_still_a_discrepancy(db, stripe_api):
         "transfer_reversed", 7_125, 4_625)
     assert (found[sep.id].kind, found[sep.id].expected_cents, found[sep.id].seen_cents) == (
         "transfer_reversed", 7_125, 4_500)
-    assert "2500 cents refunded" in found[sep.id].detail
+    assert "25.00 USD refunded" in found[sep.id].detail
 
 
 def test_a_refund_without_its_fee_refund_leaves_the_provider_short(db, stripe_api):

@@ -31,6 +31,7 @@ from sqlalchemy.orm import Session
 from domain import lifecycle
 from domain.clock import from_unix
 from domain.connect import mirror
+from domain.money import format_amount
 from domain.stats_touch import touch_providers
 from models import DiscrepancyChange
 
@@ -422,15 +423,18 @@ def _transaction_finding(account: str, row: Any) -> Finding | None:
         expected_cents=row.expected, seen_cents=row.net, currency=row.currency,
         transfer_ids=list(row.transfer_ids or []),
     )
+    def amount(cents: int) -> str:
+        return format_amount(cents, row.currency)
+
     if row.kind == "missing_transfer":
         finding.detail = f"paid {row.paid_at:%Y-%m-%d %H:%M} UTC, no transfer to {account} yet"
     elif row.kind == "amount_mismatch":
-        finding.detail = f"transferred {row.net} cents net, expected {row.expected}" + (
-            f" (after an application fee of {row.fee})" if row.fee else "") + (
-            f" ({row.refunded} cents refunded)" if row.refunded else "")
+        finding.detail = f"transferred {amount(row.net)} net, expected {amount(row.expected)}" + (
+            f" (after an application fee of {amount(row.fee)})" if row.fee else "") + (
+            f" ({amount(row.refunded)} refunded)" if row.refunded else "")
     elif row.kind == "transfer_reversed":
-        finding.detail = f"{row.reversed} cents reversed; {row.net} of {row.expected} cents left with the provider" + (
-            f" ({row.refunded} cents refunded)" if row.refunded else "")
+        finding.detail = (f"{amount(row.reversed)} reversed; {amount(row.net)} of {amount(row.expected)} left with "
+                          "the provider") + (f" ({amount(row.refunded)} refunded)" if row.refunded else "")
     else:
         finding.payout_id = row.failed_payout
         finding.detail = f"payout {row.failed_payout} {row.failure_code or 'failed or was canceled'}" + (
