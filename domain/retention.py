@@ -20,8 +20,10 @@ Retention (`purge`):
    original `received_at`, visible to the sweeper, replay and the CLI as before) and the table
    is dropped. DETACH takes ACCESS EXCLUSIVE on the inbox for that transaction (CONCURRENTLY
    is refused while a DEFAULT partition exists): catalog changes, the few unfinished events
-   moved and a file unlinked, milliseconds, with a short `lock_timeout` so a long query on the
-   inbox makes retention try again the next night rather than stall the receivers behind it.
+   moved and a file unlinked, milliseconds, with a short `lock_timeout` (3 s) so a long query on
+   the inbox makes retention try again the next night rather than stall the receivers behind
+   it (inserts queue behind a waiting DETACH: they wait at most those 3 s, within the
+   receiver's 10 s statement timeout).
    A month's partition is thus dropped once its last day is past retention: an event stays
    from INBOX_RETENTION_DAYS up to a month more.
 2. In DEFAULT and the legacy table, `processed` and `ignored` events past retention are still
