@@ -11,6 +11,7 @@ from sqlalchemy import create_engine, text
 
 from config.settings import sqlalchemy_url
 from models.base import WORKER_SCHEMA
+from models.inbox import PARTITION_NAME
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 
@@ -18,7 +19,9 @@ MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 # Autogenerate looks at the worker's schema only: the main app's tables are Prisma's.
 def include_object(obj, name, type_, reflected, compare_to):
     if type_ == "table":
-        return obj.schema == WORKER_SCHEMA
+        # The inbox's monthly partitions are made by a job, not by a model: not the
+        # migrations' business.
+        return obj.schema == WORKER_SCHEMA and not (reflected and PARTITION_NAME.fullmatch(name))
     return True
 
 

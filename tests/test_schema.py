@@ -9,7 +9,6 @@ from sqlalchemy import Column, MetaData, Table, Text
 import models
 from models.base import WORKER_SCHEMA
 from models.db import get_engine
-from models.inbox import PARTITION_NAME
 from models.migrate import include_name, include_object
 from harness.schema_check import model_mismatches
 
@@ -43,20 +42,13 @@ def test_the_check_catches_wrong_nullability(services):
     ]
 
 
-def _without_partitions(obj, name, type_, reflected, compare_to):
-    # The inbox's partitions are its storage, made and dropped by retention, not mapped tables.
-    if type_ == "table" and reflected and PARTITION_NAME.fullmatch(name):
-        return False
-    return include_object(obj, name, type_, reflected, compare_to)
-
-
 def test_migrations_leave_nothing_for_autogenerate_in_the_worker_schema(services):
     with get_engine().connect() as conn:
         context = MigrationContext.configure(
             conn,
             opts={
                 "include_schemas": True,
-                "include_object": _without_partitions,
+                "include_object": include_object,
                 "include_name": include_name,
                 "version_table_schema": WORKER_SCHEMA,
                 "compare_type": True,

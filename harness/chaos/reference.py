@@ -16,6 +16,7 @@ from pathlib import Path
 import psycopg
 
 from harness.chaos.scenario import GeneratedEvent
+from models.inbox import PARTITION_NAME
 
 
 @dataclass
@@ -123,7 +124,8 @@ def snapshot(url: str) -> dict[str, Counter]:
         worker_tables = [row[0] for row in conn.execute(
             "SELECT tablename FROM pg_tables WHERE schemaname = 'marketplace_worker' ORDER BY 1")]
         targets += [("marketplace_worker", name, INBOX_BOOKKEEPING if name == "stripe_events" else set())
-                    for name in worker_tables if name not in BOOKKEEPING_TABLES]
+                    for name in worker_tables
+                    if name not in BOOKKEEPING_TABLES and not PARTITION_NAME.fullmatch(name)]
         for schema, table, skip in targets:
             rows = conn.execute(_table_select(conn, schema, table, skip)).fetchall()
             tables[f"{schema}.{table}"] = Counter(tuple(row) for row in rows)
