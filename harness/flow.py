@@ -1,7 +1,5 @@
-"""Flow tests: waiting on the database, and the receiver in a process of its own.
-
-Worker processes start in harness/workers.py; `WorkerProcess` is importable from here only
-until tests/test_retention.py imports it from there."""
+"""Flow tests: waiting on the database, and the receiver in a process of its own (worker
+processes start in harness/workers.py)."""
 
 from __future__ import annotations
 
@@ -11,9 +9,9 @@ import sys
 import time
 from pathlib import Path
 
-from harness.workers import WorkerProcess, stop_process
+from harness.workers import stop_process
 
-__all__ = ["ReceiverProcess", "WorkerProcess", "wait_for"]
+__all__ = ["ReceiverProcess", "wait_for"]
 
 
 def wait_for(predicate, timeout: float = 20, interval: float = 0.05, message: str = "condition"):

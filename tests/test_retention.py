@@ -18,7 +18,8 @@ from sqlalchemy.orm import Session
 from domain import retention
 from models.db import session_scope
 from harness.brokers import broker_run
-from harness.flow import WorkerProcess, wait_for
+from harness.flow import wait_for
+from harness.workers import WorkerProcess
 
 NOW = datetime.now(UTC)
 OLD, RECENT = NOW - timedelta(days=120), NOW - timedelta(days=10)
