@@ -85,6 +85,11 @@ class Settings(BaseSettings):
 
     webhook_tolerance_seconds: int = Field(default=300, ge=1)
     webhook_max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
+    # Receiver processes sharing the port (uvicorn's workers). One by default: a process takes
+    # ~3,000 Stripe-sized events/s on a core, more than a 2-core host running Postgres and the
+    # workers beside it has to spare, and the receiver's Prometheus counters are per process
+    # (a scrape reads one process). Raise it where the receiver has cores of its own.
+    webhook_processes: int = Field(default=1, ge=1, le=64)
 
     # Work a job fanned out (domain/fanout.py): a piece not started this long after its message
     # was due, while its queue holds no message, lost that message and is enqueued again.
@@ -103,10 +108,10 @@ class Settings(BaseSettings):
     stats_change_overlap_seconds: int = Field(default=300, ge=0)
     # Providers per transaction of the nightly full pass.
     stats_full_batch_size: int = Field(default=1000, ge=1, le=100_000)
-    # Providers per task of the nightly full pass. A task reads the transactions of its
-    # providers, spread over the whole table, so it costs about one read of that table whatever
-    # its size: larger ranges cost less in all (benchmarks/stats_bench.py). At 100 transactions
-    # per provider, 50,000 providers take seconds.
+    # Providers per task of the nightly full pass. The job aggregates every provider once and
+    # a task applies the staged values of its range, so a task costs what its changed
+    # providers do, not a read of the tables: smaller ranges spread the writes over more
+    # workers at little cost (benchmarks/stats_bench.py).
     stats_full_range_size: int = Field(default=50_000, ge=1)
     # First retry delay; each later one doubles (with jitter), capped at 10 minutes.
     event_retry_base_seconds: float = Field(default=2.0, gt=0)

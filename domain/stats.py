@@ -245,21 +245,29 @@ _STAGED = "marketplace_worker.provider_stats_staged"
 
 # Every provider aggregated in one statement: each table is read once (the planner hashes the
 # refunds and the per-provider aggregates), and only the providers whose stored stats differ
-# are kept, compared on the providers row the aggregate reads anyway.
-_STAGE_SQL = text(f"""
-INSERT INTO {_STAGED}
-    (provider_id, total_listings, total_transactions, total_revenue_cents, average_rating, staged_at)
-SELECT f.provider_id, f.total_listings, f.total_transactions, f.total_revenue_cents,
-       f.average_rating, :staged_at
+# are kept, compared on the providers row the aggregate reads anyway. Postgres plans no
+# parallel query for INSERT ... SELECT but does for CREATE TABLE AS, so the aggregate fills a
+# temporary table (parallel workers scan the transactions) and the changed rows, few on most
+# nights, are copied from it.
+_FRESH = "pg_temp.provider_stats_fresh"
+_AGGREGATE_CHANGED_SQL = text(f"""
+CREATE TEMPORARY TABLE provider_stats_fresh ON COMMIT DROP AS
+SELECT f.provider_id, f.total_listings, f.total_transactions, f.total_revenue_cents, f.average_rating
 FROM ({_fresh_sql(None)}) f
 WHERE (f.stored_listings, f.stored_transactions, f.stored_revenue_cents, f.stored_rating)
       IS DISTINCT FROM
       (f.total_listings, f.total_transactions, f.total_revenue_cents, f.average_rating)
 """)
+_STAGE_SQL = text(f"""
+INSERT INTO {_STAGED}
+    (provider_id, total_listings, total_transactions, total_revenue_cents, average_rating, staged_at)
+SELECT provider_id, total_listings, total_transactions, total_revenue_cents, average_rating, :staged_at
+FROM {_FRESH}
+""")
 
 # Memory for the stage's hash aggregates (a few hundred bytes per provider): at the default
 # 4 MB they spill to disk from about 20,000 providers on. For this statement only.
-_STAGE_WORK_MEM = "256MB"
+STAGE_WORK_MEM = "256MB"
 
 # The staged values of one keyset batch, except for providers recomputed from data at least
 # as new as the staged values (stamped at or after the row's staged_at).
@@ -399,16 +407,18 @@ def stage_full_pass(connection: Connection) -> StagedPass:
     """Aggregate every provider and stage the values of those whose stored stats differ,
     replacing what an earlier pass staged. Writes no provider.
 
-    Runs its own transaction on `connection` (which must not be in one). Emptying the staged
-    table locks it until the aggregate commits: a range of an earlier pass still applying
-    waits, then applies the newer values.
+    Runs its own transaction on `connection` (which must not be in one). The staged table is
+    emptied after the aggregate ran, so it stays locked only while the changed rows are copied
+    in: a range of an earlier pass still applying waits that long, then applies the newer
+    values.
     """
     with connection.begin():
-        connection.execute(text(f"TRUNCATE {_STAGED}"))
-        connection.execute(text(f"SET LOCAL work_mem = '{_STAGE_WORK_MEM}'"))
+        connection.execute(text(f"SET LOCAL work_mem = '{STAGE_WORK_MEM}'"))
         # Taken before the aggregate's snapshot: a recompute stamped at or after it may have
         # seen newer data than the staged values.
         staged_at = connection.execute(text("SELECT clock_timestamp()")).scalar_one()
+        connection.execute(_AGGREGATE_CHANGED_SQL)
+        connection.execute(text(f"TRUNCATE {_STAGED}"))
         staged = connection.execute(_STAGE_SQL, {"staged_at": staged_at}).rowcount
         providers = connection.execute(text("SELECT count(*) FROM marketplace.providers")).scalar_one()
     return StagedPass(providers=providers, staged=staged)
