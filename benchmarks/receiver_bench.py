@@ -1,23 +1,38 @@
 """Webhook receiver throughput, and end-to-end processing time.
 
-    python -m benchmarks.receiver_bench [--events 20000] [--workers 2]
+    python -m benchmarks.receiver_bench [--events 20000] [--processes 2] [--workers 2]
+    python -m benchmarks.receiver_bench --e2e [--events 20000] [--workers 2]
 
 Uses the Postgres and Redis named by DATABASE_URL / REDIS_URL (a scratch
 database is created and dropped), else embedded ones. Needs `wrk` (Debian
-package `wrk`): it POSTs pre-signed, distinct `invoice.finalized` events over
-keep-alive connections at concurrency 16 and 64, costing little CPU itself.
+package `wrk`): it POSTs pre-signed, distinct events over keep-alive
+connections, costing little CPU itself. Bodies are what Stripe sends: the
+objects' full set of fields (`stripe_sized`), pretty-printed
+(harness/stripe_events.py `encode`); their sizes are printed.
 
-Prints, for each concurrency: accepted events/s, p50/p99 latency, and the
-events found in the inbox afterwards; next to them, measured in the same run,
-the bare rate of the same inbox INSERTs issued straight to Postgres by one
-client, one commit per event (the ceiling a receiver without group commit
-faces). Then end to end: the time from the first POST until every event is
-processed by `--workers` Celery worker processes.
+Default: for a receiver of 1 and of `--processes` processes, at concurrency 16
+and 64, accepted events/s, p50/p99 latency, events per commit (each process has
+its own group commit), and the events found in the inbox afterwards; next to
+them, measured in the same run, the bare rate of the same inbox INSERTs issued
+straight to Postgres by one client, one commit per event (the ceiling a
+receiver without group commit faces). Then end to end on `invoice.finalized`
+events: the time from the first POST until every event is processed by
+`--workers` Celery worker processes (`-c 2` each, as docker-compose.yml runs them).
+
+`--e2e`: end to end on a marketplace's mix instead: invoices of providers of
+the three payment modes (manual, stripe, stripe_connect) finalized and paid,
+partly and fully refunded, disputed (lost and won), voided, and the connected
+accounts' payouts on the Connect endpoint; and, in the same run as the
+baseline, the same events about invoices the app does not have (little work).
+Prints events/s, worker CPU per event, p99 processing lag (received_at to
+processed_at), the ratios, and checks every event processed, none parked, and
+the transactions' statuses against the plan.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -28,6 +43,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import psutil
 import psycopg
 
 from domain.inbox import INSERT_EVENTS_SQL, event_from_dict, insert_params
@@ -37,7 +53,11 @@ from harness.services import test_services
 from harness.workers import WorkerProcess
 
 SECRET = "whsec_benchmark_secret_0123456789"
+CONNECT_SECRET = "whsec_benchmark_connect_0123456789"
+PLATFORM_PATH, CONNECT_PATH = "/webhooks/stripe", "/webhooks/stripe/connect"
 
+# One delivery a line: path, signature, body. A pretty-printed body's newlines are written as
+# \x01 (JSON text never holds a raw control character) and restored by the script.
 WRK_SCRIPT = textwrap.dedent(
     """
     local counter = 0
@@ -48,13 +68,15 @@ WRK_SCRIPT = textwrap.dedent(
       table.insert(threads, thread)
     end
     function init(args)
-      bodies, sigs = {}, {}
+      paths, bodies, sigs = {}, {}, {}
       local n = 0
       for line in io.lines(args[1]) do
         if n % tonumber(args[2]) == id then
-          local tab = line:find("\\t")
-          table.insert(sigs, line:sub(1, tab - 1))
-          table.insert(bodies, line:sub(tab + 1))
+          local tab1 = line:find("\\t")
+          local tab2 = line:find("\\t", tab1 + 1)
+          table.insert(paths, line:sub(1, tab1 - 1))
+          table.insert(sigs, line:sub(tab1 + 1, tab2 - 1))
+          table.insert(bodies, (line:sub(tab2 + 1):gsub("\\1", "\\n")))
         end
         n = n + 1
       end
@@ -74,8 +96,8 @@ WRK_SCRIPT = textwrap.dedent(
       if sent < 1 or sent > #bodies then
         return wrk.format("GET", "/healthz")
       end
-      return wrk.format("POST", "/webhooks/stripe",
-        {["Content-Type"] = "application/json", ["Stripe-Signature"] = sigs[sent]}, bodies[sent])
+      return wrk.format("POST", paths[sent],
+        {["Content-Type"] = "application/json; charset=utf-8", ["Stripe-Signature"] = sigs[sent]}, bodies[sent])
     end
     function response(status, headers, body)
       if body:find('"status":"ok"', 1, true) then return end
@@ -96,14 +118,121 @@ WRK_SCRIPT = textwrap.dedent(
 )
 
 
+# Stripe's objects carry many more fields than the worker reads; the harness builds the ones
+# it reads. These fill in the rest with their usual values (empty, null or a typical value),
+# so a body weighs what Stripe sends: an invoice event ~9 KB pretty-printed.
+_ADDRESS = {"city": "San Francisco", "country": "US", "line1": "510 Townsend Street", "line2": "Suite 300",
+            "postal_code": "94103", "state": "CA"}
+_INVOICE = {
+    "account_tax_ids": None, "application": None, "automatic_tax": {
+        "disabled_reason": None, "enabled": False, "liability": None, "provider": None, "status": None},
+    "automatically_finalizes_at": None, "confirmation_secret": None, "custom_fields": None,
+    "customer_address": _ADDRESS, "customer_email": "jenny.rosen@example.com", "customer_name": "Jenny Rosen",
+    "customer_phone": "+14155550123", "customer_shipping": {"address": _ADDRESS, "name": "Jenny Rosen",
+                                                            "phone": "+14155550123"},
+    "customer_tax_exempt": "none", "customer_tax_ids": [], "default_payment_method": None,
+    "default_source": None, "default_tax_rates": [], "discounts": [], "ending_balance": 0, "footer": None,
+    "from_invoice": None, "hosted_invoice_url": "https://invoice.stripe.com/i/acct_1Nv0FGQ9RKHgCVdK/"
+    "test_YWNjdF8xTnYwRkdROVJLSGdDVmRLLF9QbkVHbnZ0aVhBcGRhZlR0TVJ6dUJ3UVRrd1NvZ2F0LDkzNDU0OTk20200Jf7VTdr7",
+    "invoice_pdf": "https://pay.stripe.com/invoice/acct_1Nv0FGQ9RKHgCVdK/test_YWNjdF8xTnYwRkdROVJLSGdDVmRLLF9Q"
+    "bkVHbnZ0aVhBcGRhZlR0TVJ6dUJ3UVRrd1NvZ2F0LDkzNDU0OTk20200Jf7VTdr7/pdf?s=ap",
+    "issuer": {"type": "self"}, "latest_revision": None, "payment_settings": {
+        "default_mandate": None, "payment_method_options": {
+            "acss_debit": None, "bancontact": None, "card": {"request_three_d_secure": "automatic"},
+            "customer_balance": None, "konbini": None, "sepa_debit": None, "us_bank_account": None},
+        "payment_method_types": None},
+    "post_payment_credit_notes_amount": 0, "pre_payment_credit_notes_amount": 0, "receipt_number": None,
+    "rendering": {"amount_tax_display": None, "pdf": {"page_size": "auto"}, "template": None,
+                  "template_version": None},
+    "shipping_cost": None, "shipping_details": None, "starting_balance": 0, "statement_descriptor": None,
+    "subscription": None, "subtotal_excluding_tax": None, "test_clock": None, "threshold_reason": None,
+    "total_discount_amounts": [], "total_excluding_tax": None, "total_pretax_credit_amounts": [],
+    "total_taxes": [], "webhooks_delivered_at": None,
+}
+_LINE = {
+    "discount_amounts": [], "discountable": True, "discounts": [], "metadata": {}, "parent": {
+        "invoice_item_details": {"credited_items": None, "invoice_item": "ii_1QpX2oQ9RKHgCVdKa8wVvBZc",
+                                 "proration": False, "proration_details": {"credited_items": None},
+                                 "subscription": None},
+        "subscription_item_details": None, "type": "invoice_item_details"},
+    "period": {"end": 1738339200, "start": 1738339200},
+    "pretax_credit_amounts": [], "pricing": {
+        "price_details": {"price": "price_1QpX2nQ9RKHgCVdKQ5y9n6Ch", "product": "prod_RioFZlJ1j6rH0s"},
+        "type": "price_details", "unit_amount_decimal": "10000"},
+    "subscription": None, "taxes": [],
+}
+_CHARGE = {
+    "billing_details": {"address": _ADDRESS, "email": "jenny.rosen@example.com", "name": "Jenny Rosen",
+                        "phone": None, "tax_id": None},
+    "calculated_statement_descriptor": "MARKETPLACE", "fraud_details": {}, "payment_method":
+    "pm_1QpX2oQ9RKHgCVdKHh9yYw1b", "payment_method_details": {"card": {
+        "amount_authorized": None, "authorization_code": None, "brand": "visa", "checks": {
+            "address_line1_check": "pass", "address_postal_code_check": "pass", "cvc_check": "pass"},
+        "country": "US", "exp_month": 8, "exp_year": 2027, "extended_authorization": {"status": "disabled"},
+        "fingerprint": "Xt5EWLLDS7FJjR1c", "funding": "credit", "incremental_authorization": {
+            "status": "unavailable"}, "installments": None, "last4": "4242", "mandate": None,
+        "multicapture": {"status": "unavailable"}, "network": "visa", "network_token": {"used": False},
+        "overcapture": {"maximum_amount_capturable": 0, "status": "unavailable"}, "regulated_status":
+        "unregulated", "three_d_secure": None, "wallet": None}, "type": "card"},
+    "radar_options": {}, "receipt_email": None, "receipt_number": None, "receipt_url":
+    "https://pay.stripe.com/receipts/invoices/CAcaFwoVYWNjdF8xTnYwRkdROVJLSGdDVmRLKJf7vL0GMgY9jGnvzXs6LBZ?s=ap",
+    "review": None, "shipping": None, "source": None, "statement_descriptor": None,
+    "statement_descriptor_suffix": None,
+}
+
+
+def stripe_sized(event: dict) -> dict:
+    """`event` with its object's remaining fields filled in, as Stripe sends it (in place)."""
+    obj = event["data"]["object"]
+    extra = {"invoice": _INVOICE, "charge": _CHARGE}.get(obj.get("object"), {})
+    for key, value in extra.items():
+        obj.setdefault(key, value)
+    if obj.get("object") == "invoice":
+        for line in obj.get("lines", {}).get("data", []):
+            for key, value in _LINE.items():
+                line.setdefault(key, value)
+    return event
+
+
+def _split_lines(invoice: dict) -> None:
+    """An invoice of three lines (the service, a fee, an add-on) adding up to its total, as a
+    marketplace order usually has."""
+    lines = invoice.get("lines", {}).get("data", [])
+    if len(lines) != 1:
+        return
+    first, amount = lines[0], lines[0]["amount"]
+    parts = [amount - 2 * (amount // 4), amount // 4, amount // 4]
+    invoice["lines"]["data"] = [dict(first, id=f"{first['id']}{n or ''}", amount=part) for n, part in enumerate(parts)]
+    invoice["lines"]["total_count"] = 3
+
+
+def delivery(event: dict, path: str = PLATFORM_PATH, now: int | None = None) -> str:
+    """One line of the wrk script's file: the event with its full fields, pretty-printed and signed."""
+    if event["data"]["object"].get("object") == "invoice":
+        _split_lines(event["data"]["object"])
+    body = se.encode(stripe_sized(event))
+    now = now or int(time.time())
+    secret = CONNECT_SECRET if path == CONNECT_PATH else SECRET
+    return f"{path}\t{se.sign(body, secret, now)}\t{body.decode().replace(chr(10), chr(1))}"
+
+
+def body_of(line: str) -> str:
+    return line.split("\t", 2)[2].replace("\x01", "\n")
+
+
+def describe_sizes(lines: list[str]) -> str:
+    sizes = sorted(len(body_of(line).encode()) for line in lines)
+    return (f"bodies {sum(sizes) / len(sizes) / 1000:.1f} KB mean, {sizes[len(sizes) // 2] / 1000:.1f} KB median, "
+            f"{sizes[-1] / 1000:.1f} KB max (pretty-printed)")
+
+
 def signed_lines(invoice_ids: list[int], stripe_ids: list[str]) -> list[str]:
     now = int(time.time())
     lines = []
     for app_id, stripe_id in zip(invoice_ids, stripe_ids):
-        obj = se.invoice(shape="basil", id=stripe_id, app_invoice_id=app_id, amount=10_000,
+        obj = se.invoice(shape="basil", id=stripe_id, app_invoice_id=str(app_id), amount=10_000,
                          status="open", include_payments=False)
-        body = json.dumps(se.event("invoice.finalized", obj, created=now))
-        lines.append(f"{se.sign(body, SECRET, now)}\t{body}")
+        lines.append(delivery(se.event("invoice.finalized", obj, created=now), now=now))
     return lines
 
 
@@ -135,8 +264,8 @@ def seed_invoices(conninfo: str, count: int, offset: int) -> tuple[list[int], li
 
 def bare_insert_rate(conninfo: str, lines: list[str]) -> float:
     """One client, one INSERT and one commit per event: what each request would cost alone."""
-    events = [event_from_dict(json.loads(l.split("\t", 1)[1]), l.split("\t", 1)[1], "platform",
-                              livemode=False) for l in lines]
+    events = [event_from_dict(json.loads(body_of(line)), body_of(line), "platform", livemode=False)
+              for line in lines]
     with psycopg.connect(conninfo, autocommit=True) as conn:
         started = time.perf_counter()
         for event in events:
@@ -155,6 +284,7 @@ def run_wrk(url: str, lines: list[str], concurrency: int, work: Path, conninfo: 
     threads = 2
     with psycopg.connect(conninfo, autocommit=True) as watch:  # one connection for all the polling
         before = count(watch)
+        commits_before = commits(watch)
         wrk = subprocess.Popen(
             ["wrk", "-t", str(threads), "-c", str(concurrency), "-d", "600s", "--timeout", "10s",
              "-s", str(script), url, "--", str(data), str(threads)],
@@ -168,6 +298,9 @@ def run_wrk(url: str, lines: list[str], concurrency: int, work: Path, conninfo: 
             if now_count != last:
                 last, still_since = now_count, time.monotonic()
             time.sleep(0.5)  # light polling: the machine's CPU belongs to what is measured
+        time.sleep(1)  # the statistics collector's delay
+        # Commits of the whole database: the receiver's, the workers' if any, and this polling.
+        run_commits = commits(watch) - commits_before
     wrk.send_signal(signal.SIGINT)
     out = wrk.communicate(timeout=30)[0]
     result = dict(item.split("=") for item in out.split("RESULT ", 1)[1].split())
@@ -178,75 +311,266 @@ def run_wrk(url: str, lines: list[str], concurrency: int, work: Path, conninfo: 
             "(SELECT received_at FROM marketplace_worker.stripe_events ORDER BY received_at DESC LIMIT %s) t",
             (last,),
         ).fetchone()[0]
-    return {"stored": last, "seconds": float(span), "p50_ms": int(result["p50_us"]) / 1000,
+    return {"stored": last, "seconds": float(span), "commits": run_commits, "p50_ms": int(result["p50_us"]) / 1000,
             "p99_ms": int(result["p99_us"]) / 1000, "non200": int(result["non200"]),
             "accepted": int(result["accepted"]), "requests": int(result["requests"])}
+
+
+def commits(conn: psycopg.Connection) -> int:
+    conn.execute("SELECT pg_stat_clear_snapshot()")
+    return conn.execute(
+        "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()").fetchone()[0]
 
 
 def count(conn: psycopg.Connection, where: str = "true") -> int:
     return conn.execute(f"SELECT count(*) FROM marketplace_worker.stripe_events WHERE {where}").fetchone()[0]
 
 
-def main() -> None:
+# --- end to end on a marketplace's mix ---------------------------------------------------------
+
+MODES = ("manual", "stripe", "stripe_connect")
+# (invoice_lifecycle's outcome, dispute outcome, the transaction's status once every event is applied)
+PLAN = (
+    ("paid", None, "paid"),
+    ("paid", None, "paid"),
+    ("paid_partial_refund", None, "paid"),
+    ("paid_full_refund", None, "refunded"),
+    ("paid_disputed", "lost", "refunded"),
+    ("paid_disputed", "won", "paid"),
+    ("void", None, "cancelled"),
+    ("payment_failed_then_paid", None, "paid"),
+)
+PAYOUTS_PER_ACCOUNT = 4
+GROUP = 64  # invoices in progress together: a group's timelines are interleaved step by step
+
+
+def seed_marketplace(conninfo: str, invoices: int, accounts: int) -> tuple[list[int], list[str], list[str]]:
+    """Providers of each payment mode (`accounts` connected ones) and `invoices` draft
+    marketplace invoices spread over them, known to Stripe by their `metadata.invoiceId` only
+    (the mirror fills `stripeInvoiceId`). Returns the invoices' ids and modes, and the accounts."""
+    connect_accounts = [f"acct_bench{n:06d}" for n in range(accounts)]
+    with psycopg.connect(conninfo) as conn:
+        conn.execute("""INSERT INTO "User" (id, email, "updatedAt") VALUES ('bench-client', 'client@example.test',
+                        now()) ON CONFLICT DO NOTHING""")
+        providers: dict[str, list[int]] = {}
+        for mode in MODES:
+            owners = connect_accounts if mode == "stripe_connect" else [None] * max(accounts, 1)
+            providers[mode] = []
+            for n, account in enumerate(owners):
+                user_id = f"bench-{mode}-{n}"
+                conn.execute("""INSERT INTO "User" (id, email, "updatedAt") VALUES (%s, %s, now())
+                                ON CONFLICT DO NOTHING""", (user_id, f"{user_id}@example.test"))
+                providers[mode].append(conn.execute(
+                    """INSERT INTO marketplace.providers ("userId", "providerType", "businessName", "paymentMode",
+                           "stripeConnectAccountId", "stripeConnectOnboardingComplete",
+                           "stripeConnectPayoutsEnabled", "updatedAt")
+                       VALUES (%s, 'service_provider', %s, %s, %s, %s, %s, now()) RETURNING id""",
+                    (user_id, f"Bench {mode} {n}", mode, account, account is not None, account is not None),
+                ).fetchone()[0])
+        ids, modes = [], []
+        for n in range(invoices):
+            mode = MODES[n % len(MODES)]
+            provider = providers[mode][(n // len(MODES)) % len(providers[mode])]
+            ids.append(conn.execute(
+                """INSERT INTO "Invoice" ("invoiceNumber", status, "amountCents", "isMarketplaceInvoice",
+                       "clientUserId", "marketplaceProviderId", "updatedAt")
+                   VALUES (%s, 'draft', 10000, true, 'bench-client', %s, now()) RETURNING id""",
+                (f"MIX-{n}-{time.monotonic_ns()}", provider),
+            ).fetchone()[0])
+            modes.append(mode)
+    return ids, modes, connect_accounts
+
+
+def marketplace_lines(invoice_ids: list[int], accounts: list[str], *, strangers: bool = False,
+                      ) -> tuple[list[str], dict[str, int]]:
+    """Every invoice's timeline (PLAN, in turn) and every account's payouts, a group's timelines
+    interleaved step by step as concurrent orders are; and the transactions' statuses planned.
+    `strangers`: invoices without the app's `metadata.invoiceId` (not the marketplace's)."""
+    now = int(time.time())
+    start = now - 120 * 86_400  # late enough for a dispute's close, 75 days on
+    timelines: list[list[tuple[dict, str]]] = []
+    expected: dict[str, int] = {}
+    for n, app_id in enumerate(invoice_ids):
+        outcome, dispute, status = PLAN[n % len(PLAN)]
+        tl = se.invoice_lifecycle(str(app_id), 10_000, outcome=outcome, dispute_outcome=dispute, start=start + n)
+        if strangers:
+            for event in tl:
+                if event["data"]["object"].get("object") == "invoice":
+                    event["data"]["object"]["metadata"] = {}
+        timelines.append([(event, PLATFORM_PATH) for event in tl])
+        expected[status] = expected.get(status, 0) + 1
+    for n, account in enumerate(accounts):
+        for k in range(PAYOUTS_PER_ACCOUNT):
+            tl = se.payout_history(account, 5_000 + k, start=start + 86_400 * (k + 1) + n)
+            timelines.append([(event, CONNECT_PATH) for event in tl])
+    # Spread the payouts among the invoices rather than all at the end.
+    timelines.sort(key=lambda tl: hash(tl[0][0]["id"]))
+    lines = []
+    for first in range(0, len(timelines), GROUP):
+        group = timelines[first:first + GROUP]
+        for step in range(max(len(tl) for tl in group)):
+            lines.extend(delivery(event, path, now) for tl in group if step < len(tl) for event, path in [tl[step]])
+    return lines, expected
+
+
+class WorkerCPU:
+    """CPU seconds of worker process trees (each main process and its pool), between two reads."""
+
+    def __init__(self, workers: list[WorkerProcess]) -> None:
+        self.roots = [psutil.Process(w.proc.pid) for w in workers]
+        self.start = self._read()
+
+    def _read(self) -> dict[int, float]:
+        seen = {}
+        for root in self.roots:
+            for proc in [root, *root.children(recursive=True)]:
+                with contextlib.suppress(psutil.Error):
+                    times = proc.cpu_times()
+                    seen[proc.pid] = times.user + times.system
+        return seen
+
+    def seconds(self) -> float:
+        end = self._read()
+        return sum(value - self.start.get(pid, 0.0) for pid, value in end.items())
+
+
+def end_to_end(receiver: ReceiverProcess, env: dict, redis_url: str, conninfo: str, lines: list[str],
+               worker_count: int, work: Path, label: str) -> dict:
+    """POST `lines` at c64 to a receiver whose workers wait on an empty queue; returns once every
+    event is applied (or parked)."""
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        conn.execute("DELETE FROM marketplace_worker.stripe_events")
+        conn.execute("DELETE FROM marketplace_worker.stripe_event_ids")
+    import redis
+
+    redis.Redis.from_url(redis_url).flushdb()
+    workers = [WorkerProcess(env, work / f"worker-{label}-{i}.log", concurrency=2, log_level="WARNING")
+               for i in range(worker_count)]
+    for worker in workers:
+        worker.start()
+    try:
+        cpu = WorkerCPU(workers)
+        sent = run_wrk(receiver.url, lines, 64, work, conninfo)
+        with psycopg.connect(conninfo, autocommit=True) as watch:
+            deadline = time.monotonic() + 900
+            while count(watch, "status IN ('received', 'retrying')") > 0 and time.monotonic() < deadline:
+                time.sleep(0.5)
+        cpu_seconds = cpu.seconds()
+    finally:
+        for worker in workers:
+            worker.stop()
+    with psycopg.connect(conninfo) as conn:
+        # From the first event's commit to the last event's processing, as the database saw it.
+        elapsed, p99_lag = conn.execute(
+            "SELECT extract(epoch FROM max(processed_at) - min(received_at)),"
+            " extract(epoch FROM percentile_cont(0.99) WITHIN GROUP (ORDER BY processed_at - received_at))"
+            " FROM marketplace_worker.stripe_events WHERE processed_at IS NOT NULL").fetchone()
+        statuses = dict(conn.execute(
+            "SELECT status, count(*) FROM marketplace_worker.stripe_events GROUP BY status").fetchall())
+        for type, error, n in conn.execute(
+                "SELECT type, left(last_error, 120), count(*) FROM marketplace_worker.stripe_events"
+                " WHERE status NOT IN ('processed', 'ignored') GROUP BY 1, 2 ORDER BY 3 DESC LIMIT 5"):
+            print(f"  {label}: {n} {type} left {error}")
+    events = sent["stored"]
+    return {"events": events, "sent": len(lines), "seconds": float(elapsed), "rate": events / float(elapsed),
+            "cpu_ms": cpu_seconds / events * 1000, "p99_lag_s": float(p99_lag), "statuses": statuses,
+            "receiver_p99_ms": sent["p99_ms"], "non200": sent["non200"]}
+
+
+def transaction_statuses(conninfo: str, invoice_ids: list[int]) -> dict[str, int]:
+    with psycopg.connect(conninfo) as conn:
+        rows = conn.execute(
+            """SELECT status, count(*) FROM marketplace.transactions WHERE "invoiceId" = ANY(%s) GROUP BY status""",
+            (invoice_ids,)).fetchall()
+    return dict(rows)
+
+
+def print_e2e(label: str, r: dict) -> None:
+    print(f"{label:<13} {r['events']:6d} events in {r['seconds']:6.1f} s = {r['rate']:6.0f} events/s   "
+          f"worker CPU {r['cpu_ms']:5.2f} ms/event   p99 lag {r['p99_lag_s']:6.2f} s   "
+          f"(receiver p99 {r['receiver_p99_ms']:.0f} ms, non-200 {r['non200']}; inbox {r['statuses']})")
+
+
+def run_e2e(receiver: ReceiverProcess, env: dict, redis_url: str, conninfo: str, events: int, workers: int,
+            work: Path) -> int:
+    per_invoice = 9.6  # PLAN's events per invoice, on average, with a payout history per 25 invoices
+    invoices = max(len(PLAN) * 3, int(events / per_invoice))
+    accounts = max(1, invoices // 100)
+    ids, modes, connect_accounts = seed_marketplace(conninfo, invoices, accounts)
+    lines, expected = marketplace_lines(ids, connect_accounts)
+    # The baseline: the same deliveries about invoices the app does not have (nothing to apply).
+    stranger_ids = [10_000_000 + n for n in range(len(ids))]
+    baseline_lines, _ = marketplace_lines(stranger_ids, [f"acct_stranger{n:06d}" for n in range(accounts)],
+                                          strangers=True)
+    print(f"marketplace mix: {invoices} invoices ({', '.join(f'{modes.count(m)} {m}' for m in MODES)}), "
+          f"{accounts} connected accounts x {PAYOUTS_PER_ACCOUNT} payouts; {len(lines)} events; "
+          f"{describe_sizes(lines)}")
+    print(f"workers: {workers} processes x -c 2; wrk c64; receiver: {os.environ.get('WEBHOOK_PROCESSES', '1')} process(es)")
+    base = end_to_end(receiver, env, redis_url, conninfo, baseline_lines, workers, work, "baseline")
+    print_e2e("little work", base)
+    real = end_to_end(receiver, env, redis_url, conninfo, lines, workers, work, "mix")
+    print_e2e("marketplace", real)
+    print(f"ratios (marketplace / little work): events/s {real['rate'] / base['rate']:.2f}x, "
+          f"worker CPU per event {real['cpu_ms'] / base['cpu_ms']:.2f}x, p99 lag {real['p99_lag_s'] / max(base['p99_lag_s'], 1e-3):.2f}x")
+    got = transaction_statuses(conninfo, ids)
+    waiting = {s: n for s, n in real["statuses"].items() if s not in ("processed", "ignored")}
+    ok = got == expected and not waiting and real["events"] == len(lines)
+    print(f"transactions by status {dict(sorted(got.items()))} (planned {dict(sorted(expected.items()))}); "
+          f"events stored {real['events']} of {len(lines)}, not processed {waiting or 0}: {'OK' if ok else 'MISMATCH'}")
+    return 0 if ok else 1
+
+
+def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--events", type=int, default=20_000)
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--processes", type=int, default=2, help="receiver processes, measured beside 1")
+    parser.add_argument("--workers", type=int, default=2, help="Celery worker processes (-c 2 each)")
+    parser.add_argument("--e2e", action="store_true", help="end to end on a marketplace's mix")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp, test_services(Path(tmp)) as (database_url, redis_url):
         work = Path(tmp)
         env = {"DATABASE_URL": database_url, "REDIS_URL": redis_url, "STRIPE_WEBHOOK_SECRETS": SECRET,
-               "LOG_LEVEL": "WARNING"}
+               "STRIPE_CONNECT_WEBHOOK_SECRETS": CONNECT_SECRET, "LOG_LEVEL": "WARNING"}
         os.environ.update(env)
         from models.migrate import create_app_tables_if_absent, upgrade
 
         create_app_tables_if_absent(database_url)
         upgrade(database_url)
         conninfo = database_url
-
         n = args.events
-        print(f"{n} distinct signed invoice.finalized events per run; receiver: 1 process")
+
+        if args.e2e:
+            with ReceiverProcess(env, work / "receiver.log") as receiver:
+                return run_e2e(receiver, env, redis_url, conninfo, n, args.workers, work)
+
         ids, stripe_ids = seed_invoices(conninfo, n, 0)
-        ceiling = bare_insert_rate(conninfo, signed_lines(ids, stripe_ids))
+        sample = signed_lines(ids, stripe_ids)
+        print(f"{n} distinct signed invoice.finalized events per run; {describe_sizes(sample)}")
+        ceiling = bare_insert_rate(conninfo, sample)
         print(f"ceiling  one client, INSERT + COMMIT per event: {ceiling:8.0f} events/s")
 
         offset = n
+        for processes in sorted({1, args.processes}):
+            with ReceiverProcess({**env, "WEBHOOK_PROCESSES": str(processes)}, work / "receiver.log") as receiver:
+                for concurrency in (16, 64):
+                    ids, stripe_ids = seed_invoices(conninfo, n, offset)
+                    offset += n
+                    result = run_wrk(receiver.url, signed_lines(ids, stripe_ids), concurrency, work, conninfo)
+                    rate = result["stored"] / result["seconds"]
+                    print(f"{processes} proc c{concurrency:<3} accepted {rate:6.0f} events/s ({rate / ceiling:.2f}x ceiling)  "
+                          f"p50 {result['p50_ms']:.1f} ms  p99 {result['p99_ms']:.1f} ms  "
+                          f"{result['stored'] / max(result['commits'], 1):.1f} events/commit  "
+                          f"non-200 {result['non200']}  in inbox {result['stored']} of {n} "
+                          f"(requests in the latencies {result['requests']})")
+
+        # End to end on events matching invoices whose only news is their finalization.
         with ReceiverProcess(env, work / "receiver.log") as receiver:
-            for concurrency in (16, 64):
-                ids, stripe_ids = seed_invoices(conninfo, n, offset)
-                offset += n
-                result = run_wrk(receiver.url, signed_lines(ids, stripe_ids), concurrency, work, conninfo)
-                rate = result["stored"] / result["seconds"]
-                print(f"c{concurrency:<3}     accepted {rate:8.0f} events/s ({rate / ceiling:.2f}x ceiling)  "
-                      f"p50 {result['p50_ms']:.1f} ms  p99 {result['p99_ms']:.1f} ms  "
-                      f"non-200 {result['non200']}  answered 200 {result['accepted']}, "
-                      f"in inbox {result['stored']} (sent {n}; requests in the latencies {result['requests']})")
-
-            # End to end: fresh events, workers already waiting on an empty queue.
-            with psycopg.connect(conninfo, autocommit=True) as conn:
-                conn.execute("DELETE FROM marketplace_worker.stripe_events")
-            import redis
-
-            redis.Redis.from_url(redis_url).flushdb()
-            workers = [WorkerProcess(env, work / f"worker-{i}.log") for i in range(args.workers)]
-            for worker in workers:
-                worker.start()
             ids, stripe_ids = seed_invoices(conninfo, n, offset)
-            sent = run_wrk(receiver.url, signed_lines(ids, stripe_ids), 64, work, conninfo)["stored"]
-            with psycopg.connect(conninfo, autocommit=True) as watch:
-                while count(watch, "status IN ('received', 'retrying')") > 0:
-                    time.sleep(0.5)
-            with psycopg.connect(conninfo) as conn:
-                # From the first event's commit to the last event's processing, as the database saw it.
-                elapsed = float(conn.execute(
-                    "SELECT extract(epoch FROM max(processed_at) - min(received_at))"
-                    " FROM marketplace_worker.stripe_events").fetchone()[0])
-            for worker in workers:
-                worker.stop()
-            with psycopg.connect(conninfo, autocommit=True) as conn:
-                done, parked, ignored = (count(conn, f"status = '{s}'") for s in ("processed", "parked", "ignored"))
-            print(f"end to end with {args.workers} worker processes: {sent} events in {elapsed:.1f} s = "
-                  f"{sent / elapsed:.0f} events/s (processed {done}, parked {parked}, ignored {ignored})")
+            r = end_to_end(receiver, env, redis_url, conninfo, signed_lines(ids, stripe_ids), args.workers, work,
+                           "finalized")
+            print_e2e("finalized", r)
+    return 0
 
 
 if __name__ == "__main__":

@@ -227,10 +227,12 @@ def migrate(as_json: bool) -> None:
 @cli.command(help="serve the Stripe webhook receiver")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=int, default=8000, show_default=True)
-def webhook(host: str, port: int) -> None:
+@click.option("--workers", "processes", type=click.IntRange(1, 64), default=None,
+              help="receiver processes sharing the port [default: WEBHOOK_PROCESSES, 1]")
+def webhook(host: str, port: int, processes: int | None) -> None:
     from worker.receiver import serve
 
-    serve(host, port)
+    serve(host, port, processes)
 
 
 @cli.command(help="run the whole stack locally on embedded Postgres and Redis")

@@ -241,11 +241,27 @@ def _refresh_backlog(settings: Settings) -> None:
         pass
 
 
-def serve(host: str, port: int) -> None:
+def serve(host: str, port: int, processes: int | None = None) -> None:
     import uvicorn
 
     settings = get_settings()
     if not settings.stripe_webhook_secrets:
         raise ConfigError("configuration error: STRIPE_WEBHOOK_SECRETS is not set")
-    # log_config=None: uvicorn's records go through the process's handler (worker/logging_setup.py).
-    uvicorn.run(create_app(settings), host=host, port=port, log_level="warning", access_log=False, log_config=None)
+    processes = processes or settings.webhook_processes
+    options = dict(host=host, port=port, log_level="warning", access_log=False, log_config=None)
+    if processes == 1:
+        # log_config=None: uvicorn's records go through the process's handler (worker/logging_setup.py).
+        uvicorn.run(create_app(settings), **options)
+        return
+    # Several processes accept on one shared socket, each with its own connection and group
+    # commit; uvicorn's supervisor restarts one that dies. Each is spawned afresh, so it sets up
+    # its own logging (create_app_in_process).
+    uvicorn.run("worker.receiver:create_app_in_process", factory=True, workers=processes, **options)
+
+
+def create_app_in_process() -> Starlette:
+    """The app of one of several receiver processes (a spawned interpreter: logging set up anew)."""
+    from worker.logging_setup import configure_logging
+
+    configure_logging()
+    return create_app()
