@@ -35,7 +35,7 @@ Three ways in, one SQL aggregate:
   aggregates every provider once, in one statement that reads each table once, without
   locking anything, and keeps only the providers whose stored stats differ: it writes their
   values into `marketplace_worker.provider_stats_staged` (unlogged: nightly and recomputable),
-  which it empties first. Then `full_pass_range`, one task per range of `provider_ranges`
+  in place of what an earlier pass staged. Then `full_pass_range`, one task per range of `provider_ranges`
   (tasks/stats.py fans them out after staging), applies the staged rows of its range in
   keyset batches of provider ids, each a short transaction, so neither Python memory (no row
   comes to Python unless the caller asks for the changes) nor the time rows of
@@ -175,21 +175,10 @@ def _apply_sql(source: str, *, extra_condition: str = "", returning: bool = True
     first five columns), returning the old and new values unless `returning` is false. `o` is
     the row as the statement's snapshot saw it; stats have one writer at a time (the advisory
     lock), so that is the old value."""
-    if not returning:
-        return f"""
-UPDATE marketplace.providers p
-SET "totalListings" = f.total_listings,
-    "totalTransactions" = f.total_transactions,
-    "totalRevenueCents" = f.total_revenue_cents,
-    "averageRating" = f.average_rating,
-    "updatedAt" = :now
-FROM {source}
-WHERE p.id = f.provider_id
-  AND (p."totalListings", p."totalTransactions", p."totalRevenueCents", p."averageRating")
-      IS DISTINCT FROM
-      (f.total_listings, f.total_transactions, f.total_revenue_cents, f.average_rating)
-  {extra_condition}
-"""
+    old = "JOIN marketplace.providers o ON o.id = f.provider_id" if returning else ""
+    returned = """RETURNING p.id,
+          o."totalListings", o."totalTransactions", o."totalRevenueCents", o."averageRating",
+          f.total_listings, f.total_transactions, f.total_revenue_cents, f.average_rating""" if returning else ""
     return f"""
 UPDATE marketplace.providers p
 SET "totalListings" = f.total_listings,
@@ -197,15 +186,13 @@ SET "totalListings" = f.total_listings,
     "totalRevenueCents" = f.total_revenue_cents,
     "averageRating" = f.average_rating,
     "updatedAt" = :now
-FROM {source} JOIN marketplace.providers o ON o.id = f.provider_id
+FROM {source} {old}
 WHERE p.id = f.provider_id
   AND (p."totalListings", p."totalTransactions", p."totalRevenueCents", p."averageRating")
       IS DISTINCT FROM
       (f.total_listings, f.total_transactions, f.total_revenue_cents, f.average_rating)
   {extra_condition}
-RETURNING p.id,
-          o."totalListings", o."totalTransactions", o."totalRevenueCents", o."averageRating",
-          f.total_listings, f.total_transactions, f.total_revenue_cents, f.average_rating
+{returned}
 """
 
 
