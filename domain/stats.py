@@ -35,10 +35,10 @@ Three ways in, one SQL aggregate:
   aggregates every provider once, in one statement that reads each table once, without
   locking anything, and keeps only the providers whose stored stats differ: it writes their
   values into `marketplace_worker.provider_stats_staged` (unlogged: nightly and recomputable),
-  in place of what an earlier pass staged. Then `full_pass_range`, one task per range of `provider_ranges`
-  (tasks/stats.py fans them out after staging), applies the staged rows of its range in
-  keyset batches of provider ids, each a short transaction, so neither Python memory (no row
-  comes to Python unless the caller asks for the changes) nor the time rows of
+  in place of what an earlier pass staged. Then `full_pass_range`, one task per range of
+  `provider_ranges` (tasks/stats.py fans them out after staging), applies the staged rows of
+  its range in keyset batches of provider ids, each a short transaction, so neither Python
+  memory (no row comes to Python unless the caller asks for the changes) nor the time rows of
   `marketplace.providers` stay locked grows with the tables; a range's cost follows its
   changed providers, not the tables. `full_pass` does both in the caller's process (the
   `stats --full` command). benchmarks/stats_bench.py prints it against a plain aggregate.
