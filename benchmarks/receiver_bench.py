@@ -284,7 +284,6 @@ def run_wrk(url: str, lines: list[str], concurrency: int, work: Path, conninfo: 
     threads = 2
     with psycopg.connect(conninfo, autocommit=True) as watch:  # one connection for all the polling
         before = count(watch)
-        commits_before = commits(watch)
         wrk = subprocess.Popen(
             ["wrk", "-t", str(threads), "-c", str(concurrency), "-d", "600s", "--timeout", "10s",
              "-s", str(script), url, "--", str(data), str(threads)],
@@ -298,28 +297,20 @@ def run_wrk(url: str, lines: list[str], concurrency: int, work: Path, conninfo: 
             if now_count != last:
                 last, still_since = now_count, time.monotonic()
             time.sleep(0.5)  # light polling: the machine's CPU belongs to what is measured
-        time.sleep(1)  # the statistics collector's delay
-        # Commits of the whole database: the receiver's, the workers' if any, and this polling.
-        run_commits = commits(watch) - commits_before
     wrk.send_signal(signal.SIGINT)
     out = wrk.communicate(timeout=30)[0]
     result = dict(item.split("=") for item in out.split("RESULT ", 1)[1].split())
     with psycopg.connect(conninfo) as conn:
         # The receiver's own commit times: the rate excludes the load generator's start and stop.
-        span = conn.execute(
-            "SELECT extract(epoch FROM max(received_at) - min(received_at)) FROM "
+        # A commit's rows share their received_at (now(), the transaction's start): one a commit.
+        span, run_commits = conn.execute(
+            "SELECT extract(epoch FROM max(received_at) - min(received_at)), count(DISTINCT received_at) FROM "
             "(SELECT received_at FROM marketplace_worker.stripe_events ORDER BY received_at DESC LIMIT %s) t",
             (last,),
-        ).fetchone()[0]
+        ).fetchone()
     return {"stored": last, "seconds": float(span), "commits": run_commits, "p50_ms": int(result["p50_us"]) / 1000,
             "p99_ms": int(result["p99_us"]) / 1000, "non200": int(result["non200"]),
             "accepted": int(result["accepted"]), "requests": int(result["requests"])}
-
-
-def commits(conn: psycopg.Connection) -> int:
-    conn.execute("SELECT pg_stat_clear_snapshot()")
-    return conn.execute(
-        "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()").fetchone()[0]
 
 
 def count(conn: psycopg.Connection, where: str = "true") -> int:
@@ -341,7 +332,8 @@ PLAN = (
     ("payment_failed_then_paid", None, "paid"),
 )
 PAYOUTS_PER_ACCOUNT = 4
-GROUP = 64  # invoices in progress together: a group's timelines are interleaved step by step
+ORDERS = ("created", "interleaved")
+GROUP = 64  # invoices in progress together in the interleaved order
 
 
 def seed_marketplace(conninfo: str, invoices: int, accounts: int) -> tuple[list[int], list[str], list[str]]:
@@ -382,9 +374,9 @@ def seed_marketplace(conninfo: str, invoices: int, accounts: int) -> tuple[list[
 
 
 def marketplace_lines(invoice_ids: list[int], accounts: list[str], *, strangers: bool = False,
-                      ) -> tuple[list[str], dict[str, int]]:
+                      order: str = "created") -> tuple[list[str], dict[str, int]]:
     """Every invoice's timeline (PLAN, in turn) and every account's payouts, a group's timelines
-    interleaved step by step as concurrent orders are; and the transactions' statuses planned.
+    in `order` (ORDERS); and the transactions' statuses planned.
     `strangers`: invoices without the app's `metadata.invoiceId` (not the marketplace's)."""
     now = int(time.time())
     start = now - 120 * 86_400  # late enough for a dispute's close, 75 days on
@@ -403,21 +395,26 @@ def marketplace_lines(invoice_ids: list[int], accounts: list[str], *, strangers:
         for k in range(PAYOUTS_PER_ACCOUNT):
             tl = se.payout_history(account, 5_000 + k, start=start + 86_400 * (k + 1) + n)
             timelines.append([(event, CONNECT_PATH) for event in tl])
-    # Spread the payouts among the invoices rather than all at the end.
-    timelines.sort(key=lambda tl: hash(tl[0][0]["id"]))
-    lines = []
-    for first in range(0, len(timelines), GROUP):
-        group = timelines[first:first + GROUP]
-        for step in range(max(len(tl) for tl in group)):
-            lines.extend(delivery(event, path, now) for tl in group if step < len(tl) for event, path in [tl[step]])
-    return lines, expected
+    if order == "created":
+        # Stripe's order: by creation, so an invoice's burst (charge.succeeded, invoice_payment.paid,
+        # invoice.paid, invoice.payment_succeeded, invoice.updated, all in one second) arrives together.
+        deliveries = sorted((pair for tl in timelines for pair in tl), key=lambda pair: pair[0]["created"])
+    else:
+        # Adversarial: GROUP invoices advance a step at a time, so one invoice's events sit about
+        # GROUP deliveries apart, in messages that workers apply side by side (row lock waits).
+        timelines.sort(key=lambda tl: hash(tl[0][0]["id"]))
+        deliveries = []
+        for first in range(0, len(timelines), GROUP):
+            group = timelines[first:first + GROUP]
+            deliveries += [tl[step] for step in range(max(map(len, group))) for tl in group if step < len(tl)]
+    return [delivery(event, path, now) for event, path in deliveries], expected
 
 
-class WorkerCPU:
-    """CPU seconds of worker process trees (each main process and its pool), between two reads."""
+class ProcessCPU:
+    """CPU seconds of process trees (a worker's main process and its pool), between two reads."""
 
-    def __init__(self, workers: list[WorkerProcess]) -> None:
-        self.roots = [psutil.Process(w.proc.pid) for w in workers]
+    def __init__(self, pids: list[int]) -> None:
+        self.roots = [psutil.Process(pid) for pid in pids]
         self.start = self._read()
 
     def _read(self) -> dict[int, float]:
@@ -449,13 +446,18 @@ def end_to_end(receiver: ReceiverProcess, env: dict, redis_url: str, conninfo: s
     for worker in workers:
         worker.start()
     try:
-        cpu = WorkerCPU(workers)
-        sent = run_wrk(receiver.url, lines, 64, work, conninfo)
+        cpu = ProcessCPU([w.proc.pid for w in workers])
+        receiver_cpu = ProcessCPU([receiver.proc.pid])
         with psycopg.connect(conninfo, autocommit=True) as watch:
+            backends = ProcessCPU(database_backends(watch))
+            sent = run_wrk(receiver.url, lines, 64, work, conninfo)
             deadline = time.monotonic() + 900
             while count(watch, "status IN ('received', 'retrying')") > 0 and time.monotonic() < deadline:
                 time.sleep(0.5)
-        cpu_seconds = cpu.seconds()
+            # The workers' connections opened during the run: counted from their start.
+            backends.roots += [psutil.Process(pid) for pid in database_backends(watch)
+                               if pid not in {p.pid for p in backends.roots}]
+            cpu_seconds, receiver_seconds, database_seconds = cpu.seconds(), receiver_cpu.seconds(), backends.seconds()
     finally:
         for worker in workers:
             worker.stop()
@@ -473,8 +475,14 @@ def end_to_end(receiver: ReceiverProcess, env: dict, redis_url: str, conninfo: s
             print(f"  {label}: {n} {type} left {error}")
     events = sent["stored"]
     return {"events": events, "sent": len(lines), "seconds": float(elapsed), "rate": events / float(elapsed),
-            "cpu_ms": cpu_seconds / events * 1000, "p99_lag_s": float(p99_lag), "statuses": statuses,
+            "cpu_ms": cpu_seconds / events * 1000, "receiver_cpu_ms": receiver_seconds / events * 1000,
+            "database_cpu_ms": database_seconds / events * 1000, "p99_lag_s": float(p99_lag), "statuses": statuses,
             "receiver_p99_ms": sent["p99_ms"], "non200": sent["non200"]}
+
+
+def database_backends(conn: psycopg.Connection) -> list[int]:
+    return [row[0] for row in conn.execute(
+        "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()")]
 
 
 def transaction_statuses(conninfo: str, invoice_ids: list[int]) -> dict[str, int]:
@@ -487,21 +495,23 @@ def transaction_statuses(conninfo: str, invoice_ids: list[int]) -> dict[str, int
 
 def print_e2e(label: str, r: dict) -> None:
     print(f"{label:<13} {r['events']:6d} events in {r['seconds']:6.1f} s = {r['rate']:6.0f} events/s   "
-          f"worker CPU {r['cpu_ms']:5.2f} ms/event   p99 lag {r['p99_lag_s']:6.2f} s   "
-          f"(receiver p99 {r['receiver_p99_ms']:.0f} ms, non-200 {r['non200']}; inbox {r['statuses']})")
+          f"worker CPU {r['cpu_ms']:5.2f} ms/event   p99 lag {r['p99_lag_s']:6.2f} s\n"
+          f"{'':14}CPU per event: receiver {r['receiver_cpu_ms']:.2f} ms, Postgres (this database's backends) "
+          f"{r['database_cpu_ms']:.2f} ms; receiver p99 {r['receiver_p99_ms']:.0f} ms, non-200 {r['non200']}; "
+          f"inbox {r['statuses']}")
 
 
 def run_e2e(receiver: ReceiverProcess, env: dict, redis_url: str, conninfo: str, events: int, workers: int,
-            work: Path) -> int:
+            work: Path, order: str) -> int:
     per_invoice = 9.6  # PLAN's events per invoice, on average, with a payout history per 25 invoices
     invoices = max(len(PLAN) * 3, int(events / per_invoice))
     accounts = max(1, invoices // 100)
     ids, modes, connect_accounts = seed_marketplace(conninfo, invoices, accounts)
-    lines, expected = marketplace_lines(ids, connect_accounts)
+    lines, expected = marketplace_lines(ids, connect_accounts, order=order)
     # The baseline: the same deliveries about invoices the app does not have (nothing to apply).
     stranger_ids = [10_000_000 + n for n in range(len(ids))]
     baseline_lines, _ = marketplace_lines(stranger_ids, [f"acct_stranger{n:06d}" for n in range(accounts)],
-                                          strangers=True)
+                                          strangers=True, order=order)
     print(f"marketplace mix: {invoices} invoices ({', '.join(f'{modes.count(m)} {m}' for m in MODES)}), "
           f"{accounts} connected accounts x {PAYOUTS_PER_ACCOUNT} payouts; {len(lines)} events; "
           f"{describe_sizes(lines)}")
@@ -526,6 +536,7 @@ def main() -> int:
     parser.add_argument("--processes", type=int, default=2, help="receiver processes, measured beside 1")
     parser.add_argument("--workers", type=int, default=2, help="Celery worker processes (-c 2 each)")
     parser.add_argument("--e2e", action="store_true", help="end to end on a marketplace's mix")
+    parser.add_argument("--order", choices=ORDERS, default="created", help="the mix's delivery order")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp, test_services(Path(tmp)) as (database_url, redis_url):
@@ -542,7 +553,7 @@ def main() -> int:
 
         if args.e2e:
             with ReceiverProcess(env, work / "receiver.log") as receiver:
-                return run_e2e(receiver, env, redis_url, conninfo, n, args.workers, work)
+                return run_e2e(receiver, env, redis_url, conninfo, n, args.workers, work, args.order)
 
         ids, stripe_ids = seed_invoices(conninfo, n, 0)
         sample = signed_lines(ids, stripe_ids)
