@@ -1,7 +1,8 @@
 """Webhook receiver throughput, and end-to-end processing time.
 
     python -m benchmarks.receiver_bench [--events 20000] [--processes 2] [--workers 2]
-    python -m benchmarks.receiver_bench --e2e [--events 20000] [--workers 2]
+    python -m benchmarks.receiver_bench --e2e [--events 20000] [--workers 2] [--order created|interleaved]
+    python -m benchmarks.receiver_bench --peer [--events 20000]
 
 Uses the Postgres and Redis named by DATABASE_URL / REDIS_URL (a scratch
 database is created and dropped), else embedded ones. Needs `wrk` (Debian
@@ -24,9 +25,15 @@ the three payment modes (manual, stripe, stripe_connect) finalized and paid,
 partly and fully refunded, disputed (lost and won), voided, and the connected
 accounts' payouts on the Connect endpoint; and, in the same run as the
 baseline, the same events about invoices the app does not have (little work).
-Prints events/s, worker CPU per event, p99 processing lag (received_at to
-processed_at), the ratios, and checks every event processed, none parked, and
-the transactions' statuses against the plan.
+Prints events/s, CPU per event (workers, receiver, the database's backends),
+p99 processing lag (received_at to processed_at), the ratios, and checks every
+event processed, none parked, and the transactions' statuses against the plan.
+Deliveries go in Stripe's order (by creation: an invoice's burst of events
+together); `--order interleaved` spreads one invoice's events among 64 others'.
+
+`--peer`: our receiver and @supabase/stripe-sync-engine (benchmarks/peer.py,
+Node 20+) in turn, three rounds at c64 on the same bodies: events/s and p99,
+and the ratios (median of the rounds).
 """
 
 from __future__ import annotations
@@ -100,7 +107,7 @@ WRK_SCRIPT = textwrap.dedent(
         {["Content-Type"] = "application/json; charset=utf-8", ["Stripe-Signature"] = sigs[sent]}, bodies[sent])
     end
     function response(status, headers, body)
-      if body:find('"status":"ok"', 1, true) then return end
+      if body:find('"status":"ok"', 1, true) or body:find('"ok":true', 1, true) then return end  -- health checks
       answered = answered + 1
       if status ~= 200 then failed = failed + 1 end
       if answered >= #bodies then wrk.thread:stop() end
@@ -206,11 +213,16 @@ def _split_lines(invoice: dict) -> None:
     invoice["lines"]["total_count"] = 3
 
 
-def delivery(event: dict, path: str = PLATFORM_PATH, now: int | None = None) -> str:
-    """One line of the wrk script's file: the event with its full fields, pretty-printed and signed."""
+def stripe_body(event: dict) -> bytes:
+    """The event's body as Stripe sends it: its object's full fields, pretty-printed."""
     if event["data"]["object"].get("object") == "invoice":
         _split_lines(event["data"]["object"])
-    body = se.encode(stripe_sized(event))
+    return se.encode(stripe_sized(event))
+
+
+def delivery(event: dict, path: str = PLATFORM_PATH, now: int | None = None) -> str:
+    """One line of the wrk script's file: the event's Stripe body, signed."""
+    body = stripe_body(event)
     now = now or int(time.time())
     secret = CONNECT_SECRET if path == CONNECT_PATH else SECRET
     return f"{path}\t{se.sign(body, secret, now)}\t{body.decode().replace(chr(10), chr(1))}"
@@ -275,25 +287,44 @@ def bare_insert_rate(conninfo: str, lines: list[str]) -> float:
     return len(events) / elapsed
 
 
-def run_wrk(url: str, lines: list[str], concurrency: int, work: Path, conninfo: str) -> dict:
-    """POST every line once; returns when all of them are in the inbox."""
+# How a run's stored events are counted, and the span of their commits, where they are stored.
+INBOX = (
+    "SELECT count(*) FROM marketplace_worker.stripe_events",
+    # A commit's rows share their received_at (now(), the transaction's start): one a commit.
+    "SELECT extract(epoch FROM max(received_at) - min(received_at)), count(DISTINCT received_at) FROM "
+    "(SELECT received_at FROM marketplace_worker.stripe_events ORDER BY received_at DESC LIMIT %s) t",
+)
+# The peer upserts each invoice event into stripe.invoices, one statement and commit each.
+PEER_INVOICES = (
+    "SELECT count(*) FROM stripe.invoices",
+    "SELECT extract(epoch FROM max(updated_at) - min(updated_at)), count(*) FROM "
+    "(SELECT updated_at FROM stripe.invoices ORDER BY updated_at DESC LIMIT %s) t",
+)
+
+
+def run_wrk(url: str, lines: list[str], concurrency: int, work: Path, conninfo: str, store=INBOX) -> dict:
+    """POST every line once; returns when all of them are stored (`store`: INBOX, PEER_INVOICES)."""
+    count_sql, span_sql = store
     data = work / f"events-{concurrency}.tsv"
     data.write_text("\n".join(lines) + "\n")
     script = work / "post.lua"
     script.write_text(WRK_SCRIPT)
     threads = 2
     with psycopg.connect(conninfo, autocommit=True) as watch:  # one connection for all the polling
-        before = count(watch)
+        before = watch.execute(count_sql).fetchone()[0]
+        started = time.monotonic()
         wrk = subprocess.Popen(
             ["wrk", "-t", str(threads), "-c", str(concurrency), "-d", "600s", "--timeout", "10s",
              "-s", str(script), url, "--", str(data), str(threads)],
             stdout=subprocess.PIPE, text=True,
         )
         # wrk runs for its whole duration even when every thread has stopped: stop it (SIGINT
-        # makes it print its summary) once the inbox has stopped growing.
-        last, still_since = -1, time.monotonic()
-        while time.monotonic() - still_since < 2 and wrk.poll() is None:
-            now_count = count(watch) - before
+        # makes it print its summary) once the store has stopped growing (after wrk has read
+        # its bodies and begun).
+        last, still_since = 0, time.monotonic()
+        while wrk.poll() is None and (time.monotonic() - still_since < 2 or
+                                      (last == 0 and time.monotonic() - started < 120)):
+            now_count = watch.execute(count_sql).fetchone()[0] - before
             if now_count != last:
                 last, still_since = now_count, time.monotonic()
             time.sleep(0.5)  # light polling: the machine's CPU belongs to what is measured
@@ -301,13 +332,8 @@ def run_wrk(url: str, lines: list[str], concurrency: int, work: Path, conninfo: 
     out = wrk.communicate(timeout=30)[0]
     result = dict(item.split("=") for item in out.split("RESULT ", 1)[1].split())
     with psycopg.connect(conninfo) as conn:
-        # The receiver's own commit times: the rate excludes the load generator's start and stop.
-        # A commit's rows share their received_at (now(), the transaction's start): one a commit.
-        span, run_commits = conn.execute(
-            "SELECT extract(epoch FROM max(received_at) - min(received_at)), count(DISTINCT received_at) FROM "
-            "(SELECT received_at FROM marketplace_worker.stripe_events ORDER BY received_at DESC LIMIT %s) t",
-            (last,),
-        ).fetchone()
+        # The server's own commit times: the rate excludes the load generator's start and stop.
+        span, run_commits = conn.execute(span_sql, (last,)).fetchone()
     return {"stored": last, "seconds": float(span), "commits": run_commits, "p50_ms": int(result["p50_us"]) / 1000,
             "p99_ms": int(result["p99_us"]) / 1000, "non200": int(result["non200"]),
             "accepted": int(result["accepted"]), "requests": int(result["requests"])}
@@ -530,6 +556,45 @@ def run_e2e(receiver: ReceiverProcess, env: dict, redis_url: str, conninfo: str,
     return 0 if ok else 1
 
 
+def compare_with_peer(receiver: ReceiverProcess, conninfo: str, events: int, work: Path, rounds: int = 3) -> None:
+    """Our receiver and the peer in turn, `rounds` times at c64, on the same bodies (signed afresh
+    each round, the stores emptied between rounds so every event is new to both)."""
+    from benchmarks.peer import start_peer
+    from worker.embedded import free_port
+
+    now = int(time.time())
+    events_ = [se.event("invoice.finalized", se.invoice(shape="basil", app_invoice_id=str(n), amount=10_000,
+                                                        status="open"), created=now) for n in range(events)]
+    bodies = [stripe_body(e) for e in events_]
+    print(f"peer comparison: {events} invoice.finalized events, {describe_sizes(sign_all(bodies))}; c64, "
+          f"{rounds} rounds in turn; our receiver: {os.environ.get('WEBHOOK_PROCESSES', '1')} process(es)")
+    ours, theirs = [], []
+    with start_peer(conninfo, SECRET, free_port()) as peer_url:
+        peer_base = peer_url.rsplit("/webhooks/", 1)[0]
+        for round_ in range(1, rounds + 1):
+            with psycopg.connect(conninfo, autocommit=True) as conn:
+                conn.execute("TRUNCATE marketplace_worker.stripe_event_ids, marketplace_worker.stripe_events")
+            a = run_wrk(receiver.url, sign_all(bodies), 64, work, conninfo)
+            with psycopg.connect(conninfo, autocommit=True) as conn:
+                conn.execute("TRUNCATE stripe.invoices")
+            b = run_wrk(peer_base, sign_all(bodies), 64, work, conninfo, store=PEER_INVOICES)
+            for label, r, into in (("ours", a, ours), ("peer", b, theirs)):
+                rate = r["stored"] / r["seconds"]
+                into.append((rate, r["p99_ms"]))
+                print(f"round {round_} {label}  {rate:6.0f} events/s  p50 {r['p50_ms']:.1f} ms  p99 {r['p99_ms']:.1f} ms  "
+                      f"non-200 {r['non200']}  stored {r['stored']} of {events}")
+    rate_ratio = sorted(a[0] / b[0] for a, b in zip(ours, theirs))[rounds // 2]
+    p99_ratio = sorted(a[1] / b[1] for a, b in zip(ours, theirs))[rounds // 2]
+    print(f"ours / peer, median of {rounds} rounds: events/s {rate_ratio:.2f}x (goal >= 2x), "
+          f"p99 {p99_ratio:.2f}x (goal <= 0.5x)")
+
+
+def sign_all(bodies: list[bytes]) -> list[str]:
+    now = int(time.time())
+    return [f"{PLATFORM_PATH}\t{se.sign(body, SECRET, now)}\t{body.decode().replace(chr(10), chr(1))}"
+            for body in bodies]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--events", type=int, default=20_000)
@@ -537,6 +602,8 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=2, help="Celery worker processes (-c 2 each)")
     parser.add_argument("--e2e", action="store_true", help="end to end on a marketplace's mix")
     parser.add_argument("--order", choices=ORDERS, default="created", help="the mix's delivery order")
+    parser.add_argument("--peer", action="store_true",
+                        help="our receiver and stripe-sync-engine in turn (benchmarks/peer.py; Node 20+)")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp, test_services(Path(tmp)) as (database_url, redis_url):
@@ -551,6 +618,10 @@ def main() -> int:
         conninfo = database_url
         n = args.events
 
+        if args.peer:
+            with ReceiverProcess(env, work / "receiver.log") as receiver:
+                compare_with_peer(receiver, conninfo, n, work)
+            return 0
         if args.e2e:
             with ReceiverProcess(env, work / "receiver.log") as receiver:
                 return run_e2e(receiver, env, redis_url, conninfo, n, args.workers, work, args.order)
