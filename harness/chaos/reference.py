@@ -81,8 +81,10 @@ def full_stats_pass(url: str) -> None:
         full_pass(connection, batch_size=500)
 
 
-# Worker tables that hold bookkeeping of when and how work ran, not its result.
-BOOKKEEPING_TABLES = {"alembic_version", "job_runs", "touched_providers", "provider_stats_recomputed", "watermarks"}
+# Worker tables that hold bookkeeping of when and how work ran, not its result (the full stats
+# pass's staging holds the last pass's working set; its result is in the providers' rows).
+BOOKKEEPING_TABLES = {"alembic_version", "job_runs", "touched_providers", "provider_stats_recomputed",
+                      "provider_stats_staged", "watermarks"}
 # Columns compared nowhere: surrogate ids and app-side timestamps of the worker's writes.
 APP_TABLES = {
     "marketplace.transactions": {"id", "createdAt"},

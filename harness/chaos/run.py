@@ -71,19 +71,23 @@ def worker_env(database_url: str, redis_url: str, broker_url: str | None = None,
 
 @contextmanager
 def settings_env(env: dict[str, str]) -> Iterator[None]:
-    """This process's settings (get_settings) read from `env` for the duration."""
+    """This process's settings (get_settings), and the Celery app built from them, read from
+    `env` for the duration: an app built meanwhile names the run's broker, gone afterwards."""
     from config import get_settings
+    from worker import get_app
 
     saved = dict(os.environ)
     os.environ.clear()
     os.environ.update(env)
     get_settings.cache_clear()
+    get_app.cache_clear()
     try:
         yield
     finally:
         os.environ.clear()
         os.environ.update(saved)
         get_settings.cache_clear()
+        get_app.cache_clear()
 
 
 def counts_by_status(conninfo: str) -> dict[str, int]:
