@@ -10,7 +10,8 @@ sweeper and incremental provider stats at their default cadences; the jobs that 
 are off). Then posts `--rate` signed events per second for `--minutes`: realistic invoice
 lifecycles (every outcome, both invoice shapes, refunds and disputes), two hundred invoices in
 progress at a time, each invoice's events in order, about marketplace invoices seeded
-beforehand.
+beforehand; bodies of Stripe's size (benchmarks/receiver_bench.py `stripe_body`: full objects,
+pretty-printed).
 
 Reports:
 - the rate achieved and any answer other than 200;
@@ -40,6 +41,7 @@ from pathlib import Path
 import psutil
 import psycopg
 
+from benchmarks.receiver_bench import stripe_body
 from harness import stripe_events as se
 from harness.chaos.deliveries import PATHS, SECRETS
 from harness.chaos.run import settings_env, wait_drained, worker_env
@@ -109,7 +111,7 @@ class Stream:
         if not self.active[slot]:
             self.active[slot] = self._lifecycle()
         return GeneratedEvent(event["id"], event["type"], "connect" if event.get("account") else "platform",
-                              event["created"], se.encode(event))
+                              event["created"], stripe_body(event))
 
 
 class Sampler(threading.Thread):
