@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session
 
 from domain.errors import describe, is_permanent
 from domain.handlers import HANDLERS
+from domain.handlers.registry import forget_rows
 from models import EventStatus, StripeEvent
 
 log = logging.getLogger(__name__)
@@ -89,6 +90,7 @@ def _apply_batch(session: Session, event_ids: list[str]) -> tuple[dict[str, Atte
     facts = {event.id: EventFacts(event.type, event.endpoint, event.received_at) for event in locked.values()}
     outcomes: dict[str, AttemptOutcome] = {}
     batches: dict[Callable, list[StripeEvent]] = {}
+    last: dict[Callable, bool] = {}
     singles: list[tuple[Callable, StripeEvent]] = []
     now = datetime.now(UTC)
     for event_id in dict.fromkeys(event_ids):
@@ -104,9 +106,12 @@ def _apply_batch(session: Session, event_ids: list[str]) -> tuple[dict[str, Atte
             outcomes[event_id] = AttemptOutcome.IGNORED
         elif (registered := HANDLERS[event.type]).batch:
             batches.setdefault(registered.fn, []).append(event)
+            last[registered.fn] = registered.last
         else:
             singles.append((registered.fn, event))
-    runs = [(fn, events, True) for fn, events in batches.items()] + [(fn, [event], False) for fn, event in singles]
+    runs = ([(fn, events, True) for fn, events in batches.items() if not last[fn]]
+            + [(fn, events, True) for fn, events in batches.items() if last[fn]]
+            + [(fn, [event], False) for fn, event in singles])
     applied: list[StripeEvent] = []
     for fn, events, takes_batch in runs:
         if not several:  # alone: wait for held rows, and let a failure fail the transaction
@@ -121,7 +126,7 @@ def _apply_batch(session: Session, event_ids: list[str]) -> tuple[dict[str, Atte
             left = events
         outcomes |= dict.fromkeys((event.id for event in left), AttemptOutcome.DEFERRED)
         applied += [event for event in events if event.id not in outcomes]
-        _forget_rows(session)
+        forget_rows(session)
     for event in applied:
         event.status = EventStatus.PROCESSED
         event.attempts += 1
@@ -150,15 +155,6 @@ def _call(session: Session, fn: Callable, events: list[StripeEvent], takes_batch
         return fn(session, events, skip_busy=skip_busy)
     fn(session, events[0])
     return []
-
-
-def _forget_rows(session: Session) -> None:
-    """Write out what a handler changed and let the next one read every row afresh, as it
-    would in a transaction of its own (the inbox rows stay: only the marking touches them)."""
-    session.flush()
-    for obj in list(session.identity_map.values()):
-        if not isinstance(obj, StripeEvent):
-            session.expire(obj)
 
 
 @dataclass(frozen=True)

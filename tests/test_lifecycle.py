@@ -566,6 +566,49 @@ def test_an_invoice_payment_seen_before_the_invoice_is_known_links_it_when_it_is
     assert state["transactions"][0][::7] == (REFUNDED, 10_000)
 
 
+def _payment_events_of_one_invoice(inv) -> list[dict]:
+    ch = {"id": "ch_batch000001", "amount": 10_000, "payment_intent": "pi_batch000001", "created": T0}
+    refund = {"charge": "ch_batch000001", "payment_intent": "pi_batch000001"}
+    dispute = se.dispute(id="dp_batch000001", charge="ch_batch000001", amount=2_000)
+    return [
+        evt("charge.succeeded", se.charge(**ch), T0 + HOUR),
+        evt("refund.created", se.refund(id="re_batch000001", amount=3_000, status="pending", **refund), T0 + DAY),
+        evt("charge.dispute.created", dispute, T0 + DAY),
+        evt("charge.refunded", se.charge(**ch, amount_refunded=3_000), T0 + DAY),
+        evt("refund.updated", se.refund(id="re_batch000001", amount=3_000, **refund), T0 + 2 * DAY),
+        evt("charge.dispute.closed", dict(dispute, status="lost"), T0 + 60 * DAY),
+        evt("refund.created", se.refund(id="re_batch000001", amount=3_000, status="pending", **refund), T0 + DAY),
+        evt("charge.refunded", se.charge(**ch, amount_refunded=3_000), T0 + DAY),  # a stale duplicate
+    ]
+
+
+@pytest.mark.parametrize("invalid", [False, True])
+def test_a_batch_of_one_invoices_charges_refunds_and_disputes_ends_as_one_at_a_time(db, invalid):
+    """Payment events share one savepoint in a batch; each still reads what the one before it
+    wrote, and one that fails is left alone while the others are applied."""
+    states = []
+    for batched in (False, True):
+        _reset(db)
+        inv = app_invoice(db)
+        deliver(db, *paid_with_payment(inv, "pi_batch000001"))
+        events = _payment_events_of_one_invoice(inv)
+        if invalid:  # a refund naming neither a charge nor a PaymentIntent: parked at once
+            events.insert(3, evt("refund.created", dict(se.refund(id="re_batchbad01", amount=1, charge="ch_x"),
+                                                         charge=None, payment_intent=None), T0 + DAY))
+        if batched:
+            ids = store(db, *events)
+            outcomes = run_batch(ids)
+            assert [outcomes[i] for i in ids] == ["parked" if invalid and n == 3 else "processed"
+                                                  for n in range(len(ids))]
+        else:
+            outcomes = deliver(db, *events)
+            assert outcomes == ["parked" if invalid and n == 3 else "processed" for n in range(len(events))]
+        states.append(ledger_state(db, inv.id))
+    assert states[1] == states[0]
+    assert states[0]["transactions"][0][::7] == (PAID, 5_000)
+    assert states[0]["disputes"] == [("dp_batch000001", "ch_batch000001", "lost")]
+
+
 # --- order independence ---------------------------------------------------------------------
 
 

@@ -4,38 +4,75 @@ Only the platform's own: a connected account's are about its own money."""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
+
 from sqlalchemy.orm import Session
 
-from domain.handlers.registry import handles
+from domain.errors import describe
+from domain.handlers.registry import forget_rows, handles
 from domain.payload import event_object
 from domain.payments import apply_charge, apply_dispute, apply_invoice_payment, apply_refund
 from models import StripeEvent
 
+log = logging.getLogger(__name__)
 
 # charge.succeeded too: on current API versions it is what ties a PaymentIntent to its charge
 # without an API read (invoice_payment.paid names only the PaymentIntent).
-@handles("charge.succeeded", "charge.refunded", platform_only=True)
-def charge_event(session: Session, event: StripeEvent) -> None:
-    apply_charge(session, event_object(event, "charge"), event.created, event.id)
-
-
-@handles("refund.created", "refund.updated", "refund.failed", "charge.refund.updated", platform_only=True)
-def refund_event(session: Session, event: StripeEvent) -> None:
-    apply_refund(session, event_object(event, "refund"), event.created, event.id)
-
-
-@handles(
+_CHARGE_TYPES = ("charge.succeeded", "charge.refunded")
+_REFUND_TYPES = ("refund.created", "refund.updated", "refund.failed", "charge.refund.updated")
+_DISPUTE_TYPES = (
     "charge.dispute.created",
     "charge.dispute.updated",
     "charge.dispute.closed",
     "charge.dispute.funds_withdrawn",
     "charge.dispute.funds_reinstated",
-    platform_only=True,
 )
-def dispute_event(session: Session, event: StripeEvent) -> None:
-    apply_dispute(session, event_object(event, "dispute"), event.created, event.id)
+_INVOICE_PAYMENT_TYPES = ("invoice_payment.paid",)
+
+_APPLY: dict[str, tuple[Callable, str]] = (
+    dict.fromkeys(_CHARGE_TYPES, (apply_charge, "charge"))
+    | dict.fromkeys(_REFUND_TYPES, (apply_refund, "refund"))
+    | dict.fromkeys(_DISPUTE_TYPES, (apply_dispute, "dispute"))
+    | dict.fromkeys(_INVOICE_PAYMENT_TYPES, (apply_invoice_payment, "invoice_payment"))
+)
 
 
-@handles("invoice_payment.paid", platform_only=True)
-def invoice_payment_event(session: Session, event: StripeEvent) -> None:
-    apply_invoice_payment(session, event_object(event, "invoice_payment"), event.created, event.id)
+def _apply(session: Session, event: StripeEvent) -> None:
+    apply, kind = _APPLY[event.type]
+    apply(session, event_object(event, kind), event.created, event.id)
+
+
+def _apply_in_order(session: Session, events: list[StripeEvent]) -> None:
+    for n, event in enumerate(events):
+        if n:
+            forget_rows(session)
+        _apply(session, event)
+
+
+@handles(*_APPLY, batch=True, platform_only=True, last=True)
+def payment_events(session: Session, events: list[StripeEvent], *, skip_busy: bool) -> list[StripeEvent]:
+    """A batch's payment events, in order, each reading every row afresh as it would alone.
+
+    They share one savepoint; if one of them fails (or, with `skip_busy`, waits too long for a
+    row), the batch's are applied again each in a savepoint of its own and only the failing
+    ones are left, as events of a handler registered one by one would be."""
+    if not skip_busy or len(events) == 1:  # the caller's savepoint, if any, is the event's own
+        _apply_in_order(session, events)
+        return []
+    try:
+        with session.begin_nested():
+            _apply_in_order(session, events)
+        return []
+    except Exception as error:
+        log.debug("payment events %s apply one at a time: %s", [e.id for e in events], describe(error))
+    left = []
+    for event in events:
+        forget_rows(session)
+        try:
+            with session.begin_nested():
+                _apply(session, event)
+        except Exception as error:
+            log.debug("event %s left for later: %s", event.id, describe(error))
+            left.append(event)
+    return left

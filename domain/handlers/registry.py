@@ -22,16 +22,20 @@ class Registered:
     batch: bool
     platform_only: bool
     connect_only: bool = False
+    last: bool = False
 
 
 HANDLERS: dict[str, Registered] = {}
 
 
 def handles(*event_types: str, batch: bool = False, platform_only: bool = False,
-            connect_only: bool = False) -> Callable:
+            connect_only: bool = False, last: bool = False) -> Callable:
     """Register a handler of `event_types`: `fn(session, event)`, or with `batch=True`
     `fn(session, events, skip_busy=...) -> events left`, called once with all of a batch's
     events of those types (in order), for handlers that can share their lookups and locks.
+    Batch handlers run first, in the order their types first appear in the batch; with `last`,
+    after the others, as handlers called one event at a time do (after the invoice snapshots
+    that create the transactions their events apply to).
 
     With `platform_only`, the types describe the platform's own money (invoices, charges,
     refunds, disputes, transfers): the same types from a connected account are about that
@@ -42,7 +46,16 @@ def handles(*event_types: str, batch: bool = False, platform_only: bool = False,
         for event_type in event_types:
             if event_type in HANDLERS:
                 raise RuntimeError(f"two handlers for {event_type}")
-            HANDLERS[event_type] = Registered(fn, batch, platform_only, connect_only)
+            HANDLERS[event_type] = Registered(fn, batch, platform_only, connect_only, last)
         return fn
 
     return register
+
+
+def forget_rows(session: Session) -> None:
+    """Write out what a handler changed and let the next one read every row afresh, as it
+    would in a transaction of its own (the inbox rows stay: only the marking touches them)."""
+    session.flush()
+    for obj in list(session.identity_map.values()):
+        if not isinstance(obj, StripeEvent):
+            session.expire(obj)
