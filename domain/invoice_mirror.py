@@ -18,7 +18,7 @@ from domain.clock import from_unix, utcnow
 from domain.errors import InvalidPayload, NotYetKnown
 from domain.ledger import InvoiceFacts, Outcome, sync_invoice, touch, transactions_for
 from domain.payload import required_id
-from domain.payments import link_payment, link_recorded_payments, payment_of_invoice
+from domain.payments import link_payment, link_recorded_payments, payment_links, payment_of_invoice
 from models import Invoice
 
 log = logging.getLogger(__name__)
@@ -51,8 +51,9 @@ def apply_invoice_snapshots(session: Session, snapshots: list[Snapshot], *, skip
         session, [(stripe_id, snapshot.obj) for snapshot, stripe_id, _ in checked], skip_busy=skip_busy)
     known = transactions_for(
         session, [i for i in dict.fromkeys(invoices) if isinstance(i, Invoice) and i.isMarketplaceInvoice])
+    newer = _advance_versions(session, checked, invoices)
     outcomes = []
-    for (snapshot, stripe_id, facts), invoice in zip(checked, invoices):
+    for (snapshot, stripe_id, facts), invoice, advanced in zip(checked, invoices, newer):
         if invoice == BUSY:
             outcomes.append(Outcome(skipped=BUSY))
             continue
@@ -63,10 +64,36 @@ def apply_invoice_snapshots(session: Session, snapshots: list[Snapshot], *, skip
         if not invoice.isMarketplaceInvoice:
             outcomes.append(Outcome(skipped="not_marketplace"))
             continue
-        linked = _mirror(session, invoice, snapshot.obj, snapshot.created, snapshot.event_id)
+        linked = _mirror(session, invoice, snapshot.obj, snapshot.created, snapshot.event_id, advanced)
         outcomes.append(sync_invoice(session, invoice, facts, refresh_refunds=linked, known=known))
     touch(session, outcomes)
     return outcomes
+
+
+def _advance_versions(
+    session: Session, checked: list[tuple[Snapshot, str, InvoiceFacts]], invoices: list[Invoice | None | str]
+) -> list[dict[str, bool]]:
+    """Each mirrored snapshot's versions advanced at once (`versions.advance_all`), in the
+    order `_mirror` would advance them one by one: its invoice's, then its payment links'.
+    An invoice not yet known by its Stripe id gets its links' versions advanced by `_mirror`
+    itself: the payments recorded before it was known are linked between its snapshots'."""
+    wanted, owners = [], []
+    for n, ((snapshot, stripe_id, _), invoice) in enumerate(zip(checked, invoices)):
+        if not isinstance(invoice, Invoice) or not invoice.isMarketplaceInvoice:
+            continue
+        rank = _rank(snapshot.obj)
+        wanted.append((stripe_id, "invoice", snapshot.created, snapshot.event_id, rank))
+        owners.append((n, stripe_id))
+        if invoice.stripeInvoiceId is None:
+            continue
+        for key, value in payment_links(invoice.stripeInvoiceId, *payment_of_invoice(snapshot.obj)):
+            if value:
+                wanted.append((key, "invoice_link", snapshot.created, snapshot.event_id, rank))
+                owners.append((n, key))
+    newer: list[dict[str, bool]] = [{} for _ in checked]
+    for (n, key), answer in zip(owners, versions.advance_all(session, wanted)):
+        newer[n][key] = answer
+    return newer
 
 
 def facts_from_stripe(obj: dict[str, Any], created: int) -> InvoiceFacts:
@@ -154,16 +181,22 @@ def _lock_invoices_for_snapshots(
 INVOICE_STATUS_RANK = {"draft": 0, "open": 1, "uncollectible": 2, "paid": 3, "void": 3}
 
 
-def _mirror(session: Session, invoice: Invoice, obj: dict[str, Any], created: int, event_id: str) -> bool:
+def _rank(obj: dict[str, Any]) -> int:
+    return INVOICE_STATUS_RANK.get(obj.get("status"), 0) if isinstance(obj.get("status"), str) else 0
+
+
+def _mirror(session: Session, invoice: Invoice, obj: dict[str, Any], created: int, event_id: str,
+            newer: dict[str, bool]) -> bool:
     """Copy Stripe's invoice onto the app's row when this snapshot is the newest seen; fill
-    the payment ids. Returns whether the invoice got linked to a new charge or PaymentIntent."""
+    the payment ids. Returns whether the invoice got linked to a new charge or PaymentIntent.
+    `newer`: the versions already advanced for this snapshot (`_advance_versions`)."""
     stripe_id = obj["id"]
     values: dict[str, Any] = {}
     newly_known = invoice.stripeInvoiceId is None
     if newly_known:
         values["stripeInvoiceId"] = stripe_id
-    rank = INVOICE_STATUS_RANK.get(obj.get("status"), 0) if isinstance(obj.get("status"), str) else 0
-    if versions.advance(session, stripe_id, "invoice", created, event_id, rank):
+    rank = _rank(obj)
+    if newer[stripe_id]:
         transitions = obj.get("status_transitions") or {}
         status, amount_paid = obj.get("status"), obj.get("amount_paid")
         if not isinstance(status, str) or isinstance(amount_paid, bool) or not isinstance(amount_paid, int):
@@ -181,7 +214,7 @@ def _mirror(session: Session, invoice: Invoice, obj: dict[str, Any], created: in
             setattr(invoice, name, value)
         invoice.updatedAt = utcnow()
     charge_id, payment_intent_id = payment_of_invoice(obj)
-    linked = link_payment(session, invoice, charge_id, payment_intent_id, created, event_id, rank)
+    linked = link_payment(session, invoice, charge_id, payment_intent_id, created, event_id, rank, newer=newer)
     if newly_known:
         linked |= link_recorded_payments(session, invoice)
     return linked

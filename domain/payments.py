@@ -120,18 +120,30 @@ _RECORDED_PAYMENTS = text(
 )
 
 
+_LINKS = ("stripeChargeId", "stripePaymentIntentId")
+
+
+def payment_links(stripe_invoice_id: str | None, charge_id: str | None,
+                  payment_intent_id: str | None) -> list[tuple[str, str | None]]:
+    """The version key of each of an invoice's payment links (`stripe_object_versions`), with
+    the value a source gives it."""
+    return [(f"{stripe_invoice_id}#{column}", value) for column, value in zip(_LINKS, (charge_id, payment_intent_id))]
+
+
 def link_payment(
     session: Session, invoice: Invoice, charge_id: str | None, payment_intent_id: str | None,
-    created: int, event_id: str, rank: int,
+    created: int, event_id: str, rank: int, *, newer: dict[str, bool] | None = None,
 ) -> bool:
     """Link the (locked) invoice to the charge and PaymentIntent that paid it, from whatever
     told: an invoice snapshot, an `invoice_payment.paid`, a read of Stripe's invoice payments.
     Each link follows the newest source that names one (a retried payment changes the charge).
-    Returns whether a link is new; the caller then brings the refunds up to date."""
-    stripe_id = invoice.stripeInvoiceId
+    Returns whether a link is new; the caller then brings the refunds up to date.
+    `newer`: the links' versions the caller has already advanced (`versions.advance_all`)."""
+    newer = newer or {}
     new_links = []
-    for column, value in (("stripeChargeId", charge_id), ("stripePaymentIntentId", payment_intent_id)):
-        if value and versions.advance(session, f"{stripe_id}#{column}", "invoice_link", created, event_id, rank):
+    for column, (key, value) in zip(_LINKS, payment_links(invoice.stripeInvoiceId, charge_id, payment_intent_id)):
+        if value and (newer[key] if key in newer
+                      else versions.advance(session, key, "invoice_link", created, event_id, rank)):
             if getattr(invoice, column) != value:
                 setattr(invoice, column, value)
                 new_links.append(value)

@@ -48,3 +48,65 @@ def advance(
          "event_id": event_id},
     ).first()
     return row is not None
+
+
+# `advance` for several versions at once, in two statements: the answers first, each as if
+# the versions were advanced one after the other in order (newer than the row as it stood,
+# and than every earlier version of its object in the list), the rows locked; then each
+# object's newest one written as `advance` writes it. Compared in the database, in its
+# collation, as `advance` compares.
+_NEWER_IN_ORDER = text(
+    """
+    WITH wanted AS (
+        SELECT * FROM unnest(CAST(:object_ids AS text[]), CAST(:created AS bigint[]),
+                             CAST(:ranks AS smallint[]), CAST(:event_ids AS text[]))
+            WITH ORDINALITY AS w(object_id, event_created, rank, event_id, ord)
+    ), old AS (
+        SELECT object_id, event_created, rank, event_id FROM marketplace_worker.stripe_object_versions
+        WHERE object_id = ANY(CAST(:object_ids AS text[]))
+        FOR UPDATE
+    )
+    SELECT (old.object_id IS NULL OR (old.event_created, old.rank, old.event_id)
+                                     < (w.event_created, w.rank, w.event_id))
+           AND NOT EXISTS (
+               SELECT 1 FROM wanted e
+               WHERE e.object_id = w.object_id AND e.ord < w.ord
+                 AND (e.event_created, e.rank, e.event_id) >= (w.event_created, w.rank, w.event_id)
+           ) AS newer
+    FROM wanted w LEFT JOIN old USING (object_id)
+    ORDER BY w.ord
+    """
+)
+
+_ADVANCE_ALL = text(
+    """
+    INSERT INTO marketplace_worker.stripe_object_versions AS old
+        (object_id, object_type, event_created, rank, event_id, updated_at)
+    SELECT DISTINCT ON (object_id) object_id, object_type, event_created, rank, event_id, now()
+    FROM unnest(CAST(:object_ids AS text[]), CAST(:object_types AS text[]), CAST(:created AS bigint[]),
+                CAST(:ranks AS smallint[]), CAST(:event_ids AS text[]))
+        AS w(object_id, object_type, event_created, rank, event_id)
+    ORDER BY object_id, event_created DESC, rank DESC, event_id DESC
+    ON CONFLICT (object_id) DO UPDATE
+        SET event_created = excluded.event_created, rank = excluded.rank, event_id = excluded.event_id,
+            updated_at = now()
+        WHERE (old.event_created, old.rank, old.event_id)
+            < (excluded.event_created, excluded.rank, excluded.event_id)
+    """
+)
+
+
+def advance_all(session: Session, wanted: list[tuple[str, str, int, str, int]]) -> list[bool]:
+    """`advance` for each (object_id, object_type, created, event_id, rank) in turn: the same
+    answers and the same rows, in two statements whatever their number."""
+    if not wanted:
+        return []
+    object_ids, object_types, created, event_ids, ranks = (list(column) for column in zip(*wanted))
+    newer = session.execute(_NEWER_IN_ORDER, {
+        "object_ids": object_ids, "created": created, "ranks": ranks, "event_ids": event_ids,
+    }).scalars().all()
+    session.execute(_ADVANCE_ALL, {
+        "object_ids": object_ids, "object_types": object_types, "created": created, "ranks": ranks,
+        "event_ids": event_ids,
+    })
+    return list(newer)
