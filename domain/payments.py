@@ -47,12 +47,15 @@ log = logging.getLogger(__name__)
 # --- locks ---------------------------------------------------------------------------------
 
 
-_LOCK_KEY = text("SELECT pg_advisory_xact_lock(hashtextextended(:key, 0))")
+# The keys locked one after the other, in the array's order (unnest's), in one statement.
+_LOCK_KEYS = text(
+    "SELECT count(pg_advisory_xact_lock(hashtextextended(key, 0))) FROM unnest(CAST(:keys AS text[])) AS key"
+)
 
 
 def _lock_keys(session: Session, keys: list[str]) -> None:
-    for key in sorted(set(keys)):
-        session.execute(_LOCK_KEY, {"key": key})
+    if keys:
+        session.execute(_LOCK_KEYS, {"keys": sorted(set(keys))})
 
 
 def lock_payments(session: Session, payment_ids: list[str]) -> None:
