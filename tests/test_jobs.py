@@ -134,3 +134,30 @@ def test_dependencies_point_from_worker_to_tasks_to_domain():
     # The inbox's bookkeeping is domain/inbox.py's; applying events is the task layer's alone.
     assert importing("worker", "domain.dispatch") == set()
     assert importing("domain", "domain.dispatch") == set()
+
+
+def test_no_module_is_imported_both_ways():
+    """No import cycle among the project's modules, lazy imports included (a package's
+    `__init__` importing its own modules is not a cycle)."""
+    modules = {}
+    for package in ("worker", "tasks", "domain", "models", "config"):
+        for path in sorted((PROJECT / package).rglob("*.py")):
+            name = ".".join(path.relative_to(PROJECT).with_suffix("").parts).removesuffix(".__init__")
+            modules[name] = _imports(path)
+    graph = {name: {target for target in imported if target in modules and target != name
+                    and not name.startswith(target + ".") and not target.startswith(name + ".")}
+             for name, imported in modules.items()}
+
+    def reaches(start: str, goal: str) -> bool:
+        seen, todo = set(), [start]
+        while todo:
+            current = todo.pop()
+            if current == goal:
+                return True
+            if current not in seen:
+                seen.add(current)
+                todo.extend(graph[current])
+        return False
+
+    both_ways = sorted((a, b) for a, targets in graph.items() for b in targets if a < b and reaches(b, a))
+    assert both_ways == []

@@ -21,7 +21,6 @@ from datetime import UTC, datetime
 from urllib.parse import unquote, urlsplit
 
 from config import ConfigError, Settings, get_settings
-from worker.tracing import current_ids
 
 REDACTED = "[REDACTED]"
 
@@ -106,6 +105,18 @@ def _extras(record: logging.LogRecord) -> dict:
     return {key: value for key, value in vars(record).items() if key not in _STANDARD and not key.startswith("_")}
 
 
+def _trace_ids() -> dict[str, str]:
+    """trace_id and span_id of the active span (worker/tracing.py), for log lines; nothing when
+    no span is active, or when OpenTelemetry was never imported (then none can be)."""
+    otel = sys.modules.get("opentelemetry.trace")
+    if otel is None:
+        return {}
+    context = otel.get_current_span().get_span_context()
+    if not context.is_valid:
+        return {}
+    return {"trace_id": format(context.trace_id, "032x"), "span_id": format(context.span_id, "016x")}
+
+
 class JsonFormatter(logging.Formatter):
     def __init__(self, redact: Redactor) -> None:
         super().__init__()
@@ -118,7 +129,7 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
             **_extras(record),
-            **current_ids(),
+            **_trace_ids(),
         }
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)

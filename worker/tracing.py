@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -128,18 +127,6 @@ def shutdown_tracing() -> None:
     _provider.shutdown()
     _provider = None
     _carried.clear()
-
-
-def current_ids() -> dict[str, str]:
-    """trace_id and span_id of the active span, for log lines; nothing when no span is active
-    (or OpenTelemetry was never imported: then none can be)."""
-    otel = sys.modules.get("opentelemetry.trace")
-    if otel is None:
-        return {}
-    context = otel.get_current_span().get_span_context()
-    if not context.is_valid:
-        return {}
-    return {"trace_id": format(context.trace_id, "032x"), "span_id": format(context.span_id, "016x")}
 
 
 # --- the receiver ---------------------------------------------------------------------------
