@@ -98,7 +98,11 @@ _ADVANCE_ALL = text(
 
 def advance_all(session: Session, wanted: list[tuple[str, str, int, str, int]]) -> list[bool]:
     """`advance` for each (object_id, object_type, created, event_id, rank) in turn: the same
-    answers and the same rows, in two statements whatever their number."""
+    answers and the same rows, in two statements whatever their number.
+
+    The answers are read before the rows are written, and an object with no version row yet
+    has nothing to lock: the caller must hold a lock that serializes every writer of these
+    objects (the invoice snapshots' `"Invoice"` rows, domain/invoice_mirror.py)."""
     if not wanted:
         return []
     object_ids, object_types, created, event_ids, ranks = (list(column) for column in zip(*wanted))

@@ -583,11 +583,13 @@ def _payment_events_of_one_invoice(inv) -> list[dict]:
 
 
 @pytest.mark.parametrize("invalid", [False, True])
-def test_a_batch_of_one_invoices_charges_refunds_and_disputes_ends_as_one_at_a_time(db, invalid):
+def test_a_batch_of_one_invoices_charges_refunds_and_disputes_ends_as_one_at_a_time(db, invalid, caplog):
     """Payment events share one savepoint in a batch; each still reads what the one before it
-    wrote, and one that fails is left alone while the others are applied."""
-    states = []
+    wrote, and one that fails is left alone while the others are applied. What they log is
+    logged once, as one at a time: not again for a shared attempt that was rolled back."""
+    states, alerts = [], []
     for batched in (False, True):
+        caplog.clear()
         _reset(db)
         inv = app_invoice(db)
         deliver(db, *paid_with_payment(inv, "pi_batch000001"))
@@ -604,7 +606,10 @@ def test_a_batch_of_one_invoices_charges_refunds_and_disputes_ends_as_one_at_a_t
             outcomes = deliver(db, *events)
             assert outcomes == ["parked" if invalid and n == 3 else "processed" for n in range(len(events))]
         states.append(ledger_state(db, inv.id))
+        alerts.append([r.getMessage() for r in caplog.records
+                       if r.name == "domain.payments" and "dp_batch000001" in r.getMessage()])
     assert states[1] == states[0]
+    assert alerts[1] == alerts[0] and len(alerts[0]) == 1, alerts
     assert states[0]["transactions"][0][::7] == (PAID, 5_000)
     assert states[0]["disputes"] == [("dp_batch000001", "ch_batch000001", "lost")]
 

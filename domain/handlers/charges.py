@@ -5,7 +5,9 @@ Only the platform's own: a connected account's are about its own money."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 from sqlalchemy.orm import Session
 
@@ -50,6 +52,40 @@ def _apply_in_order(session: Session, events: list[StripeEvent]) -> None:
         _apply(session, event)
 
 
+class _Held(logging.Filter):
+    """Keeps this thread's log records from the handlers (each record once, whichever handlers
+    it passes through); other threads' go through."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.thread = threading.get_ident()
+        self.records: dict[int, logging.LogRecord] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.thread != self.thread:
+            return True
+        self.records.setdefault(id(record), record)
+        return False
+
+
+@contextmanager
+def _logs_kept_if_committed() -> Iterator[None]:
+    """What the block logs is written once it has succeeded, and dropped if it raises: a shared
+    attempt that is rolled back is applied again event by event, which logs again (a dispute
+    alert or a "transaction created" line must not appear twice, or for work undone)."""
+    held = _Held()
+    handlers = list(logging.getLogger().handlers)
+    for handler in handlers:
+        handler.addFilter(held)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(held)
+    for record in held.records.values():
+        logging.getLogger(record.name).handle(record)
+
+
 @handles(*_APPLY, batch=True, platform_only=True, last=True)
 def payment_events(session: Session, events: list[StripeEvent], *, skip_busy: bool) -> list[StripeEvent]:
     """A batch's payment events, in order, each reading every row afresh as it would alone.
@@ -61,7 +97,7 @@ def payment_events(session: Session, events: list[StripeEvent], *, skip_busy: bo
         _apply_in_order(session, events)
         return []
     try:
-        with session.begin_nested():
+        with _logs_kept_if_committed(), session.begin_nested():
             _apply_in_order(session, events)
         return []
     except Exception as error:

@@ -4,8 +4,6 @@ is marked for the next reconciliation pass, which does the matching (domain/conn
 
 from __future__ import annotations
 
-import logging
-
 from sqlalchemy.orm import Session
 
 from domain.connect.accounts import DEAUTHORIZED, snapshot_of, sync_account
@@ -14,8 +12,6 @@ from domain.errors import InvalidPayload
 from domain.handlers.registry import handles
 from domain.payload import event_object
 from models import StripeEvent
-
-log = logging.getLogger(__name__)
 
 
 @handles("account.updated")

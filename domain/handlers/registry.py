@@ -33,9 +33,9 @@ def handles(*event_types: str, batch: bool = False, platform_only: bool = False,
     """Register a handler of `event_types`: `fn(session, event)`, or with `batch=True`
     `fn(session, events, skip_busy=...) -> events left`, called once with all of a batch's
     events of those types (in order), for handlers that can share their lookups and locks.
-    Batch handlers run first, in the order their types first appear in the batch; with `last`,
-    after the others, as handlers called one event at a time do (after the invoice snapshots
-    that create the transactions their events apply to).
+    Batch handlers run first, in the order their types first appear in the batch, those with
+    `last` after the others (after the invoice snapshots that create the transactions their
+    events apply to); handlers called one event at a time run after every batch handler.
 
     With `platform_only`, the types describe the platform's own money (invoices, charges,
     refunds, disputes, transfers): the same types from a connected account are about that
