@@ -92,12 +92,14 @@ def parse_event(body: str, endpoint: Endpoint, *, livemode: bool) -> IncomingEve
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError:
-        # What orjson refuses and the standard parser may take (an integer past 64 bits, a lone
-        # surrogate, deep nesting): judged as before, the same body answered the same way.
+        # What orjson refuses and the standard parser may take (a lone surrogate, deep nesting):
+        # judged as before, the same body answered the same way.
         data = json.loads(body, parse_constant=_no_constants)
     if "\\u0000" in body:
-        # JSON allows NUL in strings, Postgres's jsonb does not: store U+FFFD instead.
-        data = _without_nul(data)
+        # JSON allows NUL in strings, Postgres's jsonb does not: store U+FFFD instead. The body
+        # is rewritten from the standard parser's reading, which keeps every integer exact
+        # (orjson reads one past 64 bits as a float).
+        data = _without_nul(json.loads(body, parse_constant=_no_constants))
         body = json.dumps(data)
     return event_from_dict(data, body, endpoint, livemode=livemode)
 

@@ -210,3 +210,13 @@ def test_a_forged_signature_never_reaches_the_inbox_whatever_the_body(client, db
         assert client.post("/webhooks/stripe", content=raw, headers={"Stripe-Signature": header}).status_code == 400
     with session_scope() as session:
         assert session.execute(text("SELECT count(*) FROM marketplace_worker.stripe_events")).scalar() == 0
+
+
+def test_a_body_rewritten_for_its_nul_keeps_every_number_exact():
+    """The one body not stored as Stripe signed it (NUL is not storable in jsonb) is rewritten
+    from an exact reading: an integer past 64 bits stays that integer, not a float."""
+    event = se.event("customer.created", {"id": "cus_1", "object": "customer", "name": "a\u0000b",
+                                          "metadata": {"big": 12345678901234567890123}})
+    stored = json.loads(parse_event(json.dumps(event), "platform", livemode=False).body)
+    assert stored["data"]["object"]["metadata"]["big"] == 12345678901234567890123
+    assert stored["data"]["object"]["name"] == "a\ufffdb"

@@ -4,6 +4,7 @@ from pathlib import Path
 
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+import pytest
 from sqlalchemy import Column, MetaData, Table, Text
 
 import models
@@ -116,6 +117,54 @@ def test_the_inbox_becomes_partitioned_with_its_rows_and_their_ids(services):
         command.downgrade(cfg, "0017_provider_stats_staged")
         with psycopg.connect(conninfo) as conn:
             assert conn.execute("SELECT count(*) FROM marketplace_worker.stripe_events").fetchone()[0] == 40
+    finally:
+        command.upgrade(cfg, "head")
+        with psycopg.connect(conninfo) as conn:
+            conn.execute("TRUNCATE marketplace_worker.stripe_events, marketplace_worker.stripe_event_ids")
+
+
+def test_the_inbox_conversion_runs_again_after_its_swap_stopped(services, monkeypatch):
+    """The swap may stop on its lock timeout after the earlier steps have committed (the key
+    table, the copy trigger, the range check, the index): the migration then runs again to
+    the end, and every id is in the key table."""
+    import psycopg
+    from alembic import command, op
+
+    from config import get_settings
+    from models.migrate import alembic_config
+
+    url = get_settings().database_url
+    cfg = alembic_config(url)
+    conninfo = url.replace("postgresql+psycopg://", "postgresql://", 1)
+    command.downgrade(cfg, "0017_provider_stats_staged")
+    try:
+        with psycopg.connect(conninfo) as conn:
+            conn.execute(
+                "INSERT INTO marketplace_worker.stripe_events (id, type, livemode, created, payload, endpoint,"
+                " status) SELECT 'evt_again_' || i, 'invoice.paid', false, 1, '{}', 'platform', 'processed'"
+                " FROM generate_series(1, 5) i")
+        execute = op.execute
+
+        def swap_times_out(sql, *args, **kwargs):
+            if "RENAME TO stripe_events_legacy" in str(sql):
+                raise psycopg.errors.LockNotAvailable("canceling statement due to lock timeout")
+            return execute(sql, *args, **kwargs)
+
+        monkeypatch.setattr(op, "execute", swap_times_out)
+        with pytest.raises(Exception, match="lock timeout"):
+            command.upgrade(cfg, "head")
+        monkeypatch.setattr(op, "execute", execute)
+        with psycopg.connect(conninfo) as conn:
+            # Stopped before the swap, with the earlier steps committed.
+            assert conn.execute("SELECT to_regclass('marketplace_worker.stripe_event_ids')").fetchone()[0]
+            conn.execute(
+                "INSERT INTO marketplace_worker.stripe_events (id, type, livemode, created, payload, endpoint,"
+                " status) VALUES ('evt_again_late', 'invoice.paid', false, 1, '{}', 'platform', 'processed')")
+        command.upgrade(cfg, "head")
+        with psycopg.connect(conninfo) as conn:
+            assert conn.execute("SELECT count(*) FROM marketplace_worker.stripe_events").fetchone()[0] == 6
+            assert conn.execute("SELECT count(*) FROM marketplace_worker.stripe_event_ids").fetchone()[0] == 6
+            assert conn.execute("SELECT to_regclass('marketplace_worker.stripe_events_legacy')").fetchone()[0]
     finally:
         command.upgrade(cfg, "head")
         with psycopg.connect(conninfo) as conn:

@@ -83,22 +83,27 @@ def upgrade() -> None:
     legacy_ahead = 2 if _month(now, 1) - now < timedelta(days=1) else 1
     bound = _month(now, legacy_ahead)
 
-    op.create_table(
-        'stripe_event_ids',
-        sa.Column('id', sa.Text(), nullable=False),
-        sa.Column('received_at', sa.DateTime(timezone=True), nullable=False),
-        sa.PrimaryKeyConstraint('id', name=op.f('pk_stripe_event_ids')),
-        schema=S,
-    )
-    op.create_index('ix_stripe_event_ids_received_at', 'stripe_event_ids', ['received_at'], unique=False, schema=S)
+    # Steps 1 to 4 are committed before the swap, which may stop on its lock timeout: each is
+    # written so that running the migration again redoes it (IF NOT EXISTS, OR REPLACE, drop
+    # and add), and the copy trigger keeps filling the key table meanwhile.
+    op.execute("SET LOCAL lock_timeout = '10s'")  # the trigger's lock on the inbox, as the swap's
     op.execute(f"""
-        CREATE FUNCTION {S}.stripe_event_ids_copy() RETURNS trigger LANGUAGE plpgsql AS $$
+        CREATE TABLE IF NOT EXISTS {S}.stripe_event_ids (
+            id text NOT NULL,
+            received_at timestamptz NOT NULL,
+            CONSTRAINT pk_stripe_event_ids PRIMARY KEY (id)
+        )
+    """)
+    op.execute(f"CREATE INDEX IF NOT EXISTS ix_stripe_event_ids_received_at ON {S}.stripe_event_ids (received_at)")
+    op.execute(f"""
+        CREATE OR REPLACE FUNCTION {S}.stripe_event_ids_copy() RETURNS trigger LANGUAGE plpgsql AS $$
         BEGIN
             INSERT INTO {S}.stripe_event_ids (id, received_at) VALUES (NEW.id, NEW.received_at)
             ON CONFLICT (id) DO NOTHING;
             RETURN NULL;
         END $$
     """)
+    op.execute(f"DROP TRIGGER IF EXISTS stripe_event_ids_copy ON {S}.stripe_events")
     op.execute(f"""
         CREATE TRIGGER stripe_event_ids_copy AFTER INSERT ON {S}.stripe_events
         FOR EACH ROW EXECUTE FUNCTION {S}.stripe_event_ids_copy()
@@ -120,11 +125,14 @@ def upgrade() -> None:
             if last is None:
                 break
             after = last
+        op.execute(f"ALTER TABLE {S}.stripe_events DROP CONSTRAINT IF EXISTS stripe_events_legacy_range")
         op.execute(f"""
             ALTER TABLE {S}.stripe_events ADD CONSTRAINT stripe_events_legacy_range
             CHECK (received_at < '{bound.isoformat()}') NOT VALID
         """)
         op.execute(f"ALTER TABLE {S}.stripe_events VALIDATE CONSTRAINT stripe_events_legacy_range")
+        # A concurrent build that failed leaves an invalid index behind: built again.
+        op.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {S}.stripe_events_legacy_pkey")
         op.execute(f"CREATE UNIQUE INDEX CONCURRENTLY stripe_events_legacy_pkey ON {S}.stripe_events (id, received_at)")
 
     op.execute("SET LOCAL lock_timeout = '10s'")
