@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -55,6 +56,8 @@ _CARRIED_MAX = 10_000
 
 _provider: TracerProvider | None = None
 _carried: OrderedDict[str, Any] = OrderedDict()
+# The event loop adds to it and the publisher thread takes from it.
+_carried_lock = threading.Lock()
 _errors_on = False
 
 
@@ -197,9 +200,10 @@ def carrying(event_id: str) -> None:
     if not context.is_valid:
         return
     span.set_attribute(EVENT_ID, event_id)
-    _carried[event_id] = context
-    while len(_carried) > _CARRIED_MAX:
-        _carried.popitem(last=False)
+    with _carried_lock:
+        _carried[event_id] = context
+        while len(_carried) > _CARRIED_MAX:
+            _carried.popitem(last=False)
 
 
 def publishing(enqueue: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
@@ -214,7 +218,8 @@ def publishing(enqueue: Callable[[list[str]], None]) -> Callable[[list[str]], No
     def traced(event_ids: list[str]) -> None:
         links = []
         for event_id in event_ids:
-            request = _carried.pop(event_id, None)
+            with _carried_lock:
+                request = _carried.pop(event_id, None)
             if request is not None:
                 links.append(trace.Link(request, {EVENT_ID: event_id}))
         with tracer.start_as_current_span(
