@@ -127,14 +127,23 @@ def _apply_batch(session: Session, event_ids: list[str]) -> tuple[dict[str, Atte
         outcomes |= dict.fromkeys((event.id for event in left), AttemptOutcome.DEFERRED)
         applied += [event for event in events if event.id not in outcomes]
         forget_rows(session)
-    for event in applied:
-        event.status = EventStatus.PROCESSED
-        event.attempts += 1
-        event.last_error = None
-        event.next_attempt_at = None
-        event.processed_at = now
-        outcomes[event.id] = AttemptOutcome.PROCESSED
+    _mark_processed(session, applied, now)
+    outcomes |= dict.fromkeys((event.id for event in applied), AttemptOutcome.PROCESSED)
     return outcomes, facts
+
+
+def _mark_processed(session: Session, events: list[StripeEvent], now: datetime) -> None:
+    """Mark a batch's applied events in one statement, not one UPDATE per event. Their
+    received months let Postgres look in those months' partitions only."""
+    if events:
+        session.execute(
+            update(StripeEvent)
+            .where(StripeEvent.id.in_([event.id for event in events]),
+                   StripeEvent.received_at.in_({event.received_at for event in events}))
+            .values(status=EventStatus.PROCESSED, attempts=StripeEvent.attempts + 1, last_error=None,
+                    next_attempt_at=None, processed_at=now)
+            .execution_options(synchronize_session="evaluate")
+        )
 
 
 def _ignored_reason(event: StripeEvent) -> str | None:

@@ -247,7 +247,9 @@ def _merge(row: Transaction, facts: InvoiceFacts, invoice: Invoice) -> bool:
 # Refunded cents of an invoice's payment: per charge, the cumulative `amount_refunded` of its
 # newest snapshot when one was seen, else the sum of its counted refunds; plus every lost
 # dispute's amount (the money went back; a lost dispute leaves `amount_refunded` as it was).
-_REFUNDED_SQL = text(
+# Written to the transaction's refund row in the same statement (none when nothing is
+# refunded); `changed` says whether that row changed.
+_APPLY_REFUNDS_SQL = text(
     """
     WITH charges AS (
         SELECT charge_id, amount_refunded, refunded FROM marketplace_worker.stripe_charges
@@ -261,26 +263,26 @@ _REFUNDED_SQL = text(
     ), lost AS (
         SELECT coalesce(sum(amount), 0) AS cents FROM marketplace_worker.stripe_disputes
         WHERE (charge_id = :charge_id OR payment_intent_id = :payment_intent_id) AND status = 'lost'
+    ), total AS (
+        SELECT coalesce(sum(coalesce(c.amount_refunded, r.counted)), 0) + (SELECT cents FROM lost) AS refunded_cents,
+               coalesce(bool_or(c.refunded), false) AS fully_refunded
+        FROM charges c FULL JOIN refunds r ON r.charge_key = c.charge_id
+    ), set_row AS (
+        INSERT INTO marketplace_worker.transaction_refunds AS t (transaction_id, refunded_cents, updated_at)
+        SELECT CAST(:transaction_id AS bigint), refunded_cents, now() FROM total WHERE refunded_cents <> 0
+        ON CONFLICT (transaction_id) DO UPDATE
+            SET refunded_cents = excluded.refunded_cents, updated_at = now()
+            WHERE t.refunded_cents <> excluded.refunded_cents
+        RETURNING 1
+    ), cleared_row AS (
+        DELETE FROM marketplace_worker.transaction_refunds
+        WHERE transaction_id = :transaction_id AND (SELECT refunded_cents FROM total) = 0
+        RETURNING 1
     )
-    SELECT coalesce(sum(coalesce(c.amount_refunded, r.counted)), 0) + (SELECT cents FROM lost) AS refunded_cents,
-           coalesce(bool_or(c.refunded), false) AS fully_refunded
-    FROM charges c FULL JOIN refunds r ON r.charge_key = c.charge_id
+    SELECT refunded_cents, fully_refunded,
+           EXISTS (SELECT 1 FROM set_row) OR EXISTS (SELECT 1 FROM cleared_row) AS changed
+    FROM total
     """
-)
-
-_SET_REFUND = text(
-    """
-    INSERT INTO marketplace_worker.transaction_refunds AS t (transaction_id, refunded_cents, updated_at)
-    VALUES (:transaction_id, :refunded_cents, now())
-    ON CONFLICT (transaction_id) DO UPDATE
-        SET refunded_cents = excluded.refunded_cents, updated_at = now()
-        WHERE t.refunded_cents <> excluded.refunded_cents
-    RETURNING 1
-    """
-)
-
-_CLEAR_REFUND = text(
-    "DELETE FROM marketplace_worker.transaction_refunds WHERE transaction_id = :transaction_id RETURNING 1"
 )
 
 
@@ -291,12 +293,10 @@ def apply_refunds(session: Session, invoice: Invoice, row: Transaction) -> bool:
         return False  # no payment linked, so no refund either (links are never removed)
     if row.id is None:  # created by this call: its id keys the refund row
         session.flush()
-    refunded, fully = session.execute(
-        _REFUNDED_SQL,
-        {"charge_id": invoice.stripeChargeId, "payment_intent_id": invoice.stripePaymentIntentId},
-    ).one()
-    params = {"transaction_id": row.id, "refunded_cents": refunded}
-    changed = session.execute(_SET_REFUND if refunded else _CLEAR_REFUND, params).first() is not None
+    refunded, fully, changed = session.execute(_APPLY_REFUNDS_SQL, {
+        "charge_id": invoice.stripeChargeId, "payment_intent_id": invoice.stripePaymentIntentId,
+        "transaction_id": row.id,
+    }).one()
     if refunded > 0 and (fully or refunded >= row.totalCents):
         before = row.status
         row.status = lifecycle.merge(before, lifecycle.REFUNDED)

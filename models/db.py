@@ -3,9 +3,14 @@ share the parent's connections, so the engine is created lazily after the fork."
 
 from __future__ import annotations
 
+import json
 import os
+import re
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
+from typing import Any
+
+import orjson
 
 from sqlalchemy import Engine, create_engine
 from sqlalchemy.orm import Session, sessionmaker
@@ -17,6 +22,22 @@ _engines: dict[tuple[int, str], Engine] = {}
 # What work that commits as it goes is given: `session_scope`, or a test's own factory (a
 # least-privilege role, a second database). Each call is one transaction.
 SessionFactory = Callable[[], AbstractContextManager[Session]]
+
+
+# A digit run this long may be an integer past 64 bits, which orjson reads as a float.
+_LONG_NUMBER = re.compile(rb"[0-9]{19}")
+
+
+def _json_loads(text: str | bytes) -> Any:
+    """jsonb values as the standard parser reads them, several times faster: orjson, except for
+    a document with a number orjson could read inexactly (Stripe sends none)."""
+    data = text.encode() if isinstance(text, str) else text
+    if not _LONG_NUMBER.search(data):
+        try:
+            return orjson.loads(data)
+        except orjson.JSONDecodeError:  # nesting past orjson's depth: the standard parser's answer
+            pass
+    return json.loads(data)
 
 
 def get_engine(url: str | None = None) -> Engine:
@@ -31,6 +52,7 @@ def get_engine(url: str | None = None) -> Engine:
             max_overflow=5,
             # Fail fast when Postgres is down, and never hang on a lock forever.
             connect_args={"connect_timeout": 5, "options": "-c lock_timeout=10000"},
+            json_deserializer=_json_loads,
         )
         _engines[key] = engine
     return engine
