@@ -31,7 +31,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from sqlalchemy import or_, select, text
+from sqlalchemy import case, or_, select, text
 from sqlalchemy.orm import Session
 
 from domain import lifecycle, versions
@@ -78,27 +78,23 @@ def _lock_invoice_for_payment(
     Looks by the invoice's charge, then its PaymentIntent, then what the charge itself names
     (its `invoice` before basil, `metadata.invoiceId`). When nothing is linked, it takes the
     payment lock and looks again, so a link committed meanwhile is not missed."""
+    # One locking read, ranked as the looks above go: the invoice of the charge, then of the
+    # PaymentIntent, then of the Stripe invoice, then the app's id; only the row returned is locked.
+    ranked = [(rank, condition) for rank, condition in enumerate((
+        Invoice.stripeChargeId == charge_id if charge_id else None,
+        Invoice.stripePaymentIntentId == payment_intent_id if payment_intent_id else None,
+        Invoice.stripeInvoiceId == stripe_invoice_id if stripe_invoice_id else None,
+        Invoice.id == int(app_invoice_id) if isinstance(app_invoice_id, str) and app_invoice_id.isdigit() else None,
+    )) if condition is not None]
 
     def find() -> Invoice | None:
-        by_payment = [c for c in (
-            Invoice.stripeChargeId == charge_id if charge_id else None,
-            Invoice.stripePaymentIntentId == payment_intent_id if payment_intent_id else None,
-        ) if c is not None]
-        if by_payment:
-            found = session.execute(
-                select(Invoice).where(or_(*by_payment))
-                .order_by((Invoice.stripeChargeId == charge_id).desc().nulls_last(), Invoice.id)
-                .limit(1).with_for_update()
-            ).scalar_one_or_none()
-            if found is not None:
-                return found
-        if stripe_invoice_id:
-            found = _lock_one(session, Invoice.stripeInvoiceId == stripe_invoice_id)
-            if found is not None:
-                return found
-        if isinstance(app_invoice_id, str) and app_invoice_id.isdigit():
-            return _lock_one(session, Invoice.id == int(app_invoice_id))
-        return None
+        if not ranked:
+            return None
+        return session.execute(
+            select(Invoice).where(or_(*(condition for _, condition in ranked)))
+            .order_by(case(*((condition, rank) for rank, condition in ranked)), Invoice.id)
+            .limit(1).with_for_update()
+        ).scalar_one_or_none()
 
     invoice = find()
     if invoice is None:

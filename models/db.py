@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any
@@ -24,15 +23,19 @@ _engines: dict[tuple[int, str], Engine] = {}
 SessionFactory = Callable[[], AbstractContextManager[Session]]
 
 
-# A digit run this long may be an integer past 64 bits, which orjson reads as a float.
-_LONG_NUMBER = re.compile(rb"[0-9]{19}")
+# A digit run this long may be an integer past 64 bits, which orjson reads as a float. Found
+# by mapping every digit to "0" and anything else to a space, then searching: several times
+# faster than a regular expression over a 9 KB payload.
+_DIGITS = bytes.maketrans(bytes(range(256)), bytes(ord("0") if chr(c).isdigit() and c < 128 else ord(" ")
+                                                    for c in range(256)))
+_LONG_NUMBER = b"0" * 19
 
 
 def _json_loads(text: str | bytes) -> Any:
     """jsonb values as the standard parser reads them, several times faster: orjson, except for
     a document with a number orjson could read inexactly (Stripe sends none)."""
     data = text.encode() if isinstance(text, str) else text
-    if not _LONG_NUMBER.search(data):
+    if _LONG_NUMBER not in data.translate(_DIGITS):
         try:
             return orjson.loads(data)
         except orjson.JSONDecodeError:  # nesting past orjson's depth: the standard parser's answer

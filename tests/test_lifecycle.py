@@ -405,6 +405,16 @@ def test_a_basil_charge_is_linked_to_the_invoice_whichever_comes_first(db):
         assert state["transactions"][0][::7] == (PAID, 1_000)
 
 
+def test_a_charge_goes_to_the_invoice_linked_to_it_before_the_one_its_metadata_names(db):
+    linked, named = app_invoice(db), app_invoice(db)
+    deliver(db, evt("invoice.paid", paid(linked, shape="legacy", charge="ch_rank0000001"), T0 + HOUR))
+    charge = se.charge(id="ch_rank0000001", amount=10_000, amount_refunded=2_500,
+                       metadata={"invoiceId": str(named.id)})
+    assert deliver(db, evt("charge.refunded", charge, T0 + DAY)) == ["processed"]
+    assert ledger_state(db, linked.id)["transactions"][0][::7] == (PAID, 2_500)
+    assert ledger_state(db, named.id)["invoice"][0][5:] == (None, None)
+
+
 def test_a_charge_of_no_marketplace_invoice_is_processed_not_parked(db):
     other = app_invoice(db, isMarketplaceInvoice=False, stripeChargeId="ch_notours001")
     outcomes = deliver(
