@@ -38,7 +38,7 @@ def _json_loads(text: str | bytes) -> Any:
     if _LONG_NUMBER not in data.translate(_DIGITS):
         try:
             return orjson.loads(data)
-        except orjson.JSONDecodeError:  # nesting past orjson's depth: the standard parser's answer
+        except orjson.JSONDecodeError:  # what orjson refuses (deep nesting, 1e400): the standard parser's answer
             pass
     return json.loads(data)
 
