@@ -1,8 +1,11 @@
 """The models match the main app's schema.sql and the worker's migrations."""
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from alembic.autogenerate import compare_metadata
+from alembic.config import Config
 from alembic.migration import MigrationContext
 import pytest
 from sqlalchemy import Column, MetaData, Table, Text
@@ -74,17 +77,15 @@ def test_migrations_form_one_line_that_downgrades_to_nothing_and_back(services):
     assert model_mismatches(get_engine(), models.Base.metadata) == []
 
 
-def test_the_inbox_becomes_partitioned_with_its_rows_and_their_ids(services):
-    """0018 on an inbox with rows: the table is attached as the legacy partition (nothing
-    copied), every id is in the key table, later months and DEFAULT exist, a redelivery of an
-    old id stores nothing, and the downgrade gives the rows back in one table."""
+@contextmanager
+def inbox_before_partitioning(prefix: str, count: int) -> Iterator[tuple[Config, str]]:
+    """The schema downgraded to just before 0018, its inbox holding `count` processed events
+    `prefix1`... received a day apart; yields the Alembic config and the conninfo. Afterwards
+    the schema is at head again with an empty inbox."""
     import psycopg
     from alembic import command
 
     from config import get_settings
-    from domain.inbox import INSERT_EVENTS_SQL, event_from_dict, insert_params
-    from domain.retention import partitions
-    from models.db import session_scope
     from models.migrate import alembic_config
 
     url = get_settings().database_url
@@ -95,8 +96,30 @@ def test_the_inbox_becomes_partitioned_with_its_rows_and_their_ids(services):
         with psycopg.connect(conninfo) as conn:
             conn.execute(
                 "INSERT INTO marketplace_worker.stripe_events (id, type, livemode, created, payload, endpoint,"
-                " status, received_at) SELECT 'evt_before_' || i, 'invoice.paid', false, 1, '{}', 'platform',"
-                " 'processed', now() - i * interval '1 day' FROM generate_series(1, 40) i")
+                " status, received_at) SELECT %s || i, 'invoice.paid', false, 1, '{}', 'platform',"
+                " 'processed', now() - i * interval '1 day' FROM generate_series(1, %s) i", (prefix, count))
+        yield cfg, conninfo
+    finally:
+        command.upgrade(cfg, "head")
+        with psycopg.connect(conninfo) as conn:
+            conn.execute("TRUNCATE marketplace_worker.stripe_events, marketplace_worker.stripe_event_ids")
+
+
+def test_the_inbox_becomes_partitioned_with_its_rows_and_their_ids(services):
+    """0018 on an inbox with rows: the table is attached as the legacy partition (nothing
+    copied), every id is in the key table, later months and DEFAULT exist, a redelivery of an
+    old id stores nothing, and the downgrade gives the rows back in one table."""
+    import json
+
+    import psycopg
+    from alembic import command
+
+    from domain.inbox import INSERT_EVENTS_SQL, event_from_dict, insert_params
+    from domain.retention import partitions
+    from models.db import session_scope
+
+    with inbox_before_partitioning("evt_before_", 40) as (cfg, conninfo):
+        with psycopg.connect(conninfo) as conn:
             table = conn.execute("SELECT 'marketplace_worker.stripe_events'::regclass::oid").fetchone()[0]
         command.upgrade(cfg, "head")
         with psycopg.connect(conninfo) as conn:
@@ -106,7 +129,6 @@ def test_the_inbox_becomes_partitioned_with_its_rows_and_their_ids(services):
             assert conn.execute("SELECT 'marketplace_worker.stripe_events_legacy'::regclass::oid").fetchone()[0] == table
             body = '{"id": "evt_before_7", "object": "event", "type": "invoice.paid", "created": 1,' \
                    ' "livemode": false, "data": {"object": {"id": "in_1"}}}'
-            import json
             again = event_from_dict(json.loads(body), body, "platform", livemode=False)
             assert conn.execute(INSERT_EVENTS_SQL, insert_params([again, again])).fetchall() == []
         with session_scope() as session:
@@ -117,10 +139,6 @@ def test_the_inbox_becomes_partitioned_with_its_rows_and_their_ids(services):
         command.downgrade(cfg, "0017_provider_stats_staged")
         with psycopg.connect(conninfo) as conn:
             assert conn.execute("SELECT count(*) FROM marketplace_worker.stripe_events").fetchone()[0] == 40
-    finally:
-        command.upgrade(cfg, "head")
-        with psycopg.connect(conninfo) as conn:
-            conn.execute("TRUNCATE marketplace_worker.stripe_events, marketplace_worker.stripe_event_ids")
 
 
 def test_the_inbox_conversion_runs_again_after_its_swap_stopped(services, monkeypatch):
@@ -130,19 +148,7 @@ def test_the_inbox_conversion_runs_again_after_its_swap_stopped(services, monkey
     import psycopg
     from alembic import command, op
 
-    from config import get_settings
-    from models.migrate import alembic_config
-
-    url = get_settings().database_url
-    cfg = alembic_config(url)
-    conninfo = url.replace("postgresql+psycopg://", "postgresql://", 1)
-    command.downgrade(cfg, "0017_provider_stats_staged")
-    try:
-        with psycopg.connect(conninfo) as conn:
-            conn.execute(
-                "INSERT INTO marketplace_worker.stripe_events (id, type, livemode, created, payload, endpoint,"
-                " status) SELECT 'evt_again_' || i, 'invoice.paid', false, 1, '{}', 'platform', 'processed'"
-                " FROM generate_series(1, 5) i")
+    with inbox_before_partitioning("evt_again_", 5) as (cfg, conninfo):
         execute = op.execute
 
         def swap_times_out(sql, *args, **kwargs):
@@ -165,7 +171,3 @@ def test_the_inbox_conversion_runs_again_after_its_swap_stopped(services, monkey
             assert conn.execute("SELECT count(*) FROM marketplace_worker.stripe_events").fetchone()[0] == 6
             assert conn.execute("SELECT count(*) FROM marketplace_worker.stripe_event_ids").fetchone()[0] == 6
             assert conn.execute("SELECT to_regclass('marketplace_worker.stripe_events_legacy')").fetchone()[0]
-    finally:
-        command.upgrade(cfg, "head")
-        with psycopg.connect(conninfo) as conn:
-            conn.execute("TRUNCATE marketplace_worker.stripe_events, marketplace_worker.stripe_event_ids")
