@@ -496,6 +496,68 @@ def test_a_connected_accounts_invoice_charge_refund_or_dispute_changes_no_platfo
     assert transaction(db, inv).status == INVOICED
 
 
+# Every type about the platform's own money: from a connected account each is about that
+# account's objects, whatever ids or metadata it carries. A handler added for such a type must
+# be registered `platform_only`, and join this list.
+PLATFORM_MONEY_TYPES = {
+    "invoice.created", "invoice.finalized", "invoice.updated", "invoice.paid", "invoice.payment_succeeded",
+    "invoice.payment_failed", "invoice.voided", "invoice.marked_uncollectible", "invoice_payment.paid",
+    "charge.succeeded", "charge.refunded", "charge.refund.updated", "refund.created", "refund.updated",
+    "refund.failed", "charge.dispute.created", "charge.dispute.updated", "charge.dispute.closed",
+    "charge.dispute.funds_withdrawn", "charge.dispute.funds_reinstated", "transfer.created",
+    "transfer.updated", "transfer.reversed",
+}
+_INVOICE_STATUS_OF = {"invoice.created": "draft", "invoice.voided": "void", "invoice.marked_uncollectible":
+                      "uncollectible", "invoice.paid": "paid", "invoice.payment_succeeded": "paid"}
+
+
+def test_the_platform_money_types_are_the_ones_registered_platform_only():
+    from domain.handlers import HANDLERS
+
+    assert {t for t, registered in HANDLERS.items() if registered.platform_only} == PLATFORM_MONEY_TYPES
+
+
+def _connected_accounts_object(event_type: str, invoice: Invoice) -> dict:
+    """A connected account's own object of the event's kind, reusing the platform's ids."""
+    charge, stripe_invoice = invoice.stripeChargeId, invoice.stripeInvoiceId
+    if event_type.startswith("invoice_payment."):
+        return se.invoice_payment(invoice=stripe_invoice, amount=10_000, charge=charge)
+    if event_type.startswith("invoice."):
+        return se.invoice(id=stripe_invoice, app_invoice_id=str(invoice.id), amount=10_000, created=T0,
+                          status=_INVOICE_STATUS_OF.get(event_type, "open"))
+    if event_type.startswith("charge.dispute."):
+        return se.dispute(charge=charge, amount=10_000, status="lost" if event_type.endswith("closed") else "needs_response")
+    if event_type.startswith("refund.") or event_type == "charge.refund.updated":
+        return se.refund(charge=charge, amount=10_000, status="failed" if event_type == "refund.failed" else "succeeded")
+    if event_type.startswith("charge."):
+        return se.charge(id=charge, amount=10_000, amount_refunded=10_000 if event_type == "charge.refunded" else 0)
+    return se.transfer(amount=5_000, destination="acct_1Elsewhere000001")
+
+
+_WORKER_RECORDS = ("stripe_object_versions", "stripe_charges", "stripe_refunds", "stripe_disputes",
+                   "stripe_invoice_payments", "connect_transfers", "transaction_refunds")
+
+
+@pytest.mark.parametrize("event_type", sorted(PLATFORM_MONEY_TYPES))
+def test_each_platform_money_type_from_a_connected_account_is_ignored_and_records_nothing(db, event_type):
+    linked = app_invoice(db, stripeInvoiceId="in_platform0003", stripeChargeId="ch_platform0003", status="paid")
+    deliver(db, evt("invoice.paid", paid(linked, id="in_platform0003", shape="legacy", charge="ch_platform0003"),
+                    T0 + HOUR))
+
+    def records() -> dict[str, int]:
+        return {table: db.execute(text(f"SELECT count(*) FROM marketplace_worker.{table}")).scalar_one()
+                for table in _WORKER_RECORDS}
+
+    before = ledger_state(db, linked.id), records()
+    account = "acct_1Connected00002"
+    event = evt(event_type, _connected_accounts_object(event_type, linked), T0 + DAY, account=account)
+    store(db, event, endpoint="connect")
+    assert run_batch([event["id"]]) == {event["id"]: "ignored"}
+    status, reason = event_status(db, event["id"])
+    assert reason.startswith(f"connected account {account}"), reason
+    assert (ledger_state(db, linked.id), records()) == before
+
+
 def test_amounts_follow_the_invoice_until_it_is_paid_then_stay(db):
     from domain import polling
 
