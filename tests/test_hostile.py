@@ -138,12 +138,20 @@ def test_any_bytes_get_a_defined_answer(client, db, raw, signed):
     ),
     created=st.integers(min_value=1, max_value=2**40 - 1),
 )
+# Amounts of the wrong type, always tried: a handler that used them unchecked would crash.
+@example(event_type="charge.refunded", obj={"id": "ch_fuzz1", "object": "charge", "amount": "100"}, created=1)
+@example(event_type="refund.created", obj={"id": "re_fuzz1", "object": "refund", "charge": "ch_fuzz1",
+                                           "status": "succeeded", "amount": 1.5}, created=1)
+@example(event_type="invoice.paid", obj={"id": "in_fuzz1", "object": "invoice", "status": "paid",
+                                         "amount_paid": None, "metadata": {"invoiceId": "1"}}, created=1)
 def test_no_payload_crashes_processing_and_every_parked_event_says_why(services, event_type, obj, created):
     """Whatever an authentic event carries, processing ends in a recorded state."""
     status, error = _process_until_settled(envelope(obj, event_type, created=created))
     assert status in ("processed", "ignored", "parked")
     if status == "parked":
         assert error and len(error) < 600 and "Traceback" not in error
+        # Refused for what it carries, never a handler's crash (a TypeError parks as well).
+        assert error.startswith(("InvalidPayload: ", "NotYetKnown: ", "DataError: ")), error
 
 
 @pytest.mark.parametrize(("event_type", "kind"), [("invoice.paid", "invoice"), ("charge.refunded", "charge"),
