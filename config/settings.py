@@ -86,7 +86,7 @@ class Settings(BaseSettings):
     webhook_tolerance_seconds: int = Field(default=300, ge=1)
     webhook_max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
     # Receiver processes sharing the port (uvicorn's workers). One by default: a process takes
-    # ~3,000 Stripe-sized events/s on a core, more than a 2-core host running Postgres and the
+    # ~4,000 Stripe-sized events/s on a core, more than a 2-core host running Postgres and the
     # workers beside it has to spare, and the receiver's Prometheus counters are per process
     # (a scrape reads one process). Raise it where the receiver has cores of its own.
     webhook_processes: int = Field(default=1, ge=1, le=64)

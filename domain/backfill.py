@@ -70,8 +70,6 @@ CONNECT = "connect"
 # invoice before its refunds arrive, so they are counted at once.
 PLATFORM_STREAMS = ("invoices", "charges", "refunds", "disputes")
 PAGE_SIZE = 100
-# An invoice carries its first 10 payments when expanded; more are listed apart.
-EMBEDDED_PAYMENTS = 10
 
 _LOCK_KEY = "marketplace_worker.backfill"
 

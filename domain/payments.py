@@ -84,7 +84,7 @@ def _lock_invoice_for_payment(
         Invoice.stripeChargeId == charge_id if charge_id else None,
         Invoice.stripePaymentIntentId == payment_intent_id if payment_intent_id else None,
         Invoice.stripeInvoiceId == stripe_invoice_id if stripe_invoice_id else None,
-        Invoice.id == int(app_invoice_id) if isinstance(app_invoice_id, str) and app_invoice_id.isdigit() else None,
+        Invoice.id == int(app_invoice_id) if isinstance(app_invoice_id, str) and app_invoice_id.isascii() and app_invoice_id.isdigit() else None,
     )) if condition is not None]
 
     def find() -> Invoice | None:

@@ -59,16 +59,18 @@ from sqlalchemy import TextClause, text
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
+from models import EventStatus
 from models.db import SessionFactory
 
 log = logging.getLogger(__name__)
 
 SCHEMA = "marketplace_worker"
 PARENT = f"{SCHEMA}.stripe_events"
-LEGACY = "stripe_events_legacy"
 DEFAULT = "stripe_events_default"
-# Statuses of events retention never deletes: still work, or an operator's turn.
-KEPT = ("parked", "received", "retrying")
+# Statuses of events retention deletes; every other is still work, or an operator's turn.
+FINISHED = (EventStatus.PROCESSED, EventStatus.IGNORED)
+KEPT = tuple(status.value for status in EventStatus if status not in FINISHED)
+_FINISHED_SQL = ", ".join(f"'{status.value}'" for status in FINISHED)
 # How long a partition change waits for the inbox's lock before giving up until the next run.
 PARTITION_LOCK_TIMEOUT = "3s"
 # Months of partitions kept ready beyond the current one.
@@ -247,7 +249,7 @@ def _delete_events(row_partitions: list[str]) -> TextClause:
         taken = " - ".join(["CAST(:batch AS bigint)", *(f"(SELECT count(*) FROM pick_{j})" for j in range(i))])
         picks.append(f"""pick_{i} AS (
             SELECT id, received_at FROM {SCHEMA}.{name}
-            WHERE status IN ('processed', 'ignored') AND received_at < :cutoff
+            WHERE status IN ({_FINISHED_SQL}) AND received_at < :cutoff
             LIMIT {taken}
             FOR UPDATE SKIP LOCKED
         )""")

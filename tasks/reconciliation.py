@@ -22,7 +22,7 @@ from config import get_settings
 from domain.connect import run as connect_run
 from domain.connect.reader import StripeReader, reader_for
 from models.db import get_engine, session_scope
-from tasks.base import job
+from tasks.base import LONGEST_TASK_SECONDS, job
 from tasks.fanout import PieceTask, fan_out
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ RECONCILE_ACCOUNT = "tasks.reconciliation.reconcile_account"
     retry_jitter=True,
     max_retries=5,
     soft_time_limit=1800,
-    time_limit=1900,
+    time_limit=LONGEST_TASK_SECONDS,
 )
 def reconcile_account(self, account: str, since: int | None = None) -> dict:
     """Reconcile one connected account; `since` (unix seconds) overrides its listing window."""

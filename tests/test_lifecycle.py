@@ -415,6 +415,14 @@ def test_a_charge_goes_to_the_invoice_linked_to_it_before_the_one_its_metadata_n
     assert ledger_state(db, named.id)["invoice"][0][5:] == (None, None)
 
 
+@pytest.mark.parametrize("named", ["²", "12a", ""])
+def test_a_charge_whose_metadata_names_no_invoice_id_is_recorded_unlinked(db, named):
+    charge = se.charge(id="ch_oddmeta0001", amount=500, amount_refunded=500, metadata={"invoiceId": named})
+    assert deliver(db, evt("charge.refunded", charge, T0)) == ["processed"]
+    charges = db.execute(text("SELECT charge_id FROM marketplace_worker.stripe_charges")).scalars().all()
+    assert charges == ["ch_oddmeta0001"]
+
+
 def test_a_charge_of_no_marketplace_invoice_is_processed_not_parked(db):
     other = app_invoice(db, isMarketplaceInvoice=False, stripeChargeId="ch_notours001")
     outcomes = deliver(
