@@ -245,28 +245,40 @@ def _merge(row: Transaction, facts: InvoiceFacts, invoice: Invoice) -> bool:
 
 
 # Refunded cents of an invoice's payment: per charge, the cumulative `amount_refunded` of its
-# newest snapshot when one was seen, else the sum of its counted refunds; plus every lost
-# dispute's amount (the money went back; a lost dispute leaves `amount_refunded` as it was).
+# newest snapshot when that snapshot is the newest word on its refunds (no refund of it changed
+# since: a refund that failed afterwards is no longer in it), else the sum of its counted
+# refunds; plus every lost dispute's amount (the money went back; a lost dispute leaves
+# `amount_refunded` as it was). Which is newer is read from the objects' versions
+# (domain/versions.py), so the answer does not depend on the order events arrive in.
 # Written to the transaction's refund row in the same statement (none when nothing is
 # refunded); `changed` says whether that row changed.
 _APPLY_REFUNDS_SQL = text(
     """
     WITH charges AS (
-        SELECT charge_id, amount_refunded, refunded FROM marketplace_worker.stripe_charges
-        WHERE charge_id = :charge_id OR payment_intent_id = :payment_intent_id
+        SELECT c.charge_id, c.amount_refunded, c.refunded, v.event_created AS seen
+        FROM marketplace_worker.stripe_charges c
+        LEFT JOIN marketplace_worker.stripe_object_versions v ON v.object_id = c.charge_id
+        WHERE c.charge_id = :charge_id OR c.payment_intent_id = :payment_intent_id
     ), refunds AS (
-        SELECT coalesce(charge_id, payment_intent_id) AS charge_key,
-               coalesce(sum(amount) FILTER (WHERE status IN ('succeeded', 'pending')), 0) AS counted
-        FROM marketplace_worker.stripe_refunds
-        WHERE charge_id = :charge_id OR payment_intent_id = :payment_intent_id
+        SELECT coalesce(r.charge_id, r.payment_intent_id) AS charge_key,
+               coalesce(sum(r.amount) FILTER (WHERE r.status IN ('succeeded', 'pending')), 0) AS counted,
+               max(v.event_created) AS newest
+        FROM marketplace_worker.stripe_refunds r
+        LEFT JOIN marketplace_worker.stripe_object_versions v ON v.object_id = r.refund_id
+        WHERE r.charge_id = :charge_id OR r.payment_intent_id = :payment_intent_id
         GROUP BY 1
     ), lost AS (
         SELECT coalesce(sum(amount), 0) AS cents FROM marketplace_worker.stripe_disputes
         WHERE (charge_id = :charge_id OR payment_intent_id = :payment_intent_id) AND status = 'lost'
-    ), total AS (
-        SELECT coalesce(sum(coalesce(c.amount_refunded, r.counted)), 0) + (SELECT cents FROM lost) AS refunded_cents,
-               coalesce(bool_or(c.refunded), false) AS fully_refunded
+    ), per_charge AS (
+        SELECT c.charge_id IS NOT NULL AND coalesce(c.seen >= r.newest, true) AS charge_is_newest,
+               c.amount_refunded, c.refunded, r.counted
         FROM charges c FULL JOIN refunds r ON r.charge_key = c.charge_id
+    ), total AS (
+        SELECT coalesce(sum(CASE WHEN charge_is_newest THEN amount_refunded ELSE counted END), 0)
+                   + (SELECT cents FROM lost) AS refunded_cents,
+               coalesce(bool_or(charge_is_newest AND refunded), false) AS fully_refunded
+        FROM per_charge
     ), set_row AS (
         INSERT INTO marketplace_worker.transaction_refunds AS t (transaction_id, refunded_cents, updated_at)
         SELECT CAST(:transaction_id AS bigint), refunded_cents, now() FROM total WHERE refunded_cents <> 0

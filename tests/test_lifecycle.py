@@ -382,6 +382,33 @@ def test_refund_events_alone_count_succeeded_and_pending_but_not_failed(db):
     assert ledger_state(db, inv.id)["transactions"][0][::7] == (PAID, 1_500)
 
 
+@pytest.mark.parametrize("order", ["in order", "reversed"])
+def test_a_refund_that_fails_after_its_charge_refunded_no_longer_counts(db, order):
+    """The charge's snapshot says 2,500 refunded; the refund fails a day later, and no newer
+    charge snapshot comes (a failure sends no charge.refunded)."""
+    inv = app_invoice(db)  # an endpoint on a version before basil, where a charge names its invoice
+    deliver(db, evt("invoice.paid", paid(inv, shape="legacy", charge="ch_failrf0001"), T0 + HOUR))
+    refund = {"id": "re_failrf0001", "charge": "ch_failrf0001", "amount": 2_500, "created": T0 + DAY}
+    events = [
+        evt("charge.refunded", se.charge(id="ch_failrf0001", amount=10_000, amount_refunded=2_500, shape="legacy",
+                                         invoice="in_lifecycle0001"), T0 + DAY),
+        evt("refund.created", se.refund(**refund), T0 + DAY),
+        evt("refund.failed", se.refund(**refund, status="failed"), T0 + 2 * DAY),
+    ]
+    deliver(db, *(events if order == "in order" else reversed(events)))
+    assert ledger_state(db, inv.id)["transactions"][0][::7] == (PAID, None)
+
+
+def test_a_refund_counts_before_its_charge_refunded_arrives(db):
+    inv = app_invoice(db)
+    deliver(db, evt("invoice.paid", paid(inv, shape="legacy", charge="ch_early0rf01"), T0 + HOUR),
+            evt("charge.succeeded", se.charge(id="ch_early0rf01", amount=10_000, shape="legacy",
+                                              invoice="in_lifecycle0001"), T0 + HOUR))
+    deliver(db, evt("refund.created", se.refund(id="re_early0rf01", charge="ch_early0rf01", amount=4_000,
+                                                created=T0 + DAY), T0 + DAY))
+    assert ledger_state(db, inv.id)["transactions"][0][::7] == (PAID, 4_000)
+
+
 def test_a_refund_before_the_invoice_is_linked_is_kept_and_applied_when_it_is(db, caplog):
     inv = app_invoice(db)
     charge = se.charge(id="ch_early00001", amount=10_000, payment_intent="pi_early00001", amount_refunded=10_000)
