@@ -132,6 +132,20 @@ def test_reconcile_exits_3_until_every_open_discrepancy_is_acknowledged(db, stri
     assert as_json("reconcile", code=EXIT_OK)["unacknowledged"] == 0
 
 
+def test_a_whole_reconcile_pass_goes_on_past_an_account_stripe_refuses_and_exits_failed(db, stripe_api):
+    providers = sorted((connect_provider(db) for _ in range(2)), key=lambda p: p.stripeConnectAccountId)
+    for provider in providers:
+        send_transfer(stripe_api, provider.stripeConnectAccountId, paid_transaction(db, provider))
+    refused, fine = (p.stripeConnectAccountId for p in providers)
+    stripe_api.fail_next(403, path_prefix="/v1/")  # the pass's first request: the first account's
+
+    report = as_json("reconcile", code=EXIT_FAILED)
+    assert list(report["failed"]) == [refused] and "403" in report["failed"][refused]
+    assert [a["account"] for a in report["accounts"]] == [fine]
+    again = as_json("reconcile", code=EXIT_OK)  # the next pass takes it
+    assert again["failed"] == {} and [a["account"] for a in again["accounts"]] == [refused, fine]
+
+
 # --- --json on every command that prints -------------------------------------------------------
 
 

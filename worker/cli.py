@@ -479,6 +479,7 @@ def reconcile(account: str | None, since: str | None, as_json: bool) -> None:
         emit_json({
             "accounts": [_account_json(result) for result in done.results],
             "unknown_destination": done.unknown_destination,
+            "failed": dict(sorted(done.failed.items())),
             "completed": sum(len(result.completed) for result in done.results),
             "calls": sum(result.calls for result in done.results),
             "unacknowledged": unacknowledged,
@@ -489,8 +490,13 @@ def reconcile(account: str | None, since: str | None, as_json: bool) -> None:
             # Completions alone are in the totals: a first run completes at thousands of accounts.
             if account or result.skipped or result.opened or result.resolved:
                 click.echo(result.describe())
+        for failed, error in sorted(done.failed.items()):
+            click.echo(f"{failed}: not reconciled: {error}")
         click.echo(done.describe())
         _print_open(found, unacknowledged)
+    if done.failed:
+        fail(f"{len(done.failed)} account(s) could not be reconciled (first: {min(done.failed)}); "
+             "the others were, and a later pass tries them again")
     if unacknowledged:
         raise click.exceptions.Exit(EXIT_DISCREPANCIES)
 

@@ -66,6 +66,7 @@ from domain.connect.classify import (
     upsert_findings,
 )
 from domain.connect.reader import StripeReader, list_transfers_and_payouts, read_after_store
+from domain.errors import describe
 from models import ConnectAccount, Provider
 from models.db import SessionFactory
 
@@ -323,30 +324,41 @@ class Reconciled:
 
     results: list[AccountResult] = field(default_factory=list)
     unknown_destination: int | None = None  # open transfers to no provider's account (a pass only)
+    failed: dict[str, str] = field(default_factory=dict)  # account -> its error (a pass only)
 
     def counts(self) -> dict[str, Any]:
-        return {"accounts": len(self.results), "unknown_destination": self.unknown_destination}
+        return {"accounts": len(self.results), "unknown_destination": self.unknown_destination,
+                "failed": len(self.failed)}
 
     def describe(self) -> str:
         totals: Counter = Counter()
         for result in self.results:
             totals.update(result.outcomes)
         outcomes = ", ".join(f"{kind} {n}" for kind, n in sorted(totals.items())) or "nothing to reconcile"
+        failed = f"; {len(self.failed)} account(s) failed" if self.failed else ""
         return (f"reconciled {len(self.results)} account(s) with {sum(r.calls for r in self.results)} Stripe "
-                f"call(s): {outcomes}; completed {sum(len(r.completed) for r in self.results)}")
+                f"call(s): {outcomes}; completed {sum(len(r.completed) for r in self.results)}{failed}")
 
 
 def reconcile_accounts(session_factory: SessionFactory, engine: Engine, reader: StripeReader, accounts: list[str],
-                       *, settings: Settings, since: int | None = None,
+                       *, settings: Settings, since: int | None = None, keep_going: bool = False,
                        progress: Callable[[int, int], None] | None = None) -> Reconciled:
     """Reconcile each account in turn with the settings' transfer grace; `progress(done, total)`
-    after each account."""
+    after each account. With `keep_going`, an account that fails (its access revoked, Stripe
+    failing for it) is recorded in `failed` and the others go on; else its error propagates."""
     grace = transfer_grace(settings)
     done = Reconciled()
-    for account in accounts:
-        done.results.append(reconcile_account(session_factory, engine, reader, account, grace=grace, since=since))
+    for n, account in enumerate(accounts, 1):
+        try:
+            done.results.append(reconcile_account(session_factory, engine, reader, account, grace=grace,
+                                                  since=since))
+        except Exception as error:
+            if not keep_going:
+                raise
+            log.warning("account %s not reconciled: %s", account, describe(error), extra={"account": account})
+            done.failed[account] = describe(error)
         if progress is not None:
-            progress(len(done.results), len(accounts))
+            progress(n, len(accounts))
     return done
 
 
@@ -357,6 +369,6 @@ def reconcile_active(session_factory: SessionFactory, engine: Engine, reader: St
     with session_factory() as session:
         accounts, unknown = start_pass(session)
     done = reconcile_accounts(session_factory, engine, reader, accounts, settings=settings, since=since,
-                              progress=progress)
+                              keep_going=True, progress=progress)
     done.unknown_destination = unknown
     return done
