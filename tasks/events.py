@@ -127,6 +127,7 @@ class Publisher:
         self._on_published = on_published
         self._on_failed = on_failed
         self._pending: list[str] = []
+        self._closing = False
         self._cond = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="publisher", daemon=True)
         self._thread.start()
@@ -136,13 +137,24 @@ class Publisher:
             self._pending.extend(event_ids)
             self._cond.notify()
 
+    def close(self, timeout: float = 5.0) -> None:
+        """Publish what is pending at once, without gathering more, and stop (the receiver's
+        shutdown: else ids stored in its last moments wait for the sweeper)."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+        self._thread.join(timeout)
+
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._pending:
+                while not self._pending and not self._closing:
                     self._cond.wait()
+                if not self._pending:
+                    return
                 deadline = time.monotonic() + GATHER_SECONDS
-                while len(self._pending) < BATCH_SIZE and (left := deadline - time.monotonic()) > 0:
+                while (len(self._pending) < BATCH_SIZE and not self._closing
+                       and (left := deadline - time.monotonic()) > 0):
                     self._cond.wait(left)
                 batch, self._pending = self._pending, []
             try:

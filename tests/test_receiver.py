@@ -219,6 +219,17 @@ def test_ids_stored_moments_apart_share_one_message(services):
     assert messages[1] == full
 
 
+def test_closing_the_publisher_sends_what_it_was_still_gathering(services, monkeypatch):
+    from tasks import events
+
+    monkeypatch.setattr(events, "GATHER_SECONDS", 60.0)  # no message would go out before a minute
+    messages: list[list[str]] = []
+    publisher = events.Publisher(messages.append)
+    publisher.submit(["evt_last_1", "evt_last_2"])
+    publisher.close()
+    assert messages == [["evt_last_1", "evt_last_2"]]
+
+
 @pytest.mark.flow
 def test_a_connected_accounts_invoice_paid_goes_through_the_worker_and_changes_no_platform_invoice(
         receiver, db, celery_worker):

@@ -188,6 +188,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             yield
         finally:
             await writer.stop()
+            await asyncio.to_thread(state["publisher"].close)
 
     return Starlette(
         routes=[
