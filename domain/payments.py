@@ -17,6 +17,15 @@ reconciliation), so concurrent work serializes without deadlocks:
 Work that has no event (the poller) starts at step 2; several invoice rows are locked in
 id order. A charge, refund or dispute that matches no invoice skips steps 2-3.
 
+Two liberties the order allows. A transaction row is only ever locked by whoever holds its
+invoice row, so a payment fact writes its step-4 rows before it looks up the transaction:
+nobody can hold the transaction and wait for those rows. An `invoice_payment.paid` writes its
+own version and fact rows before it looks for the invoice: only events about that same
+InvoicePayment write them, and they all take them first. A batch of events (domain/dispatch.py)
+holds several invoices, its snapshots' in id order, then its payment events' in their order;
+two batches that cross wait for each other at most the batch's `lock_timeout` (100 ms), after
+which the waiting event is left for a transaction of its own.
+
 Whoever links an invoice to a charge or PaymentIntent later recomputes the refunds recorded
 against it. A per-payment advisory lock closes the race between the two:
 
