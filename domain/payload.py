@@ -23,6 +23,15 @@ def ref(value: Any) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
+def integer(obj: dict[str, Any], name: str, default: int | None = None) -> int:
+    """An integer field (an amount in minor units, a count), which it must be: not a float,
+    a string or a boolean."""
+    value = obj.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidPayload(f"{obj.get('object', 'object')} {obj.get('id')} {name} is not an integer")
+    return value
+
+
 def required_id(obj: dict[str, Any], kind: str) -> str:
     """The id of a Stripe `kind` object, which it must have."""
     object_id = obj.get("id")

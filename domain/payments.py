@@ -47,7 +47,7 @@ from domain import lifecycle, versions
 from domain.clock import utcnow
 from domain.errors import InvalidPayload
 from domain.ledger import Outcome, apply_refunds, touch, transaction_for
-from domain.payload import ref, required_id
+from domain.payload import integer, ref, required_id
 from models import Invoice, StripeCharge
 
 log = logging.getLogger(__name__)
@@ -264,7 +264,7 @@ def apply_charge(session: Session, obj: dict[str, Any], created: int, event_id: 
     if versions.advance(session, charge_id, "charge", created, event_id):
         session.execute(_UPSERT_CHARGE, {
             "id": charge_id, "payment_intent_id": payment_intent_id,
-            "amount": _cents(obj, "amount"), "amount_refunded": _cents(obj, "amount_refunded"),
+            "amount": integer(obj, "amount"), "amount_refunded": integer(obj, "amount_refunded"),
             "refunded": obj.get("refunded") is True,
         })
     return _after_payment_fact(session, invoice, f"charge {charge_id}")
@@ -302,7 +302,7 @@ def apply_refund(session: Session, obj: dict[str, Any], created: int, event_id: 
     if versions.advance(session, refund_id, "refund", created, event_id, 0 if status == "pending" else 1):
         _upsert_payment_object(session, "stripe_refunds", "refund_id", {
             "id": refund_id, "charge_id": charge_id, "payment_intent_id": payment_intent_id,
-            "amount": _cents(obj, "amount"), "status": status,
+            "amount": integer(obj, "amount"), "status": status,
         })
     return _after_payment_fact(session, invoice, f"refund {refund_id}")
 
@@ -320,7 +320,7 @@ def apply_dispute(session: Session, obj: dict[str, Any], created: int, event_id:
     if versions.advance(session, dispute_id, "dispute", created, event_id):
         _upsert_payment_object(session, "stripe_disputes", "dispute_id", {
             "id": dispute_id, "charge_id": charge_id, "payment_intent_id": payment_intent_id,
-            "amount": _cents(obj, "amount"), "status": status,
+            "amount": integer(obj, "amount"), "status": status,
         })
         if status not in lifecycle.DISPUTE_SETTLED:
             log.warning("dispute %s on charge %s is open (%s)", dispute_id, charge_id, status)
@@ -378,10 +378,3 @@ def apply_charge_link(session: Session, invoice_id: int, charge_id: str, created
     if invoice is None or not link_payment(session, invoice, charge_id, None, created, event_id, PAYMENT_LINK_RANK):
         return Outcome()
     return _after_payment_fact(session, invoice, f"charge {charge_id}")
-
-
-def _cents(obj: dict[str, Any], name: str) -> int:
-    value = obj.get(name)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidPayload(f"{obj.get('object', 'object')} {obj.get('id')} {name} is not an integer")
-    return value

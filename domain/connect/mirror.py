@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 
 from domain import lifecycle
 from domain.errors import InvalidPayload
-from domain.payload import ref
+from domain.payload import integer, ref
 from models import ConnectAccount
 
 # --- transfers and payouts -----------------------------------------------------------------
@@ -140,13 +140,6 @@ _MARK_DIRTY = text(
 )
 
 
-def _int(obj: dict[str, Any], name: str, default: int | None = None) -> int:
-    value = obj.get(name, default)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidPayload(f"{obj.get('object', 'object')} {obj.get('id')} {name} is not an integer")
-    return value
-
-
 def _columns(rows: list[dict[str, Any]], names: Iterable[str]) -> dict[str, list]:
     return {name: [row[name] for row in rows] for name in names}
 
@@ -157,15 +150,15 @@ def transfer_row(obj: dict[str, Any], as_of: int, as_of_id: str) -> dict[str, An
         raise InvalidPayload("transfer without an id or a destination")
     metadata = obj.get("metadata") if isinstance(obj.get("metadata"), dict) else {}
     named = metadata.get("marketplace_transaction_id")
-    amount_reversed = _int(obj, "amount_reversed", 0)
+    amount_reversed = integer(obj, "amount_reversed", 0)
     return {
-        "id": transfer_id, "destination": destination, "amount": _int(obj, "amount"),
+        "id": transfer_id, "destination": destination, "amount": integer(obj, "amount"),
         "amount_reversed": amount_reversed, "currency": str(obj.get("currency") or "").lower(),
         "destination_payment": ref(obj.get("destination_payment")),
         "source_transaction": ref(obj.get("source_transaction")),
         "transfer_group": obj.get("transfer_group") or None,
         "marketplace_transaction_id": str(named) if named not in (None, "") else None,
-        "created": _int(obj, "created"), "as_of": as_of, "as_of_id": as_of_id,
+        "created": integer(obj, "created"), "as_of": as_of, "as_of_id": as_of_id,
         **_source_charge(obj.get("source_transaction"), destination, amount_reversed),
     }
 
@@ -189,8 +182,8 @@ def _source_charge(charge: Any, destination: str, amount_reversed: int) -> dict[
         return row
     fee = charge.get("application_fee")
     if isinstance(fee, dict):
-        row |= {"application_fee_id": ref(fee.get("id")), "application_fee_amount": _int(fee, "amount"),
-                "application_fee_refunded": _int(fee, "amount_refunded", 0),
+        row |= {"application_fee_id": ref(fee.get("id")), "application_fee_amount": integer(fee, "amount"),
+                "application_fee_refunded": integer(fee, "amount_refunded", 0),
                 "fee_checked_reversed": amount_reversed}
     else:
         # Not expanded: the fee as charged; its refunds are read before they can matter.
@@ -206,11 +199,11 @@ def payout_row(account: str, obj: dict[str, Any], as_of: int, as_of_id: str) -> 
     if payout_id is None or not isinstance(obj.get("status"), str):
         raise InvalidPayload("payout without an id or a status")
     return {
-        "id": payout_id, "account": account, "amount": _int(obj, "amount"),
+        "id": payout_id, "account": account, "amount": integer(obj, "amount"),
         "currency": str(obj.get("currency") or "").lower(), "status": obj["status"],
         "automatic": bool(obj.get("automatic", True)), "reconciliation_status": obj.get("reconciliation_status"),
         "arrival_date": obj.get("arrival_date") if isinstance(obj.get("arrival_date"), int) else None,
-        "failure_code": obj.get("failure_code"), "created": _int(obj, "created"), "as_of": as_of,
+        "failure_code": obj.get("failure_code"), "created": integer(obj, "created"), "as_of": as_of,
         "as_of_id": as_of_id, "method": obj.get("method") if isinstance(obj.get("method"), str) else None,
     }
 
@@ -218,7 +211,7 @@ def payout_row(account: str, obj: dict[str, Any], as_of: int, as_of_id: str) -> 
 def payout_item_row(account: str, payout_id: str, bt: dict[str, Any]) -> dict[str, Any]:
     """A balance transaction of an automatic payout: what `connect_payout_items` keeps of it."""
     return {"id": bt["id"], "account": account, "payout_id": payout_id, "source": ref(bt.get("source")),
-            "type": str(bt.get("type") or ""), "amount": _int(bt, "amount")}
+            "type": str(bt.get("type") or ""), "amount": integer(bt, "amount")}
 
 
 def payment_row(account: str, bt: dict[str, Any]) -> dict[str, Any] | None:
@@ -227,7 +220,7 @@ def payment_row(account: str, bt: dict[str, Any]) -> dict[str, Any] | None:
     if bt.get("type") != "payment" or not ref(bt.get("source")):
         return None
     return {"id": ref(bt.get("source")), "account": account, "balance_transaction_id": bt["id"],
-            "amount": _int(bt, "amount"), "available_on": _int(bt, "available_on"), "created": _int(bt, "created")}
+            "amount": integer(bt, "amount"), "available_on": integer(bt, "available_on"), "created": integer(bt, "created")}
 
 
 _TRANSFER_COLUMNS = ("id", "destination", "amount", "amount_reversed", "currency", "destination_payment",
@@ -311,8 +304,8 @@ def store(session: Session, listing: Listing) -> None:
         session.execute(_UPSERT_PAYMENTS, _columns(rows, rows[0].keys()))
     for read in listing.fees:
         fee = read["fee"]
-        session.execute(_FEE_READ, {"id": read["transfer_id"], "amount": _int(fee, "amount"),
-                                    "refunded": _int(fee, "amount_refunded", 0),
+        session.execute(_FEE_READ, {"id": read["transfer_id"], "amount": integer(fee, "amount"),
+                                    "refunded": integer(fee, "amount_refunded", 0),
                                     "reversed_then": read["reversed_then"]})
 
 
