@@ -161,6 +161,57 @@ def test_an_event_carrying_another_kind_of_object_is_parked_and_says_so(db, even
     assert (status, error) == ("parked", f"InvalidPayload: {event_type} carries a 'payout', not a {kind}")
 
 
+def _broken(obj: dict, **changes) -> dict:
+    """A Stripe object with fields changed; a None value removes the field."""
+    obj = {**obj, **changes}
+    return {name: value for name, value in obj.items() if value is not None}
+
+
+_ACCOUNT = "acct_1Broken000000001"
+_TRANSITIONS = {"finalized_at": 1, "paid_at": 2, "voided_at": None, "marked_uncollectible_at": None}
+BROKEN_PAYLOADS = [
+    ("invoice.paid", _broken(se.invoice(id="in_broken1", status="paid"), status_transitions="soon"), {},
+     "invoice status_transitions is not an object"),
+    ("invoice.paid", _broken(se.invoice(id="in_broken2", status="paid"),
+                             status_transitions={**_TRANSITIONS, "paid_at": "yesterday"}), {},
+     "status_transitions.paid_at is not a unix timestamp"),
+    ("invoice.paid", _broken(se.invoice(id="in_broken3", status="paid"), metadata={"invoiceId": "abc"}), {},
+     "invoice in_broken3 metadata.invoiceId is not an id: 'abc'"),
+    ("charge.refunded", _broken(se.charge(id="ch_broken1", amount=500), amount_refunded="500"), {},
+     "charge ch_broken1 amount_refunded is not an integer"),
+    ("refund.created", _broken(se.refund(id="re_broken1", charge="ch_broken1", amount=500), id=None), {},
+     "refund without an id"),
+    ("refund.created", _broken(se.refund(id="re_broken2", charge="ch_broken1", amount=500), charge=None,
+                               payment_intent=None), {},
+     "refund re_broken2 names neither a charge nor a PaymentIntent"),
+    ("refund.updated", _broken(se.refund(id="re_broken3", charge="ch_broken1", amount=500), status=None), {},
+     "refund re_broken3 has no status"),
+    ("charge.dispute.created", _broken(se.dispute(id="dp_broken1", charge="ch_broken1", amount=500), status=None),
+     {}, "dispute dp_broken1 lacks a status or a charge"),
+    ("transfer.created", _broken(se.transfer(id="tr_broken1", amount=500, destination=_ACCOUNT),
+                                 destination=None), {}, "transfer without an id or a destination"),
+    ("payout.paid", _broken(se.payout(id="po_broken1", amount=500), status=None), {"account": _ACCOUNT},
+     "payout without an id or a status"),
+    ("account.application.deauthorized", {"id": "ca_broken1", "object": "application", "name": "Marketplace"},
+     {}, "account.application.deauthorized without an account"),
+]
+# What an event refused for its payload must not have written.
+_RECORDS = ("stripe_object_versions", "stripe_charges", "stripe_refunds", "stripe_disputes",
+            "stripe_invoice_payments", "connect_transfers", "connect_payouts", "connect_account_states",
+            "transaction_refunds")
+
+
+@pytest.mark.parametrize(("event_type", "obj", "fields", "reason"), BROKEN_PAYLOADS,
+                         ids=[f"{case[0]}: {case[3]}" for case in BROKEN_PAYLOADS])
+def test_a_payload_missing_or_mistyping_what_it_needs_is_parked_with_why_and_writes_nothing(
+        db, event_type, obj, fields, reason):
+    status, error = _process_until_settled(envelope(obj, event_type, **fields))
+    assert (status, error) == ("parked", f"InvalidPayload: {reason}")
+    written = {table: db.execute(text(f"SELECT count(*) FROM marketplace_worker.{table}")).scalar_one()
+               for table in _RECORDS}
+    assert written == dict.fromkeys(_RECORDS, 0)
+
+
 def _process_until_settled(event: dict) -> tuple[str, str | None]:
     """Stored as the receiver stores it, then attempted as often as the worker would."""
     incoming = parse_event(json.dumps(event), "platform", livemode=False)
