@@ -38,6 +38,7 @@ so either the recorder sees the committed link, or the linker reads the committe
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import case, or_, select, text
@@ -46,9 +47,9 @@ from sqlalchemy.orm import Session
 from domain import lifecycle, versions
 from domain.clock import utcnow
 from domain.errors import InvalidPayload
-from domain.ledger import Outcome, apply_refunds, touch, transaction_for
+from domain.ledger import Outcome, apply_refunds, touch, transaction_for, transactions_for
 from domain.payload import integer, ref, required_id
-from models import Invoice, StripeCharge
+from models import Invoice, StripeCharge, Transaction
 
 log = logging.getLogger(__name__)
 
@@ -72,44 +73,125 @@ def lock_payments(session: Session, payment_ids: list[str]) -> None:
     _lock_keys(session, [f"stripe-payment:{payment_id}" for payment_id in payment_ids])
 
 
-def _lock_one(session: Session, *where) -> Invoice | None:
-    return session.execute(
-        select(Invoice).where(*where).order_by(Invoice.id).limit(1).with_for_update()
-    ).scalar_one_or_none()
+def _app_invoice_id(value: Any) -> int | None:
+    """A charge's `metadata.invoiceId`, which names the app's invoice only as ASCII digits."""
+    return int(value) if isinstance(value, str) and value.isascii() and value.isdigit() else None
 
 
-def _lock_invoice_for_payment(
-    session: Session, charge_id: str | None, payment_intent_id: str | None, *,
-    stripe_invoice_id: str | None = None, app_invoice_id: Any = None,
-) -> Invoice | None:
-    """The invoice a charge, refund or dispute belongs to, locked; None when none is linked.
+@dataclass(frozen=True)
+class PaymentRefs:
+    """What a payment fact names that its invoice is found by, best first: the invoice's
+    charge, its PaymentIntent, its Stripe invoice, the app's id; and the locks that a look
+    finding nothing takes before it looks again (the per-payment protocol above)."""
 
-    Looks by the invoice's charge, then its PaymentIntent, then what the charge itself names
-    (its `invoice` before basil, `metadata.invoiceId`). When nothing is linked, it takes the
-    payment lock and looks again, so a link committed meanwhile is not missed."""
-    # One locking read, ranked as the looks above go: the invoice of the charge, then of the
-    # PaymentIntent, then of the Stripe invoice, then the app's id; only the row returned is locked.
-    ranked = [(rank, condition) for rank, condition in enumerate((
-        Invoice.stripeChargeId == charge_id if charge_id else None,
-        Invoice.stripePaymentIntentId == payment_intent_id if payment_intent_id else None,
-        Invoice.stripeInvoiceId == stripe_invoice_id if stripe_invoice_id else None,
-        Invoice.id == int(app_invoice_id) if isinstance(app_invoice_id, str) and app_invoice_id.isascii() and app_invoice_id.isdigit() else None,
-    )) if condition is not None]
+    charge_id: str | None = None
+    payment_intent_id: str | None = None
+    stripe_invoice_id: str | None = None
+    app_invoice_id: int | None = None
+    lock_keys: tuple[str, ...] = ()
 
-    def find() -> Invoice | None:
+    @classmethod
+    def of_payment(cls, charge_id: str | None, payment_intent_id: str | None, *,
+                   stripe_invoice_id: str | None = None, app_invoice_id: int | None = None) -> PaymentRefs:
+        return cls(charge_id, payment_intent_id, stripe_invoice_id, app_invoice_id,
+                   tuple(f"stripe-payment:{p}" for p in (charge_id, payment_intent_id) if p))
+
+    @classmethod
+    def of_stripe_invoice(cls, stripe_invoice_id: str) -> PaymentRefs:
+        # The mirror that fills an invoice's Stripe id takes this lock before reading what was recorded.
+        return cls(stripe_invoice_id=stripe_invoice_id, lock_keys=(f"stripe-invoice:{stripe_invoice_id}",))
+
+    def conditions(self) -> list[tuple[int, Any]]:
+        """(rank, condition) of each thing named, best first."""
+        return [(rank, condition) for rank, condition in enumerate((
+            Invoice.stripeChargeId == self.charge_id if self.charge_id else None,
+            Invoice.stripePaymentIntentId == self.payment_intent_id if self.payment_intent_id else None,
+            Invoice.stripeInvoiceId == self.stripe_invoice_id if self.stripe_invoice_id else None,
+            Invoice.id == self.app_invoice_id if self.app_invoice_id is not None else None,
+        )) if condition is not None]
+
+    def rank(self, invoice: Invoice) -> int | None:
+        """`conditions`' rank of the first one the invoice meets, as it stands in this session."""
+        for rank, (value, column) in enumerate((
+                (self.charge_id, invoice.stripeChargeId), (self.payment_intent_id, invoice.stripePaymentIntentId),
+                (self.stripe_invoice_id, invoice.stripeInvoiceId))):
+            if value and value == column:
+                return rank
+        return 3 if self.app_invoice_id is not None and self.app_invoice_id == invoice.id else None
+
+
+class PaymentInvoices:
+    """The invoices payment facts belong to, looked up and locked.
+
+    Alone (`PaymentInvoices(session)`), each fact looks in the database: by one ranked locking
+    read; when it finds nothing, it takes its payment locks and reads again, so a link
+    committed meanwhile is not missed. For a batch's facts (`PaymentInvoices.locked_for`), the
+    same two looks are made once for all of them, before any of their rows is written: every
+    invoice any of them names is locked in one statement, in id order; then the payment locks
+    of the facts that found none, and one more read for those. Each fact then finds its
+    invoice among those held, as its own changes and its predecessors' left them: an invoice
+    held is one no one else can change, and one not held did not match when the batch looked
+    (with the payment locks held since, no one can link it to those payments meanwhile).
+    The transactions of the invoices held are locked the same way, in one go."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+        self.held: dict[int, Invoice] = {}
+        self.looked_again: set[PaymentRefs] = set()
+        self.transactions: dict[int, Transaction | None] = {}
+
+    @classmethod
+    def locked_for(cls, session: Session, facts: list[PaymentRefs]) -> PaymentInvoices:
+        invoices = cls(session)
+        invoices._lock([refs for refs in facts if refs.conditions()])
+        lost = [refs for refs in facts if invoices._best(refs) is None]
+        _lock_keys(session, [key for refs in lost for key in refs.lock_keys])
+        invoices._lock(lost)
+        invoices.looked_again.update(lost)
+        marketplace = [invoice for invoice in invoices.held.values() if invoice.isMarketplaceInvoice]
+        found = transactions_for(session, marketplace) if marketplace else {}
+        invoices.transactions = {invoice.id: found.get(invoice.id) for invoice in marketplace}
+        return invoices
+
+    def _lock(self, facts: list[PaymentRefs]) -> None:
+        conditions = [condition for refs in facts for _, condition in refs.conditions()]
+        if conditions:
+            self.held |= {invoice.id: invoice for invoice in self.session.execute(
+                select(Invoice).where(or_(*conditions)).order_by(Invoice.id).with_for_update()).scalars()}
+
+    def _best(self, refs: PaymentRefs) -> Invoice | None:
+        ranked = [(rank, invoice.id, invoice) for invoice in self.held.values()
+                  if (rank := refs.rank(invoice)) is not None]
+        return min(ranked, key=lambda r: r[:2])[2] if ranked else None
+
+    def _read(self, refs: PaymentRefs) -> Invoice | None:
+        ranked = refs.conditions()
         if not ranked:
             return None
-        return session.execute(
+        return self.session.execute(
             select(Invoice).where(or_(*(condition for _, condition in ranked)))
             .order_by(case(*((condition, rank) for rank, condition in ranked)), Invoice.id)
             .limit(1).with_for_update()
         ).scalar_one_or_none()
 
-    invoice = find()
-    if invoice is None:
-        lock_payments(session, [p for p in (charge_id, payment_intent_id) if p])
-        invoice = find()
-    return invoice
+    def find(self, refs: PaymentRefs) -> Invoice | None:
+        """The invoice the fact belongs to, locked; None when none is linked."""
+        invoice = self._best(refs)
+        if invoice is not None or refs in self.looked_again:
+            return invoice
+        invoice = self._read(refs)
+        if invoice is None:
+            _lock_keys(self.session, list(refs.lock_keys))
+            invoice = self._read(refs)
+        if invoice is not None:
+            self.held[invoice.id] = invoice
+        return invoice
+
+    def transaction(self, invoice: Invoice) -> Transaction | None:
+        """The invoice's transaction, locked (the invoice is held)."""
+        if invoice.id not in self.transactions:
+            self.transactions[invoice.id] = transaction_for(self.session, invoice)
+        return self.transactions[invoice.id]
 
 
 # --- linking an invoice to its payment --------------------------------------------------------
@@ -224,11 +306,12 @@ def _fill_payment_ids(
         lock_payments(session, filled)
 
 
-def _after_payment_fact(session: Session, invoice: Invoice | None, what: str) -> Outcome:
+def _after_payment_fact(invoices: PaymentInvoices, invoice: Invoice | None, what: str) -> Outcome:
+    session = invoices.session
     if invoice is None:
         log.info("%s matches no invoice yet; recorded until an invoice is linked to its payment", what)
         return Outcome(skipped="unlinked_payment")
-    row = transaction_for(session, invoice)
+    row = invoices.transaction(invoice)
     if row is None:
         return Outcome(skipped="no_transaction")
     outcome = Outcome(provider_id=row.providerId, refunds_changed=apply_refunds(session, invoice, row))
@@ -248,15 +331,22 @@ _UPSERT_CHARGE = text(
 )
 
 
-def apply_charge(session: Session, obj: dict[str, Any], created: int, event_id: str) -> Outcome:
-    """A charge snapshot (charge.refunded): its cumulative refunds, newest snapshot wins."""
-    charge_id = required_id(obj, "charge")
-    payment_intent_id = ref(obj.get("payment_intent"))
+def charge_refs(obj: dict[str, Any]) -> PaymentRefs:
+    """A charge's own ids, and what it names of its invoice: its `invoice` (before basil), the
+    app's `metadata.invoiceId`."""
     metadata = obj.get("metadata") if isinstance(obj.get("metadata"), dict) else {}
-    invoice = _lock_invoice_for_payment(
-        session, charge_id, payment_intent_id,
-        stripe_invoice_id=ref(obj.get("invoice")), app_invoice_id=metadata.get("invoiceId"),
-    )
+    return PaymentRefs.of_payment(
+        required_id(obj, "charge"), ref(obj.get("payment_intent")),
+        stripe_invoice_id=ref(obj.get("invoice")), app_invoice_id=_app_invoice_id(metadata.get("invoiceId")))
+
+
+def apply_charge(session: Session, obj: dict[str, Any], created: int, event_id: str,
+                 invoices: PaymentInvoices | None = None) -> Outcome:
+    """A charge snapshot (charge.refunded): its cumulative refunds, newest snapshot wins."""
+    refs = charge_refs(obj)
+    charge_id, payment_intent_id = refs.charge_id, refs.payment_intent_id
+    invoices = invoices or PaymentInvoices(session)
+    invoice = invoices.find(refs)
     if invoice is not None and not invoice.isMarketplaceInvoice:
         return Outcome(skipped="not_marketplace")
     if invoice is not None:
@@ -267,7 +357,7 @@ def apply_charge(session: Session, obj: dict[str, Any], created: int, event_id: 
             "amount": integer(obj, "amount"), "amount_refunded": integer(obj, "amount_refunded"),
             "refunded": obj.get("refunded") is True,
         })
-    return _after_payment_fact(session, invoice, f"charge {charge_id}")
+    return _after_payment_fact(invoices, invoice, f"charge {charge_id}")
 
 
 def _upsert_payment_object(session: Session, table: str, key: str, values: dict[str, Any]) -> None:
@@ -287,16 +377,25 @@ def _upsert_payment_object(session: Session, table: str, key: str, values: dict[
     )
 
 
-def apply_refund(session: Session, obj: dict[str, Any], created: int, event_id: str) -> Outcome:
+def refund_refs(obj: dict[str, Any]) -> PaymentRefs:
+    """The payment a refund or a dispute is of (a refund's `charge` is null when its payment
+    has none: Stripe names its PaymentIntent)."""
+    return PaymentRefs.of_payment(ref(obj.get("charge")), ref(obj.get("payment_intent")))
+
+
+def apply_refund(session: Session, obj: dict[str, Any], created: int, event_id: str,
+                 invoices: PaymentInvoices | None = None) -> Outcome:
     """A refund snapshot (refund.created / refund.updated / ...): amount and status, newest wins."""
     refund_id = required_id(obj, "refund")
-    charge_id, payment_intent_id = ref(obj.get("charge")), ref(obj.get("payment_intent"))
+    refs = refund_refs(obj)
+    charge_id, payment_intent_id = refs.charge_id, refs.payment_intent_id
     if charge_id is None and payment_intent_id is None:
         raise InvalidPayload(f"refund {refund_id} names neither a charge nor a PaymentIntent")
     status = obj.get("status")
     if not isinstance(status, str):
         raise InvalidPayload(f"refund {refund_id} has no status")
-    invoice = _lock_invoice_for_payment(session, charge_id, payment_intent_id)
+    invoices = invoices or PaymentInvoices(session)
+    invoice = invoices.find(refs)
     if invoice is not None and not invoice.isMarketplaceInvoice:
         return Outcome(skipped="not_marketplace")
     if versions.advance(session, refund_id, "refund", created, event_id, 0 if status == "pending" else 1):
@@ -304,17 +403,20 @@ def apply_refund(session: Session, obj: dict[str, Any], created: int, event_id: 
             "id": refund_id, "charge_id": charge_id, "payment_intent_id": payment_intent_id,
             "amount": integer(obj, "amount"), "status": status,
         })
-    return _after_payment_fact(session, invoice, f"refund {refund_id}")
+    return _after_payment_fact(invoices, invoice, f"refund {refund_id}")
 
 
-def apply_dispute(session: Session, obj: dict[str, Any], created: int, event_id: str) -> Outcome:
+def apply_dispute(session: Session, obj: dict[str, Any], created: int, event_id: str,
+                  invoices: PaymentInvoices | None = None) -> Outcome:
     """A dispute snapshot: its newest status decides whether it holds back completion."""
     dispute_id = required_id(obj, "dispute")
-    charge_id, payment_intent_id = ref(obj.get("charge")), ref(obj.get("payment_intent"))
+    refs = refund_refs(obj)
+    charge_id, payment_intent_id = refs.charge_id, refs.payment_intent_id
     status = obj.get("status")
     if not isinstance(status, str) or (charge_id is None and payment_intent_id is None):
         raise InvalidPayload(f"dispute {dispute_id} lacks a status or a charge")
-    invoice = _lock_invoice_for_payment(session, charge_id, payment_intent_id)
+    invoices = invoices or PaymentInvoices(session)
+    invoice = invoices.find(refs)
     if invoice is not None and not invoice.isMarketplaceInvoice:
         return Outcome(skipped="not_marketplace")
     if versions.advance(session, dispute_id, "dispute", created, event_id):
@@ -325,7 +427,7 @@ def apply_dispute(session: Session, obj: dict[str, Any], created: int, event_id:
         if status not in lifecycle.DISPUTE_SETTLED:
             log.warning("dispute %s on charge %s is open (%s)", dispute_id, charge_id, status)
     # A lost dispute counts as a refund of its amount; a won one undoes nothing counted.
-    return _after_payment_fact(session, invoice, f"dispute {dispute_id}")
+    return _after_payment_fact(invoices, invoice, f"dispute {dispute_id}")
 
 
 _UPSERT_INVOICE_PAYMENT = text(
@@ -341,7 +443,16 @@ _UPSERT_INVOICE_PAYMENT = text(
 )
 
 
-def apply_invoice_payment(session: Session, obj: dict[str, Any], created: int, event_id: str) -> Outcome:
+def invoice_payment_refs(obj: dict[str, Any]) -> PaymentRefs:
+    """The Stripe invoice an InvoicePayment pays, the one thing its invoice is found by."""
+    stripe_invoice_id = ref(obj.get("invoice"))
+    if stripe_invoice_id is None:
+        raise InvalidPayload(f"invoice_payment {obj.get('id')} lacks its invoice")
+    return PaymentRefs.of_stripe_invoice(stripe_invoice_id)
+
+
+def apply_invoice_payment(session: Session, obj: dict[str, Any], created: int, event_id: str,
+                          invoices: PaymentInvoices | None = None) -> Outcome:
     """An InvoicePayment snapshot (`invoice_payment.paid`): on current API versions the one
     event that says which charge or PaymentIntent paid an invoice. Recorded, then linked to the
     app's invoice if it is known by its Stripe id; else linked when it becomes known."""
@@ -355,11 +466,8 @@ def apply_invoice_payment(session: Session, obj: dict[str, Any], created: int, e
             "id": payment_id, "stripe_invoice_id": stripe_invoice_id, "charge_id": charge_id,
             "payment_intent_id": payment_intent_id, "status": status, "created": created, "event_id": event_id,
         })
-    invoice = _lock_one(session, Invoice.stripeInvoiceId == stripe_invoice_id)
-    if invoice is None:
-        # The mirror that fills the Stripe id takes this lock before reading what was recorded.
-        _lock_keys(session, [f"stripe-invoice:{stripe_invoice_id}"])
-        invoice = _lock_one(session, Invoice.stripeInvoiceId == stripe_invoice_id)
+    invoices = invoices or PaymentInvoices(session)
+    invoice = invoices.find(PaymentRefs.of_stripe_invoice(stripe_invoice_id))
     if invoice is None:
         log.info("invoice payment %s of %s recorded until the app's invoice is known", payment_id, stripe_invoice_id)
         return Outcome(skipped="unknown_invoice")
@@ -368,13 +476,13 @@ def apply_invoice_payment(session: Session, obj: dict[str, Any], created: int, e
     if status != "paid" or not link_payment(
             session, invoice, charge_id, payment_intent_id, created, event_id, PAYMENT_LINK_RANK):
         return Outcome()
-    return _after_payment_fact(session, invoice, f"invoice payment {payment_id}")
+    return _after_payment_fact(invoices, invoice, f"invoice payment {payment_id}")
 
 
 def apply_charge_link(session: Session, invoice_id: int, charge_id: str, created: int, event_id: str) -> Outcome:
     """The charge of an invoice's PaymentIntent, read from Stripe: link it and count what was
     recorded against it."""
-    invoice = _lock_one(session, Invoice.id == invoice_id)
+    invoice = session.execute(select(Invoice).where(Invoice.id == invoice_id).with_for_update()).scalar_one_or_none()
     if invoice is None or not link_payment(session, invoice, charge_id, None, created, event_id, PAYMENT_LINK_RANK):
         return Outcome()
-    return _after_payment_fact(session, invoice, f"charge {charge_id}")
+    return _after_payment_fact(PaymentInvoices(session), invoice, f"charge {charge_id}")

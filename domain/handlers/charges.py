@@ -14,7 +14,9 @@ from sqlalchemy.orm import Session
 from domain.errors import describe
 from domain.handlers.registry import forget_rows, handles
 from domain.payload import event_object
-from domain.payments import apply_charge, apply_dispute, apply_invoice_payment, apply_refund
+from domain.errors import InvalidPayload
+from domain.payments import (PaymentInvoices, PaymentRefs, apply_charge, apply_dispute, apply_invoice_payment,
+                             apply_refund, charge_refs, invoice_payment_refs, refund_refs)
 from models import StripeEvent
 
 log = logging.getLogger(__name__)
@@ -32,24 +34,35 @@ _DISPUTE_TYPES = (
 )
 _INVOICE_PAYMENT_TYPES = ("invoice_payment.paid",)
 
-_APPLY: dict[str, tuple[Callable, str]] = (
-    dict.fromkeys(_CHARGE_TYPES, (apply_charge, "charge"))
-    | dict.fromkeys(_REFUND_TYPES, (apply_refund, "refund"))
-    | dict.fromkeys(_DISPUTE_TYPES, (apply_dispute, "dispute"))
-    | dict.fromkeys(_INVOICE_PAYMENT_TYPES, (apply_invoice_payment, "invoice_payment"))
+# Per type: the function that applies it, the Stripe object it carries, what names its invoice.
+_APPLY: dict[str, tuple[Callable, str, Callable[[dict], PaymentRefs]]] = (
+    dict.fromkeys(_CHARGE_TYPES, (apply_charge, "charge", charge_refs))
+    | dict.fromkeys(_REFUND_TYPES, (apply_refund, "refund", refund_refs))
+    | dict.fromkeys(_DISPUTE_TYPES, (apply_dispute, "dispute", refund_refs))
+    | dict.fromkeys(_INVOICE_PAYMENT_TYPES, (apply_invoice_payment, "invoice_payment", invoice_payment_refs))
 )
 
 
-def _apply(session: Session, event: StripeEvent) -> None:
-    apply, kind = _APPLY[event.type]
-    apply(session, event_object(event, kind), event.created, event.id)
+def _apply(session: Session, event: StripeEvent, invoices: PaymentInvoices | None = None) -> None:
+    apply, kind, _ = _APPLY[event.type]
+    apply(session, event_object(event, kind), event.created, event.id, invoices)
 
 
-def _apply_in_order(session: Session, events: list[StripeEvent]) -> None:
-    for n, event in enumerate(events):
-        if n:
-            forget_rows(session)
-        _apply(session, event)
+def _refs(event: StripeEvent) -> list[PaymentRefs]:
+    _, kind, refs = _APPLY[event.type]
+    try:
+        return [refs(event_object(event, kind))]
+    except InvalidPayload:  # refused when it is applied
+        return []
+
+
+def _apply_together(session: Session, events: list[StripeEvent]) -> None:
+    """The events in order, their invoices and transactions looked up and locked together
+    first (`PaymentInvoices.locked_for`): the rows each finds are those it would find alone."""
+    invoices = PaymentInvoices.locked_for(session, [refs for event in events for refs in _refs(event)])
+    for event in events:
+        _apply(session, event, invoices)
+        session.flush()
 
 
 class _Held(logging.Filter):
@@ -88,17 +101,20 @@ def _logs_kept_if_committed() -> Iterator[None]:
 
 @handles(*_APPLY, batch=True, platform_only=True, last=True)
 def payment_events(session: Session, events: list[StripeEvent], *, skip_busy: bool) -> list[StripeEvent]:
-    """A batch's payment events, in order, each reading every row afresh as it would alone.
+    """A batch's payment events, in order, each finding the rows it would find alone.
 
     They share one savepoint; if one of them fails (or, with `skip_busy`, waits too long for a
     row), the batch's are applied again each in a savepoint of its own and only the failing
     ones are left, as events of a handler registered one by one would be."""
     if not skip_busy or len(events) == 1:  # the caller's savepoint, if any, is the event's own
-        _apply_in_order(session, events)
+        for n, event in enumerate(events):
+            if n:
+                forget_rows(session)
+            _apply(session, event)
         return []
     try:
         with _logs_kept_if_committed(), session.begin_nested():
-            _apply_in_order(session, events)
+            _apply_together(session, events)
         return []
     except Exception as error:
         log.debug("payment events %s apply one at a time: %s", [e.id for e in events], describe(error))
