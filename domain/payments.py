@@ -41,7 +41,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import case, or_, select, text
+from sqlalchemy import TextClause, case, or_, select, text
 from sqlalchemy.orm import Session
 
 from domain import lifecycle, versions
@@ -319,11 +319,14 @@ def _after_payment_fact(invoices: PaymentInvoices, invoice: Invoice | None, what
     return outcome
 
 
-_UPSERT_CHARGE = text(
+# The charge's version advanced and, when newer, its snapshot stored: one statement.
+_RECORD_CHARGE = versions.advancing(
     """
     INSERT INTO marketplace_worker.stripe_charges AS c
         (charge_id, payment_intent_id, amount, amount_refunded, refunded, updated_at)
-    VALUES (:id, :payment_intent_id, :amount, :amount_refunded, :refunded, now())
+    SELECT :object_id, :payment_intent_id, CAST(:amount AS bigint), CAST(:amount_refunded AS bigint),
+           CAST(:refunded AS boolean), now()
+    FROM newer
     ON CONFLICT (charge_id) DO UPDATE SET
         payment_intent_id = excluded.payment_intent_id, amount = excluded.amount,
         amount_refunded = excluded.amount_refunded, refunded = excluded.refunded, updated_at = now()
@@ -351,30 +354,30 @@ def apply_charge(session: Session, obj: dict[str, Any], created: int, event_id: 
         return Outcome(skipped="not_marketplace")
     if invoice is not None:
         _fill_payment_ids(session, invoice, charge_id, payment_intent_id)
-    if versions.advance(session, charge_id, "charge", created, event_id):
-        session.execute(_UPSERT_CHARGE, {
-            "id": charge_id, "payment_intent_id": payment_intent_id,
-            "amount": integer(obj, "amount"), "amount_refunded": integer(obj, "amount_refunded"),
-            "refunded": obj.get("refunded") is True,
-        })
+    versions.advance_writing(
+        session, _RECORD_CHARGE, charge_id, "charge", created, event_id, payment_intent_id=payment_intent_id,
+        amount=integer(obj, "amount"), amount_refunded=integer(obj, "amount_refunded"),
+        refunded=obj.get("refunded") is True)
     return _after_payment_fact(invoices, invoice, f"charge {charge_id}")
 
 
-def _upsert_payment_object(session: Session, table: str, key: str, values: dict[str, Any]) -> None:
-    """Store the newest snapshot of a refund or dispute (the caller checked it is newest)."""
-    session.execute(
-        text(
-            f"""
-            INSERT INTO marketplace_worker.{table}
-                ({key}, charge_id, payment_intent_id, amount, status, updated_at)
-            VALUES (:id, :charge_id, :payment_intent_id, :amount, :status, now())
-            ON CONFLICT ({key}) DO UPDATE SET
-                charge_id = excluded.charge_id, payment_intent_id = excluded.payment_intent_id,
-                amount = excluded.amount, status = excluded.status, updated_at = now()
-            """
-        ),
-        values,
+def _recording(table: str, key: str) -> TextClause:
+    """The statement that advances a refund's or a dispute's version and, when newer, stores
+    its snapshot."""
+    return versions.advancing(
+        f"""
+        INSERT INTO marketplace_worker.{table} ({key}, charge_id, payment_intent_id, amount, status, updated_at)
+        SELECT :object_id, :charge_id, :payment_intent_id, CAST(:amount AS bigint), :status, now()
+        FROM newer
+        ON CONFLICT ({key}) DO UPDATE SET
+            charge_id = excluded.charge_id, payment_intent_id = excluded.payment_intent_id,
+            amount = excluded.amount, status = excluded.status, updated_at = now()
+        """
     )
+
+
+_RECORD_REFUND = _recording("stripe_refunds", "refund_id")
+_RECORD_DISPUTE = _recording("stripe_disputes", "dispute_id")
 
 
 def refund_refs(obj: dict[str, Any]) -> PaymentRefs:
@@ -398,11 +401,9 @@ def apply_refund(session: Session, obj: dict[str, Any], created: int, event_id: 
     invoice = invoices.find(refs)
     if invoice is not None and not invoice.isMarketplaceInvoice:
         return Outcome(skipped="not_marketplace")
-    if versions.advance(session, refund_id, "refund", created, event_id, 0 if status == "pending" else 1):
-        _upsert_payment_object(session, "stripe_refunds", "refund_id", {
-            "id": refund_id, "charge_id": charge_id, "payment_intent_id": payment_intent_id,
-            "amount": integer(obj, "amount"), "status": status,
-        })
+    versions.advance_writing(
+        session, _RECORD_REFUND, refund_id, "refund", created, event_id, 0 if status == "pending" else 1,
+        charge_id=charge_id, payment_intent_id=payment_intent_id, amount=integer(obj, "amount"), status=status)
     return _after_payment_fact(invoices, invoice, f"refund {refund_id}")
 
 
@@ -419,23 +420,23 @@ def apply_dispute(session: Session, obj: dict[str, Any], created: int, event_id:
     invoice = invoices.find(refs)
     if invoice is not None and not invoice.isMarketplaceInvoice:
         return Outcome(skipped="not_marketplace")
-    if versions.advance(session, dispute_id, "dispute", created, event_id):
-        _upsert_payment_object(session, "stripe_disputes", "dispute_id", {
-            "id": dispute_id, "charge_id": charge_id, "payment_intent_id": payment_intent_id,
-            "amount": integer(obj, "amount"), "status": status,
-        })
+    if versions.advance_writing(
+            session, _RECORD_DISPUTE, dispute_id, "dispute", created, event_id,
+            charge_id=charge_id, payment_intent_id=payment_intent_id, amount=integer(obj, "amount"), status=status):
         if status not in lifecycle.DISPUTE_SETTLED:
             log.warning("dispute %s on charge %s is open (%s)", dispute_id, charge_id, status)
     # A lost dispute counts as a refund of its amount; a won one undoes nothing counted.
     return _after_payment_fact(invoices, invoice, f"dispute {dispute_id}")
 
 
-_UPSERT_INVOICE_PAYMENT = text(
+_RECORD_INVOICE_PAYMENT = versions.advancing(
     """
     INSERT INTO marketplace_worker.stripe_invoice_payments AS p
         (invoice_payment_id, stripe_invoice_id, charge_id, payment_intent_id, status, event_created, event_id,
          updated_at)
-    VALUES (:id, :stripe_invoice_id, :charge_id, :payment_intent_id, :status, :created, :event_id, now())
+    SELECT :object_id, :stripe_invoice_id, :charge_id, :payment_intent_id, :status, CAST(:created AS bigint),
+           :event_id, now()
+    FROM newer
     ON CONFLICT (invoice_payment_id) DO UPDATE SET
         charge_id = excluded.charge_id, payment_intent_id = excluded.payment_intent_id, status = excluded.status,
         event_created = excluded.event_created, event_id = excluded.event_id, updated_at = now()
@@ -461,11 +462,9 @@ def apply_invoice_payment(session: Session, obj: dict[str, Any], created: int, e
     if stripe_invoice_id is None or not isinstance(status, str) or not isinstance(payment, dict):
         raise InvalidPayload(f"invoice_payment {payment_id} lacks its invoice, status or payment")
     charge_id, payment_intent_id = ref(payment.get("charge")), ref(payment.get("payment_intent"))
-    if versions.advance(session, payment_id, "invoice_payment", created, event_id, 1 if status == "paid" else 0):
-        session.execute(_UPSERT_INVOICE_PAYMENT, {
-            "id": payment_id, "stripe_invoice_id": stripe_invoice_id, "charge_id": charge_id,
-            "payment_intent_id": payment_intent_id, "status": status, "created": created, "event_id": event_id,
-        })
+    versions.advance_writing(
+        session, _RECORD_INVOICE_PAYMENT, payment_id, "invoice_payment", created, event_id, 1 if status == "paid" else 0,
+        stripe_invoice_id=stripe_invoice_id, charge_id=charge_id, payment_intent_id=payment_intent_id, status=status)
     invoices = invoices or PaymentInvoices(session)
     invoice = invoices.find(PaymentRefs.of_stripe_invoice(stripe_invoice_id))
     if invoice is None:

@@ -40,3 +40,26 @@ def test_advancing_at_once_answers_and_writes_as_one_after_the_other(db):
             db.rollback()
         assert results[1] == results[0], (stored, wanted)
     assert versions.advance_all(db, []) == []
+
+
+def test_a_snapshot_is_stored_in_the_statement_that_advances_its_version_only_when_it_is_newer(db):
+    db.execute(text("CREATE TEMP TABLE snapshots (object_id text PRIMARY KEY, note text)"))
+    record = versions.advancing(
+        "INSERT INTO snapshots SELECT :object_id, :note FROM newer"
+        " ON CONFLICT (object_id) DO UPDATE SET note = excluded.note")
+    newest = text("SELECT v.event_created || '/' || v.rank || '/' || v.event_id, s.note"
+                  " FROM marketplace_worker.stripe_object_versions v JOIN snapshots s USING (object_id)"
+                  " WHERE object_id = :id")
+    rnd = random.Random(11)
+    answers = set()
+    for object_id, object_type, created, event_id, rank in _wanted(rnd, 80):
+        alone = db.begin_nested()
+        expected = versions.advance(db, object_id, object_type, created, event_id, rank)
+        alone.rollback()
+        answer = versions.advance_writing(db, record, object_id, object_type, created, event_id, rank,
+                                          note=f"{created}/{rank}/{event_id}")
+        assert answer is expected
+        version, note = db.execute(newest, {"id": object_id}).one()
+        assert note == version  # the snapshot stored is always the newest version's
+        answers.add(answer)
+    assert answers == {True, False}
