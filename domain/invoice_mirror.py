@@ -10,7 +10,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import or_, select
+from sqlalchemy import Row, or_, select
 from sqlalchemy.orm import Session
 
 from domain import lifecycle, versions
@@ -18,7 +18,8 @@ from domain.clock import from_unix, utcnow
 from domain.errors import InvalidPayload, NotYetKnown
 from domain.ledger import InvoiceFacts, Outcome, sync_invoice, touch, transactions_for
 from domain.payload import required_id
-from domain.payments import link_payment, link_recorded_payments, payment_links, payment_of_invoice
+from domain.payments import (link_payment, link_recorded_payments, payment_links, payment_of_invoice,
+                             recorded_payments)
 from models import Invoice
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,9 @@ def apply_invoice_snapshots(session: Session, snapshots: list[Snapshot], *, skip
         session, [(stripe_id, snapshot.obj) for snapshot, stripe_id, _ in checked], skip_busy=skip_busy)
     known = transactions_for(
         session, [i for i in dict.fromkeys(invoices) if isinstance(i, Invoice) and i.isMarketplaceInvoice])
+    recorded = recorded_payments(session, list(dict.fromkeys(
+        stripe_id for (_, stripe_id, _), invoice in zip(checked, invoices)
+        if isinstance(invoice, Invoice) and invoice.isMarketplaceInvoice and invoice.stripeInvoiceId is None)))
     newer = _advance_versions(session, checked, invoices)
     outcomes = []
     for (snapshot, stripe_id, facts), invoice, advanced in zip(checked, invoices, newer):
@@ -64,7 +68,7 @@ def apply_invoice_snapshots(session: Session, snapshots: list[Snapshot], *, skip
         if not invoice.isMarketplaceInvoice:
             outcomes.append(Outcome(skipped="not_marketplace"))
             continue
-        linked = _mirror(session, invoice, snapshot.obj, snapshot.created, snapshot.event_id, advanced)
+        linked = _mirror(session, invoice, snapshot.obj, snapshot.created, snapshot.event_id, advanced, recorded)
         outcomes.append(sync_invoice(session, invoice, facts, refresh_refunds=linked, known=known))
     touch(session, outcomes)
     return outcomes
@@ -186,10 +190,11 @@ def _rank(obj: dict[str, Any]) -> int:
 
 
 def _mirror(session: Session, invoice: Invoice, obj: dict[str, Any], created: int, event_id: str,
-            newer: dict[str, bool]) -> bool:
+            newer: dict[str, bool], recorded: dict[str, list[Row]]) -> bool:
     """Copy Stripe's invoice onto the app's row when this snapshot is the newest seen; fill
     the payment ids. Returns whether the invoice got linked to a new charge or PaymentIntent.
-    `newer`: the versions already advanced for this snapshot (`_advance_versions`)."""
+    `newer`: the versions already advanced for this snapshot (`_advance_versions`);
+    `recorded`: the payments recorded for invoices not yet known by their Stripe id."""
     stripe_id = obj["id"]
     values: dict[str, Any] = {}
     newly_known = invoice.stripeInvoiceId is None
@@ -216,5 +221,5 @@ def _mirror(session: Session, invoice: Invoice, obj: dict[str, Any], created: in
     charge_id, payment_intent_id = payment_of_invoice(obj)
     linked = link_payment(session, invoice, charge_id, payment_intent_id, created, event_id, rank, newer=newer)
     if newly_known:
-        linked |= link_recorded_payments(session, invoice)
+        linked |= link_recorded_payments(session, invoice, recorded.get(stripe_id, []))
     return linked

@@ -41,7 +41,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import TextClause, case, or_, select, text
+from sqlalchemy import Row, TextClause, case, or_, select, text
 from sqlalchemy.orm import Session
 
 from domain import lifecycle, versions
@@ -202,9 +202,9 @@ PAYMENT_LINK_RANK = 3
 
 _RECORDED_PAYMENTS = text(
     """
-    SELECT charge_id, payment_intent_id, event_created, event_id
+    SELECT stripe_invoice_id, charge_id, payment_intent_id, event_created, event_id
     FROM marketplace_worker.stripe_invoice_payments
-    WHERE stripe_invoice_id = :stripe_invoice_id AND status = 'paid'
+    WHERE stripe_invoice_id = ANY(CAST(:stripe_invoice_ids AS text[])) AND status = 'paid'
     ORDER BY event_created, event_id
     """
 )
@@ -245,14 +245,26 @@ def link_payment(
     return bool(new_links)
 
 
-def link_recorded_payments(session: Session, invoice: Invoice) -> bool:
-    """Link an invoice that has just become known by its Stripe id to the `invoice_payment.paid`
-    recorded before it was; returns whether a link is new. The lock pairs with
-    `apply_invoice_payment`'s second look."""
-    stripe_id = invoice.stripeInvoiceId
-    _lock_keys(session, [f"stripe-invoice:{stripe_id}"])
+def recorded_payments(session: Session, stripe_invoice_ids: list[str]) -> dict[str, list[Row]]:
+    """The `invoice_payment.paid` recorded for invoices about to become known by these Stripe
+    ids (their mirror fills them), by Stripe id, oldest first: for `link_recorded_payments`.
+    All in one read, under the locks that pair with `apply_invoice_payment`'s second look,
+    taken in one go."""
+    if not stripe_invoice_ids:
+        return {}
+    _lock_keys(session, [key for stripe_id in stripe_invoice_ids
+                         for key in PaymentRefs.of_stripe_invoice(stripe_id).lock_keys])
+    recorded: dict[str, list[Row]] = {}
+    for payment in session.execute(_RECORDED_PAYMENTS, {"stripe_invoice_ids": stripe_invoice_ids}):
+        recorded.setdefault(payment.stripe_invoice_id, []).append(payment)
+    return recorded
+
+
+def link_recorded_payments(session: Session, invoice: Invoice, recorded: list[Row]) -> bool:
+    """Link an invoice that has just become known by its Stripe id to the payments recorded
+    before it was (`recorded_payments`); returns whether a link is new."""
     linked = False
-    for payment in session.execute(_RECORDED_PAYMENTS, {"stripe_invoice_id": stripe_id}):
+    for payment in recorded:
         linked |= link_payment(session, invoice, payment.charge_id, payment.payment_intent_id,
                                payment.event_created, payment.event_id, PAYMENT_LINK_RANK)
     return linked

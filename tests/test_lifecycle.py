@@ -673,6 +673,26 @@ def test_an_invoice_payment_seen_before_the_invoice_is_known_links_it_when_it_is
     assert state["transactions"][0][::7] == (REFUNDED, 10_000)
 
 
+def test_invoice_payments_seen_before_their_invoices_are_known_link_each_to_its_own_in_one_batch(db):
+    """A batch that makes several invoices known reads what was recorded for all of them at
+    once: each invoice gets its own payment, the one recorded twice its newest."""
+    invoices = [app_invoice(db) for _ in range(3)]
+    recorded = [evt("invoice_payment.paid", se.invoice_payment(
+        invoice=f"in_together{n:05d}", amount=10_000, payment_intent=f"pi_together{n:05d}"), T0 + HOUR)
+        for n in range(3)]
+    retried = evt("invoice_payment.paid", se.invoice_payment(
+        invoice="in_together00001", amount=10_000, payment_intent="pi_retried00001"), T0 + 2 * HOUR)
+    assert deliver(db, *recorded, retried) == ["processed"] * 4
+    snapshots = [evt("invoice.paid", paid(inv, id=f"in_together{n:05d}"), T0 + 2 * HOUR)
+                 for n, inv in enumerate(invoices)]
+    ids = store(db, *snapshots)
+    assert run_batch(ids) == dict.fromkeys(ids, "processed")
+    db.expire_all()
+    assert [(inv.stripeInvoiceId, inv.stripePaymentIntentId) for inv in invoices] == [
+        ("in_together00000", "pi_together00000"), ("in_together00001", "pi_retried00001"),
+        ("in_together00002", "pi_together00002")]
+
+
 def _payment_events_of_one_invoice(inv) -> list[dict]:
     ch = {"id": "ch_batch000001", "amount": 10_000, "payment_intent": "pi_batch000001", "created": T0}
     refund = {"charge": "ch_batch000001", "payment_intent": "pi_batch000001"}
