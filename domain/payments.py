@@ -22,9 +22,10 @@ invoice row, so a payment fact writes its step-4 rows before it looks up the tra
 nobody can hold the transaction and wait for those rows. An `invoice_payment.paid` writes its
 own version and fact rows before it looks for the invoice: only events about that same
 InvoicePayment write them, and they all take them first. A batch of events (domain/dispatch.py)
-holds several invoices, its snapshots' in id order, then its payment events' in their order;
+holds several invoices: its snapshots' in id order, then its payment events' all at once in id
+order, with their transactions, before any of their step-4 rows (`PaymentInvoices.locked_for`);
 two batches that cross wait for each other at most the batch's `lock_timeout` (100 ms), after
-which the waiting event is left for a transaction of its own.
+which the waiting events are left for transactions of their own.
 
 Whoever links an invoice to a charge or PaymentIntent later recomputes the refunds recorded
 against it. A per-payment advisory lock closes the race between the two:
