@@ -127,8 +127,8 @@ def _apply_batch(session: Session, event_ids: list[str]) -> tuple[dict[str, Atte
         outcomes |= dict.fromkeys((event.id for event in left), AttemptOutcome.DEFERRED)
         applied += [event for event in events if event.id not in outcomes]
         forget_rows(session)
-    _mark_processed(session, applied, now)
     outcomes |= dict.fromkeys((event.id for event in applied), AttemptOutcome.PROCESSED)
+    _mark_processed(session, applied, now)
     return outcomes, facts
 
 
@@ -142,8 +142,10 @@ def _mark_processed(session: Session, events: list[StripeEvent], now: datetime) 
                    StripeEvent.received_at.in_({event.received_at for event in events}))
             .values(status=EventStatus.PROCESSED, attempts=StripeEvent.attempts + 1, last_error=None,
                     next_attempt_at=None, processed_at=now)
-            .execution_options(synchronize_session="evaluate")
+            .execution_options(synchronize_session=False)
         )
+        for event in events:  # read again if the caller looks (cheaper than evaluating the UPDATE on them)
+            session.expire(event)
 
 
 def _ignored_reason(event: StripeEvent) -> str | None:

@@ -102,23 +102,23 @@ class PaymentRefs:
         # The mirror that fills an invoice's Stripe id takes this lock before reading what was recorded.
         return cls(stripe_invoice_id=stripe_invoice_id, lock_keys=(f"stripe-invoice:{stripe_invoice_id}",))
 
+    def named(self) -> list[tuple[int, str, str | int]]:
+        """(rank, `"Invoice"` attribute, value) of each thing named, best first."""
+        return [(rank, attribute, value) for rank, (field, attribute) in enumerate(_FOUND_BY)
+                if (value := getattr(self, field)) is not None]
+
     def conditions(self) -> list[tuple[int, Any]]:
         """(rank, condition) of each thing named, best first."""
-        return [(rank, condition) for rank, condition in enumerate((
-            Invoice.stripeChargeId == self.charge_id if self.charge_id else None,
-            Invoice.stripePaymentIntentId == self.payment_intent_id if self.payment_intent_id else None,
-            Invoice.stripeInvoiceId == self.stripe_invoice_id if self.stripe_invoice_id else None,
-            Invoice.id == self.app_invoice_id if self.app_invoice_id is not None else None,
-        )) if condition is not None]
+        return [(rank, getattr(Invoice, attribute) == value) for rank, attribute, value in self.named()]
 
     def rank(self, invoice: Invoice) -> int | None:
         """`conditions`' rank of the first one the invoice meets, as it stands in this session."""
-        for rank, (value, column) in enumerate((
-                (self.charge_id, invoice.stripeChargeId), (self.payment_intent_id, invoice.stripePaymentIntentId),
-                (self.stripe_invoice_id, invoice.stripeInvoiceId))):
-            if value and value == column:
-                return rank
-        return 3 if self.app_invoice_id is not None and self.app_invoice_id == invoice.id else None
+        return next((rank for rank, attribute, value in self.named() if getattr(invoice, attribute) == value), None)
+
+
+# What an invoice is found by, best first: a `PaymentRefs` field and the `"Invoice"` attribute it names.
+_FOUND_BY = (("charge_id", "stripeChargeId"), ("payment_intent_id", "stripePaymentIntentId"),
+             ("stripe_invoice_id", "stripeInvoiceId"), ("app_invoice_id", "id"))
 
 
 class PaymentInvoices:
@@ -144,7 +144,7 @@ class PaymentInvoices:
     @classmethod
     def locked_for(cls, session: Session, facts: list[PaymentRefs]) -> PaymentInvoices:
         invoices = cls(session)
-        invoices._lock([refs for refs in facts if refs.conditions()])
+        invoices._lock(facts)
         lost = [refs for refs in facts if invoices._best(refs) is None]
         _lock_keys(session, [key for refs in lost for key in refs.lock_keys])
         invoices._lock(lost)
@@ -155,10 +155,14 @@ class PaymentInvoices:
         return invoices
 
     def _lock(self, facts: list[PaymentRefs]) -> None:
-        conditions = [condition for refs in facts for _, condition in refs.conditions()]
-        if conditions:
+        named: dict[str, set] = {attribute: set() for _, attribute in _FOUND_BY}
+        for refs in facts:
+            for _, attribute, value in refs.named():
+                named[attribute].add(value)
+        wanted = [getattr(Invoice, attribute).in_(sorted(values)) for attribute, values in named.items() if values]
+        if wanted:  # one IN list per attribute: a statement compiled once, whatever the batch
             self.held |= {invoice.id: invoice for invoice in self.session.execute(
-                select(Invoice).where(or_(*conditions)).order_by(Invoice.id).with_for_update()).scalars()}
+                select(Invoice).where(or_(*wanted)).order_by(Invoice.id).with_for_update()).scalars()}
 
     def _best(self, refs: PaymentRefs) -> Invoice | None:
         ranked = [(rank, invoice.id, invoice) for invoice in self.held.values()
