@@ -244,9 +244,10 @@ def link_payment(
                 new_links.append(value)
     if new_links:
         invoice.updatedAt = utcnow()
-        lock_payments(session, new_links)
-        if invoice.stripeChargeId is None and invoice.stripePaymentIntentId is not None:
-            _charge_from_facts(session, invoice)
+        with session.no_autoflush:  # neither reads the invoice: its new links and charge go out in one UPDATE
+            lock_payments(session, new_links)
+            if invoice.stripeChargeId is None and invoice.stripePaymentIntentId is not None:
+                _charge_from_facts(session, invoice)
     return bool(new_links)
 
 
