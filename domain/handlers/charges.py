@@ -11,10 +11,9 @@ from contextlib import contextmanager
 
 from sqlalchemy.orm import Session
 
-from domain.errors import describe
+from domain.errors import InvalidPayload, describe
 from domain.handlers.registry import forget_rows, handles
 from domain.payload import event_object
-from domain.errors import InvalidPayload
 from domain.payments import (PaymentInvoices, PaymentRefs, apply_charge, apply_dispute, apply_invoice_payment,
                              apply_refund, charge_refs, invoice_payment_refs, refund_refs)
 from models import StripeEvent
