@@ -693,20 +693,45 @@ def test_invoice_payments_seen_before_their_invoices_are_known_link_each_to_its_
         ("in_together00002", "pi_together00002")]
 
 
-def _payment_events_of_one_invoice(inv) -> list[dict]:
-    ch = {"id": "ch_batch000001", "amount": 10_000, "payment_intent": "pi_batch000001", "created": T0}
-    refund = {"charge": "ch_batch000001", "payment_intent": "pi_batch000001"}
-    dispute = se.dispute(id="dp_batch000001", charge="ch_batch000001", amount=2_000)
+def _payment_events_of_one_invoice(inv, n: int = 1) -> list[dict]:
+    ch = {"id": f"ch_batch00000{n}", "amount": 10_000, "payment_intent": f"pi_batch00000{n}", "created": T0}
+    refund = {"charge": f"ch_batch00000{n}", "payment_intent": f"pi_batch00000{n}"}
+    dispute = se.dispute(id=f"dp_batch00000{n}", charge=f"ch_batch00000{n}", amount=2_000)
     return [
         evt("charge.succeeded", se.charge(**ch), T0 + HOUR),
-        evt("refund.created", se.refund(id="re_batch000001", amount=3_000, status="pending", **refund), T0 + DAY),
+        evt("refund.created", se.refund(id=f"re_batch00000{n}", amount=3_000, status="pending", **refund), T0 + DAY),
         evt("charge.dispute.created", dispute, T0 + DAY),
         evt("charge.refunded", se.charge(**ch, amount_refunded=3_000), T0 + DAY),
-        evt("refund.updated", se.refund(id="re_batch000001", amount=3_000, **refund), T0 + 2 * DAY),
+        evt("refund.updated", se.refund(id=f"re_batch00000{n}", amount=3_000, **refund), T0 + 2 * DAY),
         evt("charge.dispute.closed", dict(dispute, status="lost"), T0 + 60 * DAY),
-        evt("refund.created", se.refund(id="re_batch000001", amount=3_000, status="pending", **refund), T0 + DAY),
+        evt("refund.created", se.refund(id=f"re_batch00000{n}", amount=3_000, status="pending", **refund), T0 + DAY),
         evt("charge.refunded", se.charge(**ch, amount_refunded=3_000), T0 + DAY),  # a stale duplicate
     ]
+
+
+def test_a_batch_of_several_invoices_payment_events_interleaved_ends_as_one_at_a_time(db):
+    """The batch looks up and locks the invoices of all its payment events at once, and links
+    two of them to their payments in the batch itself: each event still finds its own."""
+    states = []
+    for batched in (False, True):
+        _reset(db)
+        invoices = [app_invoice(db) for _ in range(3)]
+        timelines = []
+        for n, inv in enumerate(invoices, start=1):
+            paid_event, payment = paid_with_payment(inv, f"pi_batch00000{n}", id=f"in_batch00000{n}")
+            deliver(db, paid_event, *([payment] if n == 1 else []))  # the others' payments come in the batch
+            timelines.append(([payment] if n > 1 else []) + _payment_events_of_one_invoice(inv, n))
+        events = [event for step in range(max(map(len, timelines))) for tl in timelines if step < len(tl)
+                  for event in [tl[step]]]
+        if batched:
+            ids = store(db, *events)
+            assert run_batch(ids) == dict.fromkeys(ids, "processed")
+        else:
+            assert deliver(db, *events) == ["processed"] * len(events)
+        states.append([ledger_state(db, inv.id) for inv in invoices])
+    assert states[1] == states[0]
+    assert [state["transactions"][0][::7] for state in states[0]] == [(PAID, 5_000)] * 3
+    assert [state["invoice"][0][5] for state in states[0]] == ["ch_batch000001", "ch_batch000002", "ch_batch000003"]
 
 
 @pytest.mark.parametrize("invalid", [False, True])
