@@ -126,15 +126,16 @@ class Publisher:
         self._enqueue = enqueue
         self._on_published = on_published
         self._on_failed = on_failed
-        self._pending: list[str] = []
+        self._pending: list[tuple[float, str]] = []  # (when stored, event id), oldest first
         self._closing = False
         self._cond = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="publisher", daemon=True)
         self._thread.start()
 
     def submit(self, event_ids: list[str]) -> None:
+        stored_at = time.monotonic()
         with self._cond:
-            self._pending.extend(event_ids)
+            self._pending.extend((stored_at, event_id) for event_id in event_ids)
             self._cond.notify()
 
     def close(self, timeout: float = 5.0) -> None:
@@ -152,14 +153,25 @@ class Publisher:
                     self._cond.wait()
                 if not self._pending:
                     return
-                deadline = time.monotonic() + GATHER_SECONDS
-                while (len(self._pending) < BATCH_SIZE and not self._closing
-                       and (left := deadline - time.monotonic()) > 0):
-                    self._cond.wait(left)
-                batch, self._pending = self._pending, []
+                batch = self._take()
             try:
                 self._enqueue(batch)
                 self._on_published(len(batch))
             except Exception as error:  # broker down: the events are stored, the sweeper will enqueue
                 self._on_failed(len(batch))
                 log.warning("could not enqueue %d stored events: %s", len(batch), type(error).__name__)
+
+    def _take(self) -> list[str]:
+        """The ids of the next messages (called holding the lock, with ids pending). Full
+        messages go at once; ids short of one wait for more until the oldest has waited
+        GATHER_SECONDS. Under load a commit holds more ids than a message, and sending its
+        remainder at once would halve the ids per message the worker gets."""
+        deadline = self._pending[0][0] + GATHER_SECONDS
+        while (len(self._pending) < BATCH_SIZE and not self._closing
+               and (left := deadline - time.monotonic()) > 0):
+            self._cond.wait(left)
+        count = len(self._pending)
+        if count >= BATCH_SIZE and not self._closing:
+            count -= count % BATCH_SIZE
+        taken, self._pending = self._pending[:count], self._pending[count:]
+        return [event_id for _, event_id in taken]

@@ -218,6 +218,20 @@ def test_ids_stored_moments_apart_share_one_message(services):
     wait_for(lambda: len(messages) == 2, message="the full batch to be published")
     assert messages[1] == full
 
+    # A commit of more ids than a message: the full message goes, the rest waits for the
+    # next commit rather than going out short.
+    crowded = [f"evt_crowded_{n}" for n in range(BATCH_SIZE + 3)]
+    publisher.submit(crowded)
+    time.sleep(GATHER_SECONDS / 10)
+    publisher.submit(["evt_next_commit"])
+    wait_for(lambda: len(messages) == 4, message="the remainder to be published with the next commit")
+    assert messages[2:] == [crowded[:BATCH_SIZE], crowded[BATCH_SIZE:] + ["evt_next_commit"]]
+
+    # Left alone, the remainder goes once its oldest id has waited its gathering time.
+    publisher.submit(crowded)
+    wait_for(lambda: len(messages) == 6, message="a lone remainder to be published")
+    assert messages[4:] == [crowded[:BATCH_SIZE], crowded[BATCH_SIZE:]]
+
 
 def test_closing_the_publisher_sends_what_it_was_still_gathering(services, monkeypatch):
     from tasks import events
