@@ -249,22 +249,25 @@ def _merge(row: Transaction, facts: InvoiceFacts, invoice: Invoice) -> bool:
 # since: a refund that failed afterwards is no longer in it), else the sum of its counted
 # refunds; plus every lost dispute's amount (the money went back; a lost dispute leaves
 # `amount_refunded` as it was). Which is newer is read from the objects' versions
-# (domain/versions.py), so the answer does not depend on the order events arrive in.
+# (domain/versions.py), so the answer does not depend on the order events arrive in; each by
+# its own key (a subquery per row, not a join: a plan cached while the versions table was
+# small would scan all of it for every payment).
 # Written to the transaction's refund row in the same statement (none when nothing is
 # refunded); `changed` says whether that row changed.
 _APPLY_REFUNDS_SQL = text(
     """
     WITH charges AS (
-        SELECT c.charge_id, c.amount_refunded, c.refunded, v.event_created AS seen
+        SELECT c.charge_id, c.amount_refunded, c.refunded,
+               (SELECT v.event_created FROM marketplace_worker.stripe_object_versions v
+                WHERE v.object_id = c.charge_id) AS seen
         FROM marketplace_worker.stripe_charges c
-        LEFT JOIN marketplace_worker.stripe_object_versions v ON v.object_id = c.charge_id
         WHERE c.charge_id = :charge_id OR c.payment_intent_id = :payment_intent_id
     ), refunds AS (
         SELECT coalesce(r.charge_id, r.payment_intent_id) AS charge_key,
                coalesce(sum(r.amount) FILTER (WHERE r.status IN ('succeeded', 'pending')), 0) AS counted,
-               max(v.event_created) AS newest
+               max((SELECT v.event_created FROM marketplace_worker.stripe_object_versions v
+                    WHERE v.object_id = r.refund_id)) AS newest
         FROM marketplace_worker.stripe_refunds r
-        LEFT JOIN marketplace_worker.stripe_object_versions v ON v.object_id = r.refund_id
         WHERE r.charge_id = :charge_id OR r.payment_intent_id = :payment_intent_id
         GROUP BY 1
     ), lost AS (
