@@ -71,7 +71,8 @@ def advance_writing(session: Session, statement: TextClause, object_id: str, obj
 # the versions were advanced one after the other in order (newer than the row as it stood,
 # and than every earlier version of its object in the list), the rows locked; then each
 # object's newest one written as `advance` writes it. Compared in the database, in its
-# collation, as `advance` compares.
+# collation, as `advance` compares. The rows are read one by one by key: a plan cached
+# while the versions table was small would otherwise scan all of it for every batch.
 _NEWER_IN_ORDER = text(
     """
     WITH wanted AS (
@@ -79,9 +80,11 @@ _NEWER_IN_ORDER = text(
                              CAST(:ranks AS smallint[]), CAST(:event_ids AS text[]))
             WITH ORDINALITY AS w(object_id, event_created, rank, event_id, ord)
     ), old AS (
-        SELECT object_id, event_created, rank, event_id FROM marketplace_worker.stripe_object_versions
-        WHERE object_id = ANY(CAST(:object_ids AS text[]))
-        FOR UPDATE
+        SELECT v.object_id, v.event_created, v.rank, v.event_id
+        FROM (SELECT DISTINCT object_id FROM wanted ORDER BY object_id) w
+        CROSS JOIN LATERAL (
+            SELECT * FROM marketplace_worker.stripe_object_versions v WHERE v.object_id = w.object_id FOR UPDATE
+        ) v
     )
     SELECT (old.object_id IS NULL OR (old.event_created, old.rank, old.event_id)
                                      < (w.event_created, w.rank, w.event_id))
