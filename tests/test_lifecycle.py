@@ -745,6 +745,8 @@ def test_a_batch_of_one_invoices_charges_refunds_and_disputes_ends_as_one_at_a_t
         _reset(db)
         inv = app_invoice(db)
         deliver(db, *paid_with_payment(inv, "pi_batch000001"))
+        db.execute(text("DELETE FROM marketplace_worker.touched_providers"))
+        db.commit()
         events = _payment_events_of_one_invoice(inv)
         if invalid:  # a refund naming neither a charge nor a PaymentIntent: parked at once
             events.insert(3, evt("refund.created", dict(se.refund(id="re_batchbad01", amount=1, charge="ch_x"),
@@ -757,13 +759,16 @@ def test_a_batch_of_one_invoices_charges_refunds_and_disputes_ends_as_one_at_a_t
         else:
             outcomes = deliver(db, *events)
             assert outcomes == ["parked" if invalid and n == 3 else "processed" for n in range(len(events))]
-        states.append(ledger_state(db, inv.id))
+        # Its refunds changed: its provider's stats are due (once or several times, the same to the stats pass).
+        touched = set(db.execute(text("SELECT provider_id FROM marketplace_worker.touched_providers")).scalars())
+        states.append(ledger_state(db, inv.id) | {"touched": touched})
         alerts.append([r.getMessage() for r in caplog.records
                        if r.name == "domain.payments" and "dp_batch000001" in r.getMessage()])
     assert states[1] == states[0]
     assert alerts[1] == alerts[0] and len(alerts[0]) == 1, alerts
     assert states[0]["transactions"][0][::7] == (PAID, 5_000)
     assert states[0]["disputes"] == [("dp_batch000001", "ch_batch000001", "lost")]
+    assert states[0]["touched"] == {inv.marketplaceProviderId}
 
 
 # --- order independence ---------------------------------------------------------------------
