@@ -316,6 +316,8 @@ _APPLY_REFUNDS_SQL = text(
 def apply_refunds(session: Session, invoice: Invoice, row: Transaction) -> bool:
     """Bring the transaction's refunded cents (refunds and lost disputes) and a full refund's
     status up to date; returns whether either changed."""
+    if invoice.stripeChargeId is None and invoice.stripePaymentIntentId is None:
+        return False  # nothing to count, and no flush: the batch's new rows go out together
     if row.id is None:  # created by this call: its id keys the refund row
         session.flush()
     return row.id in apply_refunds_all(session, [(invoice, row)])
