@@ -244,70 +244,58 @@ def _merge(row: Transaction, facts: InvoiceFacts, invoice: Invoice) -> bool:
     return row.status != before
 
 
-# Refunded cents of each invoice's payment: per charge, the cumulative `amount_refunded` of its
+# Refunded cents of an invoice's payment: per charge, the cumulative `amount_refunded` of its
 # newest snapshot when that snapshot is the newest word on its refunds (no refund of it changed
 # since: a refund that failed afterwards is no longer in it), else the sum of its counted
 # refunds; plus every lost dispute's amount (the money went back; a lost dispute leaves
 # `amount_refunded` as it was). Which is newer is read from the objects' versions
 # (domain/versions.py), so the answer does not depend on the order events arrive in; each by
 # its own key (a subquery per row, not a join: a plan cached while the versions table was
-# small would scan all of it for every payment). Written to each transaction's refund row in
-# the same statement (none when nothing is refunded); `changed` says whether that row changed.
-# One row per (transaction, charge id, PaymentIntent id) given, the transactions distinct.
+# small would scan all of it for every payment).
+# Written to the transaction's refund row in the same statement (none when nothing is
+# refunded); `changed` says whether that row changed.
 _APPLY_REFUNDS_SQL = text(
     """
-    WITH wanted AS (
-        SELECT * FROM unnest(CAST(:transaction_ids AS bigint[]), CAST(:charge_ids AS text[]),
-                             CAST(:payment_intent_ids AS text[])) AS w(transaction_id, charge_id, payment_intent_id)
-    ), charges AS (
-        SELECT w.transaction_id, c.charge_id, c.amount_refunded, c.refunded,
+    WITH charges AS (
+        SELECT c.charge_id, c.amount_refunded, c.refunded,
                (SELECT v.event_created FROM marketplace_worker.stripe_object_versions v
                 WHERE v.object_id = c.charge_id) AS seen
-        FROM wanted w
-        JOIN marketplace_worker.stripe_charges c
-            ON c.charge_id = w.charge_id OR c.payment_intent_id = w.payment_intent_id
+        FROM marketplace_worker.stripe_charges c
+        WHERE c.charge_id = :charge_id OR c.payment_intent_id = :payment_intent_id
     ), refunds AS (
-        SELECT w.transaction_id, coalesce(r.charge_id, r.payment_intent_id) AS charge_key,
+        SELECT coalesce(r.charge_id, r.payment_intent_id) AS charge_key,
                coalesce(sum(r.amount) FILTER (WHERE r.status IN ('succeeded', 'pending')), 0) AS counted,
                max((SELECT v.event_created FROM marketplace_worker.stripe_object_versions v
                     WHERE v.object_id = r.refund_id)) AS newest
-        FROM wanted w
-        JOIN marketplace_worker.stripe_refunds r
-            ON r.charge_id = w.charge_id OR r.payment_intent_id = w.payment_intent_id
-        GROUP BY 1, 2
-    ), lost AS MATERIALIZED (  -- else its subquery runs twice per transaction
-        SELECT w.transaction_id,
-               (SELECT coalesce(sum(d.amount), 0) FROM marketplace_worker.stripe_disputes d
-                WHERE (d.charge_id = w.charge_id OR d.payment_intent_id = w.payment_intent_id)
-                  AND d.status = 'lost') AS cents
-        FROM wanted w
+        FROM marketplace_worker.stripe_refunds r
+        WHERE r.charge_id = :charge_id OR r.payment_intent_id = :payment_intent_id
+        GROUP BY 1
+    ), lost AS (
+        SELECT coalesce(sum(amount), 0) AS cents FROM marketplace_worker.stripe_disputes
+        WHERE (charge_id = :charge_id OR payment_intent_id = :payment_intent_id) AND status = 'lost'
     ), per_charge AS (
-        SELECT coalesce(c.transaction_id, r.transaction_id) AS transaction_id,
-               c.charge_id IS NOT NULL AND coalesce(c.seen >= r.newest, true) AS charge_is_newest,
+        SELECT c.charge_id IS NOT NULL AND coalesce(c.seen >= r.newest, true) AS charge_is_newest,
                c.amount_refunded, c.refunded, r.counted
-        FROM charges c FULL JOIN refunds r ON r.transaction_id = c.transaction_id AND r.charge_key = c.charge_id
+        FROM charges c FULL JOIN refunds r ON r.charge_key = c.charge_id
     ), total AS (
-        SELECT l.transaction_id,
-               coalesce(sum(CASE WHEN p.charge_is_newest THEN p.amount_refunded ELSE p.counted END), 0)
-                   + l.cents AS refunded_cents,
-               coalesce(bool_or(p.charge_is_newest AND p.refunded), false) AS fully_refunded
-        FROM lost l LEFT JOIN per_charge p USING (transaction_id)
-        GROUP BY l.transaction_id, l.cents
+        SELECT coalesce(sum(CASE WHEN charge_is_newest THEN amount_refunded ELSE counted END), 0)
+                   + (SELECT cents FROM lost) AS refunded_cents,
+               coalesce(bool_or(charge_is_newest AND refunded), false) AS fully_refunded
+        FROM per_charge
     ), set_row AS (
         INSERT INTO marketplace_worker.transaction_refunds AS t (transaction_id, refunded_cents, updated_at)
-        SELECT transaction_id, refunded_cents, now() FROM total WHERE refunded_cents <> 0
+        SELECT CAST(:transaction_id AS bigint), refunded_cents, now() FROM total WHERE refunded_cents <> 0
         ON CONFLICT (transaction_id) DO UPDATE
             SET refunded_cents = excluded.refunded_cents, updated_at = now()
             WHERE t.refunded_cents <> excluded.refunded_cents
-        RETURNING t.transaction_id
+        RETURNING 1
     ), cleared_row AS (
-        DELETE FROM marketplace_worker.transaction_refunds t USING total
-        WHERE t.transaction_id = total.transaction_id AND total.refunded_cents = 0
-        RETURNING t.transaction_id
+        DELETE FROM marketplace_worker.transaction_refunds
+        WHERE transaction_id = :transaction_id AND (SELECT refunded_cents FROM total) = 0
+        RETURNING 1
     )
-    SELECT transaction_id, refunded_cents, fully_refunded,
-           transaction_id IN (SELECT transaction_id FROM set_row UNION ALL SELECT transaction_id FROM cleared_row)
-               AS changed
+    SELECT refunded_cents, fully_refunded,
+           EXISTS (SELECT 1 FROM set_row) OR EXISTS (SELECT 1 FROM cleared_row) AS changed
     FROM total
     """
 )
@@ -315,35 +303,19 @@ _APPLY_REFUNDS_SQL = text(
 
 def apply_refunds(session: Session, invoice: Invoice, row: Transaction) -> bool:
     """Bring the transaction's refunded cents (refunds and lost disputes) and a full refund's
-    status up to date; returns whether either changed."""
+    status up to date."""
     if invoice.stripeChargeId is None and invoice.stripePaymentIntentId is None:
-        return False  # nothing to count, and no flush: the batch's new rows go out together
+        return False  # no payment linked, so no refund either (links are never removed)
     if row.id is None:  # created by this call: its id keys the refund row
         session.flush()
-    return row.id in apply_refunds_all(session, [(invoice, row)])
-
-
-def apply_refunds_all(session: Session, held: list[tuple[Invoice, Transaction]]) -> set[int]:
-    """`apply_refunds` for several (locked) invoices' transactions, in one statement whatever
-    their number; returns the ids of the transactions whose refunds or status changed."""
-    # No payment linked, no refund either (links are never removed).
-    linked = {row.id: (invoice, row) for invoice, row in held
-              if invoice.stripeChargeId is not None or invoice.stripePaymentIntentId is not None}
-    if not linked:
-        return set()
-    changed = set()
-    for transaction_id, refunded, fully, row_changed in session.execute(_APPLY_REFUNDS_SQL, {
-        "transaction_ids": list(linked),
-        "charge_ids": [invoice.stripeChargeId for invoice, _ in linked.values()],
-        "payment_intent_ids": [invoice.stripePaymentIntentId for invoice, _ in linked.values()],
-    }):
-        row = linked[transaction_id][1]
-        if refunded > 0 and (fully or refunded >= row.totalCents):
-            before = row.status
-            row.status = lifecycle.merge(before, lifecycle.REFUNDED)
-            row_changed = row_changed or row.status != before
-        if row_changed:
-            changed.add(transaction_id)
+    refunded, fully, changed = session.execute(_APPLY_REFUNDS_SQL, {
+        "charge_id": invoice.stripeChargeId, "payment_intent_id": invoice.stripePaymentIntentId,
+        "transaction_id": row.id,
+    }).one()
+    if refunded > 0 and (fully or refunded >= row.totalCents):
+        before = row.status
+        row.status = lifecycle.merge(before, lifecycle.REFUNDED)
+        changed = changed or row.status != before
     return changed
 
 

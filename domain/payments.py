@@ -48,7 +48,7 @@ from sqlalchemy.orm import Session
 from domain import lifecycle, versions
 from domain.clock import utcnow
 from domain.errors import InvalidPayload
-from domain.ledger import Outcome, apply_refunds, apply_refunds_all, touch, transaction_for, transactions_for
+from domain.ledger import Outcome, apply_refunds, touch, transaction_for, transactions_for
 from domain.payload import integer, ref, required_id
 from models import Invoice, StripeCharge, Transaction
 
@@ -133,17 +133,13 @@ class PaymentInvoices:
     invoice among those held, as its own changes and its predecessors' left them: an invoice
     held is one no one else can change, and one not held did not match when the batch looked
     (with the payment locks held since, no one can link it to those payments meanwhile).
-    The transactions of the invoices held are locked the same way, in one go; and their refunds
-    are brought up to date once, after the batch's last fact (`settle_refunds`), rather than
-    after each: each as its last fact would have left it."""
+    The transactions of the invoices held are locked the same way, in one go."""
 
     def __init__(self, session: Session) -> None:
         self.session = session
         self.held: dict[int, Invoice] = {}
         self.looked_again: set[PaymentRefs] = set()
         self.transactions: dict[int, Transaction | None] = {}
-        # A batch's transactions whose refunds are yet to be recomputed, by invoice id; None alone.
-        self.refunds_due: dict[int, tuple[Invoice, Transaction]] | None = None
 
     @classmethod
     def locked_for(cls, session: Session, facts: list[PaymentRefs]) -> PaymentInvoices:
@@ -156,17 +152,7 @@ class PaymentInvoices:
         marketplace = [invoice for invoice in invoices.held.values() if invoice.isMarketplaceInvoice]
         found = transactions_for(session, marketplace) if marketplace else {}
         invoices.transactions = {invoice.id: found.get(invoice.id) for invoice in marketplace}
-        invoices.refunds_due = {}
         return invoices
-
-    def settle_refunds(self) -> None:
-        """The refunds of the transactions the batch's facts named, recomputed in one statement,
-        and their providers marked for the stats when they changed."""
-        due = list((self.refunds_due or {}).values())
-        changed = apply_refunds_all(self.session, due)
-        touch(self.session, [Outcome(provider_id=row.providerId, refunds_changed=True)
-                             for _, row in due if row.id in changed])
-        self.refunds_due = {}
 
     def _lock(self, facts: list[PaymentRefs]) -> None:
         named: dict[str, set] = {attribute: set() for _, attribute in _FOUND_BY}
@@ -346,9 +332,6 @@ def _after_payment_fact(invoices: PaymentInvoices, invoice: Invoice | None, what
     row = invoices.transaction(invoice)
     if row is None:
         return Outcome(skipped="no_transaction")
-    if invoices.refunds_due is not None:  # a batch's: whether they changed is known once it settles
-        invoices.refunds_due[invoice.id] = (invoice, row)
-        return Outcome(provider_id=row.providerId)
     outcome = Outcome(provider_id=row.providerId, refunds_changed=apply_refunds(session, invoice, row))
     touch(session, [outcome])
     return outcome

@@ -771,6 +771,32 @@ def test_a_batch_of_one_invoices_charges_refunds_and_disputes_ends_as_one_at_a_t
     assert states[0]["touched"] == {inv.marketplaceProviderId}
 
 
+def test_a_transaction_refunded_on_the_way_through_a_batch_stays_refunded_as_one_at_a_time(db):
+    """A full refund seen, then a newer refund snapshot that counts for less (the others were
+    never delivered): one event at a time the transaction is `refunded` after the first and
+    stays so; a batch holding both must end the same, not only as its last event leaves it."""
+    states = []
+    for batched in (False, True):
+        _reset(db)
+        inv = app_invoice(db)
+        deliver(db, *paid_with_payment(inv, "pi_onway000001"))
+        ch = {"id": "ch_onway000001", "amount": 10_000, "payment_intent": "pi_onway000001", "created": T0}
+        events = [
+            evt("charge.succeeded", se.charge(**ch), T0 + HOUR),
+            evt("charge.refunded", se.charge(**ch, amount_refunded=10_000, refunded=True), T0 + DAY),
+            evt("refund.updated", se.refund(id="re_onway000001", amount=3_000, charge="ch_onway000001",
+                                            payment_intent="pi_onway000001"), T0 + 2 * DAY),
+        ]
+        if batched:
+            ids = store(db, *events)
+            assert run_batch(ids) == dict.fromkeys(ids, "processed")
+        else:
+            assert deliver(db, *events) == ["processed"] * len(events)
+        states.append(ledger_state(db, inv.id))
+    assert states[1] == states[0]
+    assert states[0]["transactions"][0][::7] == (REFUNDED, 3_000)
+
+
 # --- order independence ---------------------------------------------------------------------
 
 

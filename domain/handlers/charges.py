@@ -57,13 +57,11 @@ def _refs(event: StripeEvent) -> list[PaymentRefs]:
 
 def _apply_together(session: Session, events: list[StripeEvent]) -> None:
     """The events in order, their invoices and transactions looked up and locked together
-    first (`PaymentInvoices.locked_for`): the rows each finds are those it would find alone;
-    then the refunds of the transactions they named, all at once."""
+    first (`PaymentInvoices.locked_for`): the rows each finds are those it would find alone."""
     invoices = PaymentInvoices.locked_for(session, [refs for event in events for refs in _refs(event)])
     for event in events:
         _apply(session, event, invoices)
         session.flush()
-    invoices.settle_refunds()
 
 
 class _Held(logging.Filter):
