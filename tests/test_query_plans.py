@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 
+import psycopg
 import pytest
 from sqlalchemy import TextClause
 
@@ -50,17 +51,14 @@ CASES = {
 @pytest.mark.parametrize("name", CASES)
 def test_a_plan_made_on_a_small_versions_table_still_reads_it_by_key(db, name):
     statement, types, arguments = CASES[name]
-    with db.get_bind().connect() as conn:  # one connection throughout: a prepared statement is its own
-        conn.exec_driver_sql(_fill(0, 300))
-        conn.exec_driver_sql("SET LOCAL plan_cache_mode = force_generic_plan")
-        conn.exec_driver_sql(f"PREPARE {name} ({', '.join(types.values())}) AS {_prepared(statement, types)}")
-        try:
-            conn.exec_driver_sql(f"EXECUTE {name} {arguments}")  # the plan is made now, and kept
-            conn.exec_driver_sql(_fill(300, GROWN))
-            plan = "\n".join(row[0] for row in conn.exec_driver_sql(f"EXPLAIN (COSTS OFF) EXECUTE {name} {arguments}"))
-        finally:
-            conn.rollback()
-            conn.exec_driver_sql(f"DEALLOCATE {name}")
-            conn.rollback()
+    url = db.get_bind().url.set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(url) as conn:  # its own: the prepared statement and the rows go with it
+        conn.execute(_fill(0, 300))
+        conn.execute("SET LOCAL plan_cache_mode = force_generic_plan")
+        conn.execute(f"PREPARE {name} ({', '.join(types.values())}) AS {_prepared(statement, types)}")
+        conn.execute(f"EXECUTE {name} {arguments}")  # the plan is made now, and kept
+        conn.execute(_fill(300, GROWN))
+        plan = "\n".join(row[0] for row in conn.execute(f"EXPLAIN (COSTS OFF) EXECUTE {name} {arguments}"))
+        conn.rollback()
     assert "Index Scan using pk_stripe_object_versions" in plan, plan
     assert "Seq Scan on stripe_object_versions" not in plan, plan
