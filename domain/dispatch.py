@@ -19,6 +19,7 @@ from enum import StrEnum
 
 from sqlalchemy import select, text, update
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import set_committed_value
 
 from domain.errors import describe, is_permanent
 from domain.handlers import HANDLERS
@@ -134,18 +135,24 @@ def _apply_batch(session: Session, event_ids: list[str]) -> tuple[dict[str, Atte
 
 def _mark_processed(session: Session, events: list[StripeEvent], now: datetime) -> None:
     """Mark a batch's applied events in one statement, not one UPDATE per event. Their
-    received months let Postgres look in those months' partitions only."""
-    if events:
-        session.execute(
-            update(StripeEvent)
-            .where(StripeEvent.id.in_([event.id for event in events]),
-                   StripeEvent.received_at.in_({event.received_at for event in events}))
-            .values(status=EventStatus.PROCESSED, attempts=StripeEvent.attempts + 1, last_error=None,
-                    next_attempt_at=None, processed_at=now)
-            .execution_options(synchronize_session=False)
-        )
-        for event in events:  # read again if the caller looks (cheaper than evaluating the UPDATE on them)
-            session.expire(event)
+    `received_at` in an IN list of values let Postgres look in those months' partitions only
+    (an array parameter would not: a cached plan would probe every partition)."""
+    if not events:
+        return
+    inbox = StripeEvent.__table__  # a plain UPDATE: the ORM's bulk-update bookkeeping is not needed
+    session.execute(
+        update(inbox)
+        .where(inbox.c.id.in_([event.id for event in events]),
+               inbox.c.received_at.in_(sorted({event.received_at for event in events})))
+        .values(status=EventStatus.PROCESSED, attempts=inbox.c.attempts + 1, last_error=None,
+                next_attempt_at=None, processed_at=now)
+    )
+    # What the statement wrote, as the rows now stand (they are locked: `attempts` read under
+    # the lock is current), without marking them changed or reading them again.
+    for event in events:
+        for name, value in (("status", EventStatus.PROCESSED), ("attempts", event.attempts + 1),
+                            ("last_error", None), ("next_attempt_at", None), ("processed_at", now)):
+            set_committed_value(event, name, value)
 
 
 def _ignored_reason(event: StripeEvent) -> str | None:

@@ -133,17 +133,21 @@ class PaymentInvoices:
     invoice among those held, as its own changes and its predecessors' left them: an invoice
     held is one no one else can change, and one not held did not match when the batch looked
     (with the payment locks held since, no one can link it to those payments meanwhile).
-    The transactions of the invoices held are locked the same way, in one go."""
+    The transactions of the invoices held are locked the same way, in one go, and the providers
+    whose transactions the batch changed are marked for the stats in one go at its end
+    (`touch_changed`): the marks are only ever inserted, so when does not matter."""
 
     def __init__(self, session: Session) -> None:
         self.session = session
         self.held: dict[int, Invoice] = {}
         self.looked_again: set[PaymentRefs] = set()
         self.transactions: dict[int, Transaction | None] = {}
+        self.changed: list[Outcome] | None = None  # a batch's, until `touch_changed`; None: at once
 
     @classmethod
     def locked_for(cls, session: Session, facts: list[PaymentRefs]) -> PaymentInvoices:
         invoices = cls(session)
+        invoices.changed = []
         invoices._lock(facts)
         lost = [refs for refs in facts if invoices._best(refs) is None]
         _lock_keys(session, [key for refs in lost for key in refs.lock_keys])
@@ -191,6 +195,17 @@ class PaymentInvoices:
         if invoice is not None:
             self.held[invoice.id] = invoice
         return invoice
+
+    def touch(self, outcome: Outcome) -> None:
+        if self.changed is None:
+            touch(self.session, [outcome])
+        else:
+            self.changed.append(outcome)
+
+    def touch_changed(self) -> None:
+        """Mark the providers of the batch's changed transactions (`locked_for`)."""
+        touch(self.session, self.changed or [])
+        self.changed = []
 
     def transaction(self, invoice: Invoice) -> Transaction | None:
         """The invoice's transaction, locked (the invoice is held)."""
@@ -333,7 +348,7 @@ def _after_payment_fact(invoices: PaymentInvoices, invoice: Invoice | None, what
     if row is None:
         return Outcome(skipped="no_transaction")
     outcome = Outcome(provider_id=row.providerId, refunds_changed=apply_refunds(session, invoice, row))
-    touch(session, [outcome])
+    invoices.touch(outcome)
     return outcome
 
 

@@ -62,6 +62,7 @@ def _apply_together(session: Session, events: list[StripeEvent]) -> None:
     for event in events:
         _apply(session, event, invoices)
         session.flush()
+    invoices.touch_changed()
 
 
 class _Held(logging.Filter):
