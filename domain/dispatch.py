@@ -19,7 +19,6 @@ from enum import StrEnum
 
 from sqlalchemy import select, text, update
 from sqlalchemy.orm import Session
-from sqlalchemy.orm.attributes import set_committed_value
 
 from domain.errors import describe, is_permanent
 from domain.handlers import HANDLERS
@@ -139,7 +138,9 @@ def _mark_processed(session: Session, events: list[StripeEvent], now: datetime) 
     (an array parameter would not: a cached plan would probe every partition)."""
     if not events:
         return
-    inbox = StripeEvent.__table__  # a plain UPDATE: the ORM's bulk-update bookkeeping is not needed
+    # A plain UPDATE, without the ORM's bookkeeping: the session's copies of the rows are not
+    # read again (the batch's caller gets its outcomes; a later `session.get` reads the row).
+    inbox = StripeEvent.__table__
     session.execute(
         update(inbox)
         .where(inbox.c.id.in_([event.id for event in events]),
@@ -147,12 +148,6 @@ def _mark_processed(session: Session, events: list[StripeEvent], now: datetime) 
         .values(status=EventStatus.PROCESSED, attempts=inbox.c.attempts + 1, last_error=None,
                 next_attempt_at=None, processed_at=now)
     )
-    # What the statement wrote, as the rows now stand (they are locked: `attempts` read under
-    # the lock is current), without marking them changed or reading them again.
-    for event in events:
-        for name, value in (("status", EventStatus.PROCESSED), ("attempts", event.attempts + 1),
-                            ("last_error", None), ("next_attempt_at", None), ("processed_at", now)):
-            set_committed_value(event, name, value)
 
 
 def _ignored_reason(event: StripeEvent) -> str | None:
