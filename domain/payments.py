@@ -327,8 +327,9 @@ def payment_of_invoice(obj: dict[str, Any]) -> tuple[str | None, str | None]:
 
 def _fill_payment_ids(
     session: Session, invoice: Invoice, charge_id: str | None, payment_intent_id: str | None
-) -> None:
-    """Fill the invoice's missing payment ids from a charge that names the invoice."""
+) -> bool:
+    """Fill the invoice's missing payment ids from a charge that names the invoice; returns
+    whether one was missing."""
     filled = []
     for column, value in (("stripeChargeId", charge_id), ("stripePaymentIntentId", payment_intent_id)):
         if value and getattr(invoice, column) is None:
@@ -337,13 +338,19 @@ def _fill_payment_ids(
     if filled:
         invoice.updatedAt = utcnow()
         lock_payments(session, filled)
+    return bool(filled)
 
 
-def _after_payment_fact(invoices: PaymentInvoices, invoice: Invoice | None, what: str) -> Outcome:
+def _after_payment_fact(invoices: PaymentInvoices, invoice: Invoice | None, what: str, changed: bool) -> Outcome:
+    """Bring the invoice's transaction's refunds up to date with a payment fact just recorded;
+    `changed`: whether the fact can have changed them (a stale snapshot that links nothing
+    cannot: what it would count was counted when the newer one came)."""
     session = invoices.session
     if invoice is None:
         log.info("%s matches no invoice yet; recorded until an invoice is linked to its payment", what)
         return Outcome(skipped="unlinked_payment")
+    if not changed:
+        return Outcome()
     row = invoices.transaction(invoice)
     if row is None:
         return Outcome(skipped="no_transaction")
@@ -385,18 +392,17 @@ def apply_charge(session: Session, obj: dict[str, Any], created: int, event_id: 
     invoice = invoices.find(refs)
     if invoice is not None and not invoice.isMarketplaceInvoice:
         return Outcome(skipped="not_marketplace")
-    if invoice is not None:
-        _fill_payment_ids(session, invoice, charge_id, payment_intent_id)
-    versions.advance_writing(
+    linked = invoice is not None and _fill_payment_ids(session, invoice, charge_id, payment_intent_id)
+    newer = versions.advance_writing(
         session, _RECORD_CHARGE, charge_id, "charge", created, event_id, payment_intent_id=payment_intent_id,
         amount=integer(obj, "amount"), amount_refunded=integer(obj, "amount_refunded"),
         refunded=obj.get("refunded") is True)
-    return _after_payment_fact(invoices, invoice, f"charge {charge_id}")
+    return _after_payment_fact(invoices, invoice, f"charge {charge_id}", newer or linked)
 
 
-def _recording(table: str, key: str) -> TextClause:
+def _recording(table: str, key: str, before: str = "NULL") -> TextClause:
     """The statement that advances a refund's or a dispute's version and, when newer, stores
-    its snapshot."""
+    its snapshot; `before` as `versions.advancing`'s."""
     return versions.advancing(
         f"""
         INSERT INTO marketplace_worker.{table} ({key}, charge_id, payment_intent_id, amount, status, updated_at)
@@ -405,12 +411,17 @@ def _recording(table: str, key: str) -> TextClause:
         ON CONFLICT ({key}) DO UPDATE SET
             charge_id = excluded.charge_id, payment_intent_id = excluded.payment_intent_id,
             amount = excluded.amount, status = excluded.status, updated_at = now()
-        """
+        """,
+        before,
     )
 
 
 _RECORD_REFUND = _recording("stripe_refunds", "refund_id")
-_RECORD_DISPUTE = _recording("stripe_disputes", "dispute_id")
+# Whether the snapshot replaced was lost. Read under the invoice's lock, which every writer
+# that counts this dispute holds (one that finds no invoice counts nothing): no such writer
+# can commit between this statement's snapshot and its write.
+_RECORD_DISPUTE = _recording("stripe_disputes", "dispute_id", before="""coalesce(
+    (SELECT d.status = 'lost' FROM marketplace_worker.stripe_disputes d WHERE d.dispute_id = :object_id), false)""")
 
 
 def refund_refs(obj: dict[str, Any]) -> PaymentRefs:
@@ -434,10 +445,10 @@ def apply_refund(session: Session, obj: dict[str, Any], created: int, event_id: 
     invoice = invoices.find(refs)
     if invoice is not None and not invoice.isMarketplaceInvoice:
         return Outcome(skipped="not_marketplace")
-    versions.advance_writing(
+    newer = versions.advance_writing(
         session, _RECORD_REFUND, refund_id, "refund", created, event_id, 0 if status == "pending" else 1,
         charge_id=charge_id, payment_intent_id=payment_intent_id, amount=integer(obj, "amount"), status=status)
-    return _after_payment_fact(invoices, invoice, f"refund {refund_id}")
+    return _after_payment_fact(invoices, invoice, f"refund {refund_id}", newer)
 
 
 def apply_dispute(session: Session, obj: dict[str, Any], created: int, event_id: str,
@@ -453,13 +464,14 @@ def apply_dispute(session: Session, obj: dict[str, Any], created: int, event_id:
     invoice = invoices.find(refs)
     if invoice is not None and not invoice.isMarketplaceInvoice:
         return Outcome(skipped="not_marketplace")
-    if versions.advance_writing(
-            session, _RECORD_DISPUTE, dispute_id, "dispute", created, event_id,
-            charge_id=charge_id, payment_intent_id=payment_intent_id, amount=integer(obj, "amount"), status=status):
-        if status not in lifecycle.DISPUTE_SETTLED:
-            log.warning("dispute %s on charge %s is open (%s)", dispute_id, charge_id, status)
-    # A lost dispute counts as a refund of its amount; a won one undoes nothing counted.
-    return _after_payment_fact(invoices, invoice, f"dispute {dispute_id}")
+    newer, was_lost = versions.advance_writing_seeing(
+        session, _RECORD_DISPUTE, dispute_id, "dispute", created, event_id,
+        charge_id=charge_id, payment_intent_id=payment_intent_id, amount=integer(obj, "amount"), status=status)
+    if newer and status not in lifecycle.DISPUTE_SETTLED:
+        log.warning("dispute %s on charge %s is open (%s)", dispute_id, charge_id, status)
+    # A lost dispute counts as a refund of its amount, so only a snapshot that is or replaces a
+    # lost one changes what is refunded; a won one undoes nothing counted.
+    return _after_payment_fact(invoices, invoice, f"dispute {dispute_id}", newer and (status == "lost" or was_lost))
 
 
 _RECORD_INVOICE_PAYMENT = versions.advancing(
@@ -508,7 +520,7 @@ def apply_invoice_payment(session: Session, obj: dict[str, Any], created: int, e
     if status != "paid" or not link_payment(
             session, invoice, charge_id, payment_intent_id, created, event_id, PAYMENT_LINK_RANK):
         return Outcome()
-    return _after_payment_fact(invoices, invoice, f"invoice payment {payment_id}")
+    return _after_payment_fact(invoices, invoice, f"invoice payment {payment_id}", True)
 
 
 def apply_charge_link(session: Session, invoice_id: int, charge_id: str, created: int, event_id: str) -> Outcome:
@@ -517,4 +529,4 @@ def apply_charge_link(session: Session, invoice_id: int, charge_id: str, created
     invoice = session.execute(select(Invoice).where(Invoice.id == invoice_id).with_for_update()).scalar_one_or_none()
     if invoice is None or not link_payment(session, invoice, charge_id, None, created, event_id, PAYMENT_LINK_RANK):
         return Outcome()
-    return _after_payment_fact(PaymentInvoices(session), invoice, f"charge {charge_id}")
+    return _after_payment_fact(PaymentInvoices(session), invoice, f"charge {charge_id}", True)

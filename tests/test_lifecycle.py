@@ -659,6 +659,32 @@ def test_a_won_dispute_takes_nothing_back(db):
     assert provider_stats(db, inv) == (1, 10_000)
 
 
+def test_a_newer_dispute_snapshot_that_is_no_longer_lost_takes_its_amount_back(db):
+    inv = app_invoice(db)
+    deliver(db, evt("invoice.paid", paid(inv, shape="legacy", charge="ch_unlost000001"), T0 + HOUR))
+    dispute = se.dispute(id="dp_unlost000001", charge="ch_unlost000001", amount=4_000, status="lost")
+    deliver(db, evt("charge.dispute.closed", dispute, T0 + 60 * DAY))
+    assert ledger_state(db, inv.id)["transactions"][0][::7] == (PAID, 4_000)
+    deliver(db, evt("charge.dispute.updated", dict(dispute, status="won"), T0 + 61 * DAY))
+    assert ledger_state(db, inv.id)["transactions"][0][::7] == (PAID, None)
+    assert provider_stats(db, inv) == (1, 10_000)
+
+
+def test_an_older_charge_snapshot_that_links_the_invoice_counts_what_the_newest_one_says(db):
+    """The newest snapshot names no invoice (its metadata was cleared) and is recorded
+    unlinked; an older one names the invoice: stale as it is, the link it makes brings in
+    the newest snapshot's refunds."""
+    inv = app_invoice(db)
+    deliver(db, evt("invoice.paid", paid(inv), T0 + HOUR))
+    newest = se.charge(id="ch_relink000001", amount=10_000, payment_intent="pi_relink000001", amount_refunded=3_000)
+    older = dict(newest, amount_refunded=0, metadata={"invoiceId": str(inv.id)})
+    assert deliver(db, evt("charge.refunded", newest, T0 + DAY),
+                   evt("charge.succeeded", older, T0 + HOUR)) == ["processed", "processed"]
+    state = ledger_state(db, inv.id)
+    assert state["invoice"][0][5:] == ("ch_relink000001", "pi_relink000001")
+    assert state["transactions"][0][::7] == (PAID, 3_000)
+
+
 def test_an_invoice_payment_seen_before_the_invoice_is_known_links_it_when_it_is(db):
     inv = app_invoice(db)  # the app has not stored the Stripe id: only the metadata tells
     payment = se.invoice_payment(invoice="in_lifecycle0001", amount=10_000, payment_intent="pi_before00001")
