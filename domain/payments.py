@@ -188,6 +188,7 @@ class PaymentInvoices:
         invoice = self._best(refs)
         if invoice is not None or refs in self.looked_again:
             return invoice
+        self.session.flush()  # a held invoice whose links changed must not match what they were
         invoice = self._read(refs)
         if invoice is None:
             _lock_keys(self.session, list(refs.lock_keys))

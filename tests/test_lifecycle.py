@@ -760,6 +760,30 @@ def test_a_batch_of_several_invoices_payment_events_interleaved_ends_as_one_at_a
     assert [state["invoice"][0][5] for state in states[0]] == ["ch_batch000001", "ch_batch000002", "ch_batch000003"]
 
 
+def test_a_payment_the_batch_unlinks_from_its_invoice_is_not_counted_on_it_as_one_at_a_time(db):
+    """A retried payment links the invoice to a new PaymentIntent early in the batch; the old
+    one's charge, refunded later in the same batch, no longer finds the invoice: recorded
+    unlinked, neither linked to the invoice nor counted on it."""
+    states = []
+    for batched in (False, True):
+        _reset(db)
+        inv = app_invoice(db)
+        deliver(db, *paid_with_payment(inv, "pi_unlinked0001"))
+        retried = evt("invoice_payment.paid", se.invoice_payment(
+            invoice="in_lifecycle0001", amount=10_000, payment_intent="pi_unlinked0002", created=T0 + DAY), T0 + DAY)
+        refunded = evt("charge.refunded", se.charge(id="ch_unlinked0001", payment_intent="pi_unlinked0001",
+                                                    amount=10_000, amount_refunded=3_000), T0 + 2 * DAY)
+        if batched:
+            ids = store(db, retried, refunded)
+            assert run_batch(ids) == dict.fromkeys(ids, "processed")
+        else:
+            assert deliver(db, retried, refunded) == ["processed"] * 2
+        states.append(ledger_state(db, inv.id))
+    assert states[1] == states[0]
+    assert states[0]["invoice"][0][5:] == (None, "pi_unlinked0002")
+    assert states[0]["transactions"][0][::7] == (PAID, None)
+
+
 @pytest.mark.parametrize("invalid", [False, True])
 def test_a_batch_of_one_invoices_charges_refunds_and_disputes_ends_as_one_at_a_time(db, invalid, caplog):
     """Payment events share one savepoint in a batch; each still reads what the one before it

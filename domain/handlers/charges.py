@@ -59,9 +59,13 @@ def _apply_together(session: Session, events: list[StripeEvent]) -> None:
     """The events in order, their invoices and transactions looked up and locked together
     first (`PaymentInvoices.locked_for`): the rows each finds are those it would find alone."""
     invoices = PaymentInvoices.locked_for(session, [refs for event in events for refs in _refs(event)])
-    for event in events:
-        _apply(session, event, invoices)
-        session.flush()
+    # The rows the events change are held, and their changes go out in one flush at the end:
+    # each event finds them as its predecessors left them among those held, and the database
+    # is only asked about what is not held (`PaymentInvoices.find` flushes before it asks).
+    with session.no_autoflush:
+        for event in events:
+            _apply(session, event, invoices)
+    session.flush()  # here, so that what it refuses fails the batch's savepoint
     invoices.touch_changed()
 
 
