@@ -59,9 +59,8 @@ log = logging.getLogger(__name__)
 
 
 # The keys locked one after the other, in the array's order (unnest's), in one statement.
-_LOCK_KEYS = text(
-    "SELECT count(pg_advisory_xact_lock(hashtextextended(key, 0))) FROM unnest(CAST(:keys AS text[])) AS key"
-)
+_LOCKING_SQL = "SELECT count(pg_advisory_xact_lock(hashtextextended(key, 0))) FROM unnest(CAST(:keys AS text[])) AS key"
+_LOCK_KEYS = text(_LOCKING_SQL)
 
 
 def _lock_keys(session: Session, keys: list[str]) -> None:
@@ -69,9 +68,13 @@ def _lock_keys(session: Session, keys: list[str]) -> None:
         session.execute(_LOCK_KEYS, {"keys": sorted(set(keys))})
 
 
+def _payment_keys(payment_ids: list[str]) -> list[str]:
+    return sorted({f"stripe-payment:{payment_id}" for payment_id in payment_ids})
+
+
 def lock_payments(session: Session, payment_ids: list[str]) -> None:
     """Serialize the recording of a payment's facts with the linking of an invoice to it."""
-    _lock_keys(session, [f"stripe-payment:{payment_id}" for payment_id in payment_ids])
+    _lock_keys(session, _payment_keys(payment_ids))
 
 
 def _app_invoice_id(value: Any) -> int | None:
@@ -233,6 +236,9 @@ _RECORDED_PAYMENTS = text(
 
 _LINKS = ("stripeChargeId", "stripePaymentIntentId")
 
+# A link's version advanced and the payment locks of `:keys` taken, in one statement.
+_ADVANCE_LINK = versions.advancing(None, also=f"({_LOCKING_SQL})")
+
 
 def payment_links(stripe_invoice_id: str | None, charge_id: str | None,
                   payment_intent_id: str | None) -> list[tuple[str, str | None]]:
@@ -249,19 +255,27 @@ def link_payment(
     told: an invoice snapshot, an `invoice_payment.paid`, a read of Stripe's invoice payments.
     Each link follows the newest source that names one (a retried payment changes the charge).
     Returns whether a link is new; the caller then brings the refunds up to date.
-    `newer`: the links' versions the caller has already advanced (`versions.advance_all`)."""
-    newer = newer or {}
+    `newer`: the links' versions the caller has already advanced (`versions.advance_all`).
+
+    The locks of the payments a link would change to are taken with the first version this
+    advances (any that ends up unchanged was locked for nothing), else after the caller's."""
+    advanced = dict(newer or {})
+    links = [(column, key, value) for column, (key, value)
+             in zip(_LINKS, payment_links(invoice.stripeInvoiceId, charge_id, payment_intent_id)) if value]
+    unlocked = [value for column, _, value in links if getattr(invoice, column) != value]
     new_links = []
-    for column, (key, value) in zip(_LINKS, payment_links(invoice.stripeInvoiceId, charge_id, payment_intent_id)):
-        if value and (newer[key] if key in newer
-                      else versions.advance(session, key, "invoice_link", created, event_id, rank)):
-            if getattr(invoice, column) != value:
-                setattr(invoice, column, value)
-                new_links.append(value)
+    for column, key, value in links:
+        if key not in advanced:
+            advanced[key], _ = versions.advance_writing_seeing(
+                session, _ADVANCE_LINK, key, "invoice_link", created, event_id, rank, keys=_payment_keys(unlocked))
+            unlocked = []
+        if advanced[key] and getattr(invoice, column) != value:
+            setattr(invoice, column, value)
+            new_links.append(value)
     if new_links:
         invoice.updatedAt = utcnow()
         with session.no_autoflush:  # neither reads the invoice: its new links and charge go out in one UPDATE
-            lock_payments(session, new_links)
+            lock_payments(session, unlocked)
             if invoice.stripeChargeId is None and invoice.stripePaymentIntentId is not None:
                 _charge_from_facts(session, invoice)
     return bool(new_links)

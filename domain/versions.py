@@ -51,19 +51,21 @@ def advance(
     return row is not None
 
 
-def advancing(write: str, before: str = "NULL") -> TextClause:
+def advancing(write: str | None, also: str = "NULL") -> TextClause:
     """One statement that advances an object's version as `advance` does and, only when it is
     newer, stores the snapshot: `write`, an `INSERT ... SELECT ... FROM newer` (one row when
     the version advanced, none otherwise). Half the round trips of `advance` then the write.
-    `before`: an expression returned beside, read as the tables stood before the statement
-    (Postgres shows no sub-statement the others' writes): what the snapshot replaced."""
-    return text(f"WITH newer AS ({_ADVANCE_SQL}), written AS ({write}) SELECT EXISTS (SELECT 1 FROM newer), {before}")
+    `also`: an expression evaluated after the version and returned beside it, which reads the
+    tables as they stood before the statement (Postgres shows no sub-statement the others'
+    writes): what the snapshot replaced, say."""
+    written = f", written AS ({write})" if write else ""
+    return text(f"WITH newer AS ({_ADVANCE_SQL}){written} SELECT EXISTS (SELECT 1 FROM newer), {also}")
 
 
 def advance_writing_seeing(session: Session, statement: TextClause, object_id: str, object_type: str,
                            created: int, event_id: str, rank: int = 0, **values: Any) -> tuple[bool, Any]:
     """Run an `advancing` statement with the snapshot's `values`; returns what `advance` would,
-    and its `before`."""
+    and its `also`."""
     newer, before = session.execute(statement, {
         "object_id": object_id, "object_type": object_type, "created": created, "rank": rank,
         "event_id": event_id, **values,
