@@ -487,6 +487,48 @@ def test_batches_sharing_invoices_in_opposite_orders_neither_deadlock_nor_lose_a
     assert [tuple(row) for row in refunded] == [(invoice.id, PAID, 100 * rounds) for invoice, _ in invoices]
 
 
+def _waiting_on(db, lock: str) -> int:
+    """Sessions of this database waiting for a lock of this kind (`transactionid`: a row's)."""
+    db.rollback()
+    return db.execute(text(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+        " AND wait_event_type = 'Lock' AND wait_event = :lock"), {"lock": lock}).scalar()
+
+
+def test_a_charge_recorded_while_its_invoice_is_being_linked_to_its_payment_is_linked_too(db):
+    """The per-payment lock (domain/payments.py): an `invoice_payment.paid` links the invoice to
+    its PaymentIntent and is held up before it commits; meanwhile that PaymentIntent's charge
+    arrives and finds no invoice linked yet. It waits for the linker's payment lock, then finds
+    the invoice and links its charge too: neither misses the other."""
+    provider = factories.provider(db, payment_mode="stripe")
+    invoice = factories.invoice(db, provider, amount_cents=10_000, status="open", stripe=False)
+    db.commit()
+    deliver(db, se.event("invoice.paid", se.invoice(status="paid", id="in_racelink0001", app_invoice_id=str(invoice.id),
+                                                      amount=10_000), created=1_790_000_000))
+    linking = se.event("invoice_payment.paid", se.invoice_payment(
+        invoice="in_racelink0001", amount=10_000, payment_intent="pi_racelink0001"), created=1_790_000_100)
+    charge = se.event("charge.refunded", se.charge(id="ch_racelink0001", payment_intent="pi_racelink0001",
+                                                   amount=10_000, amount_refunded=2_500), created=1_790_000_200)
+    store(db, linking, charge)
+    holder = make_session()  # holds the transaction row: the linker stops there, its link not committed
+    holder.execute(select(Transaction).where(Transaction.invoiceId == invoice.id).with_for_update())
+    outcomes = {}
+    threads = {event["id"]: threading.Thread(target=lambda e=event: outcomes.update({e["id"]: run(e["id"])}))
+               for event in (linking, charge)}
+    threads[linking["id"]].start()
+    wait_for(lambda: _waiting_on(db, "transactionid"), message="the linker held up")
+    threads[charge["id"]].start()
+    wait_for(lambda: _waiting_on(db, "advisory") or charge["id"] in outcomes, message="the charge's recorder")
+    holder.rollback()
+    holder.close()
+    for thread in threads.values():
+        thread.join(30)
+    assert outcomes == {linking["id"]: "processed", charge["id"]: "processed"}
+    state = ledger_state(db, invoice.id)
+    assert state["invoice"][0][5:] == ("ch_racelink0001", "pi_racelink0001")
+    assert state["transactions"][0][::7] == (PAID, 2_500)
+
+
 def test_a_batch_leaves_the_event_whose_invoice_is_held_and_applies_it_once_free(db):
     provider = factories.provider(db, payment_mode="stripe")
     db.commit()
