@@ -49,19 +49,20 @@ class AttemptOutcome(StrEnum):
 # The event's effects and its `processed` mark commit together, so a commit lost in a server
 # crash loses both: the event is still `received` and the sweeper re-enqueues it. Waiting for
 # the WAL flush would buy nothing here (the receiver's commit stays synchronous).
-_ASYNC_COMMIT = text("SET LOCAL synchronous_commit = off")
+# And how long an event of a batch waits for a row another transaction holds before it is
+# left for later (applied alone once the batch has committed). Messages are processed side
+# by side and events about one invoice often sit in neighbouring messages: waiting for each
+# other's whole batch would serialize the workers, and two batches could wait for each other.
+# Both in one statement: `lock_timeout` is the connection's own unless several events share it.
+_TRANSACTION_SETTINGS = text(
+    "SELECT set_config('synchronous_commit', 'off', true),"
+    " set_config('lock_timeout', CASE WHEN :batch THEN '100ms' ELSE current_setting('lock_timeout') END, true)"
+)
 
 
 def process_event(session: Session, event_id: str) -> AttemptOutcome:
     """Apply one stored event; returns what happened (for logs and tests)."""
     return process_batch(session, [event_id])[event_id]
-
-
-# How long an event of a batch waits for a row another transaction holds before it is left
-# for later (applied alone once the batch has committed). Messages are processed side by side
-# and events about one invoice often sit in neighbouring messages: waiting for each other's
-# whole batch would serialize the workers, and two batches could wait for each other.
-_BATCH_LOCK_TIMEOUT = text("SET LOCAL lock_timeout = '100ms'")
 
 
 def process_batch(session: Session, event_ids: list[str]) -> dict[str, AttemptOutcome]:
@@ -78,9 +79,7 @@ def process_batch(session: Session, event_ids: list[str]) -> dict[str, AttemptOu
 
 def _apply_batch(session: Session, event_ids: list[str]) -> tuple[dict[str, AttemptOutcome], dict[str, EventFacts]]:
     several = len(set(event_ids)) > 1
-    session.execute(_ASYNC_COMMIT)
-    if several:
-        session.execute(_BATCH_LOCK_TIMEOUT)
+    session.execute(_TRANSACTION_SETTINGS, {"batch": several})
     locked = {
         event.id: event
         for event in session.execute(
