@@ -415,9 +415,9 @@ def apply_charge(session: Session, obj: dict[str, Any], created: int, event_id: 
     return _after_payment_fact(invoices, invoice, f"charge {charge_id}", newer or linked)
 
 
-def _recording(table: str, key: str, before: str = "NULL") -> TextClause:
+def _recording(table: str, key: str, also: str = "NULL") -> TextClause:
     """The statement that advances a refund's or a dispute's version and, when newer, stores
-    its snapshot; `before` as `versions.advancing`'s."""
+    its snapshot; `also` as `versions.advancing`'s."""
     return versions.advancing(
         f"""
         INSERT INTO marketplace_worker.{table} ({key}, charge_id, payment_intent_id, amount, status, updated_at)
@@ -427,7 +427,7 @@ def _recording(table: str, key: str, before: str = "NULL") -> TextClause:
             charge_id = excluded.charge_id, payment_intent_id = excluded.payment_intent_id,
             amount = excluded.amount, status = excluded.status, updated_at = now()
         """,
-        before,
+        also,
     )
 
 
@@ -435,7 +435,7 @@ _RECORD_REFUND = _recording("stripe_refunds", "refund_id")
 # Whether the snapshot replaced was lost. Read under the invoice's lock, which every writer
 # that counts this dispute holds (one that finds no invoice counts nothing): no such writer
 # can commit between this statement's snapshot and its write.
-_RECORD_DISPUTE = _recording("stripe_disputes", "dispute_id", before="""coalesce(
+_RECORD_DISPUTE = _recording("stripe_disputes", "dispute_id", also="""coalesce(
     (SELECT d.status = 'lost' FROM marketplace_worker.stripe_disputes d WHERE d.dispute_id = :object_id), false)""")
 
 

@@ -55,9 +55,9 @@ def advancing(write: str | None, also: str = "NULL") -> TextClause:
     """One statement that advances an object's version as `advance` does and, only when it is
     newer, stores the snapshot: `write`, an `INSERT ... SELECT ... FROM newer` (one row when
     the version advanced, none otherwise). Half the round trips of `advance` then the write.
-    `also`: an expression evaluated after the version and returned beside it, which reads the
-    tables as they stood before the statement (Postgres shows no sub-statement the others'
-    writes): what the snapshot replaced, say."""
+    `also`: an expression returned beside the answer, from the same statement: what the
+    snapshot replaced, say (it reads the tables as they stood before the statement: Postgres
+    shows no part of a statement what another part writes), or locks to take with the version."""
     written = f", written AS ({write})" if write else ""
     return text(f"WITH newer AS ({_ADVANCE_SQL}){written} SELECT EXISTS (SELECT 1 FROM newer), {also}")
 

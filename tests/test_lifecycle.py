@@ -660,6 +660,8 @@ def test_a_won_dispute_takes_nothing_back(db):
 
 
 def test_a_newer_dispute_snapshot_that_is_no_longer_lost_takes_its_amount_back(db):
+    """Stripe does not reopen a lost dispute; should a newer snapshot say otherwise, it wins
+    as every newer snapshot does, and what the lost one counted goes with it."""
     inv = app_invoice(db)
     deliver(db, evt("invoice.paid", paid(inv, shape="legacy", charge="ch_unlost000001"), T0 + HOUR))
     dispute = se.dispute(id="dp_unlost000001", charge="ch_unlost000001", amount=4_000, status="lost")
