@@ -664,10 +664,10 @@ def test_a_newer_dispute_snapshot_that_is_no_longer_lost_takes_its_amount_back(d
     as every newer snapshot does, and what the lost one counted goes with it."""
     inv = app_invoice(db)
     deliver(db, evt("invoice.paid", paid(inv, shape="legacy", charge="ch_unlost000001"), T0 + HOUR))
-    dispute = se.dispute(id="dp_unlost000001", charge="ch_unlost000001", amount=4_000, status="lost")
-    deliver(db, evt("charge.dispute.closed", dispute, T0 + 60 * DAY))
+    dispute = {"id": "dp_unlost000001", "charge": "ch_unlost000001", "amount": 4_000, "created": T0 + DAY}
+    deliver(db, evt("charge.dispute.closed", se.dispute(**dispute, status="lost"), T0 + 60 * DAY))
     assert ledger_state(db, inv.id)["transactions"][0][::7] == (PAID, 4_000)
-    deliver(db, evt("charge.dispute.updated", dict(dispute, status="won"), T0 + 61 * DAY))
+    deliver(db, evt("charge.dispute.updated", se.dispute(**dispute, status="won"), T0 + 61 * DAY))
     assert ledger_state(db, inv.id)["transactions"][0][::7] == (PAID, None)
     assert provider_stats(db, inv) == (1, 10_000)
 
