@@ -170,7 +170,8 @@ def _create_month(session: Session, start: datetime, end: datetime) -> int:
     session.execute(text(f"SET LOCAL lock_timeout = '{PARTITION_LOCK_TIMEOUT}'"))
     # DEFAULT first: no insert may add a row of this month to it between the move and ATTACH.
     session.execute(text(f"LOCK TABLE {SCHEMA}.{DEFAULT} IN ACCESS EXCLUSIVE MODE"))
-    session.execute(text(f"CREATE TABLE {name} (LIKE {PARENT} INCLUDING DEFAULTS INCLUDING CONSTRAINTS)"))
+    session.execute(text(
+        f"CREATE TABLE {name} (LIKE {PARENT} INCLUDING DEFAULTS INCLUDING CONSTRAINTS INCLUDING COMPRESSION)"))
     moved = session.execute(text(f"""
         WITH moved AS (
             DELETE FROM {SCHEMA}.{DEFAULT} WHERE received_at >= :start AND received_at < :end RETURNING *

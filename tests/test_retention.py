@@ -208,6 +208,40 @@ def test_a_month_past_retention_is_dropped_whole_and_its_unfinished_events_stay_
     retention.prepare_partitions(session_scope, NOW)
 
 
+def test_every_partition_compresses_new_payloads_with_lz4_those_there_and_those_made_later(db):
+    """Migration 0019: half the database's CPU per stored event. Every partition there (the
+    legacy table, the months made, DEFAULT) and a month the job makes afterwards store new
+    payloads with lz4."""
+    later, farther = retention.month_start(NOW, 18), retention.month_start(NOW, 30)
+    with session_scope() as session:
+        there = retention.partitions(session)
+    payload = '{"lines": [%s]}' % ", ".join(['{"amount": 100}'] * 400)  # 6 KB: compressed as it is stored
+
+    def store(partition: str, received_at: datetime) -> None:
+        db.execute(text(
+            "INSERT INTO marketplace_worker.stripe_events (id, type, livemode, created, payload, endpoint, status,"
+            " received_at) VALUES (:id, 'invoice.paid', false, 1, CAST(:payload AS jsonb), 'platform', 'received', :at)"
+        ), {"id": f"evt_lz4_{partition}", "at": received_at, "payload": payload})
+        db.commit()
+
+    for partition in there:
+        store(partition.name, farther if partition.is_default
+              else partition.end - timedelta(days=1) if partition.end else partition.start + timedelta(days=1))
+    made = f"stripe_events_{later:%Y_%m}"
+    assert retention.prepare_partitions(session_scope, later, months_ahead=0).created == [made]
+    store(made, later + timedelta(days=2))
+    try:
+        stored = db.execute(text("SELECT id, tableoid::regclass::text, pg_column_compression(payload)"
+                                 " FROM marketplace_worker.stripe_events")).all()
+        assert sorted(tuple(row) for row in stored) == sorted(
+            (f"evt_lz4_{name}", f"marketplace_worker.{name}", "lz4") for name in [p.name for p in there] + [made])
+        assert {"stripe_events_default", made} < {p.name for p in there} | {made} and len(there) >= 3
+    finally:
+        db.rollback()
+        db.execute(text(f"DROP TABLE marketplace_worker.{made}"))
+        db.commit()
+
+
 def test_the_job_makes_partitions_ahead_and_moves_default_rows_into_the_month_made_for_them(db):
     import tasks.maintenance
 
