@@ -250,7 +250,7 @@ def test_every_partition_compresses_new_payloads_with_lz4_those_there_and_those_
                                  " FROM marketplace_worker.stripe_events")).all()
         assert sorted(tuple(row) for row in stored) == sorted(
             (f"evt_lz4_{name}", f"marketplace_worker.{name}", method) for name in [p.name for p in there] + [made])
-        assert {"stripe_events_default", made} < {p.name for p in there} | {made} and len(there) >= 3
+        assert "stripe_events_default" in {p.name for p in there} and len(there) >= 3  # DEFAULT and at least two ranges
     finally:
         db.rollback()
         db.execute(text(f"DROP TABLE marketplace_worker.{made}"))
